@@ -1,0 +1,1 @@
+"""Data: staged sources -> pool table, target-task sets, tokenization."""

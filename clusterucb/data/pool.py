@@ -1,0 +1,164 @@
+"""Build the training pool: per-source caps, stable ids, dedup and decontamination."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clusterucb.data.sources import RawExample, ReadStats, read_source
+
+log = logging.getLogger(__name__)
+
+_WORD = re.compile(r"[a-z0-9]+")
+NGRAM = 8
+
+
+def example_id(source: str, messages: list[dict[str, str]]) -> str:
+    """Stable id from the source name and the conversation content (never a line number)."""
+    blob = json.dumps([source, messages], sort_keys=True, ensure_ascii=False).encode()
+    return f"{source}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+class Decontaminator:
+    """Finds pool examples whose user text contains a target-task question.
+
+    A question matches when its first ``NGRAM`` words occur in the user text and
+    the whole normalised question is a substring of the normalised user text.
+    """
+
+    def __init__(self, questions: Iterable[str]):
+        self._by_key: dict[tuple[str, ...], list[str]] = {}
+        for question in questions:
+            words = _words(question)
+            if not words:
+                continue
+            key = tuple(words[:NGRAM])
+            self._by_key.setdefault(key, []).append(" ".join(words))
+        self._short = {k for k in self._by_key if len(k) < NGRAM}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_key.values())
+
+    def contaminated(self, messages: list[dict[str, str]]) -> bool:
+        words = _words(" ".join(m["content"] for m in messages if m["role"] != "assistant"))
+        if not words:
+            return False
+        joined = " ".join(words)
+        grams = {tuple(words[i : i + NGRAM]) for i in range(max(1, len(words) - NGRAM + 1))}
+        grams |= {k for k in self._short if " ".join(k) in joined}
+        for key in grams:
+            for question in self._by_key.get(key, ()):
+                if question in joined:
+                    return True
+        return False
+
+
+@dataclass
+class SourceReport:
+    source: str
+    rows_read: int = 0
+    malformed: int = 0
+    duplicates: int = 0
+    contaminated: int = 0  # among the candidates visited before the cap was reached
+    selected: int = 0
+    malformed_examples: list[str] = field(default_factory=list)
+
+
+def build_pool(
+    sources: dict[str, dict],
+    datasets_dir: str | Path,
+    exclude_questions: Iterable[str],
+    seed: int,
+    on_malformed: str = "error",
+) -> tuple[list[dict], list[SourceReport]]:
+    """Read every configured source and draw at most ``max_examples`` clean examples from each.
+
+    ``sources`` maps a source name to ``{"format", "files", "max_examples"}``;
+    files are relative to ``datasets_dir``. Within a source, candidates are
+    visited in a seeded random order; duplicates and examples containing a
+    target-task question are skipped (and counted) until the cap is reached.
+    (A duplicate keeps the id of its first visited copy; ids are content hashes.)
+    Rows come out grouped by source (config order), in source-file order.
+    """
+    decon = Decontaminator(exclude_questions)
+    log.info("decontaminating against %d target-task questions", len(decon))
+    rows: list[dict] = []
+    reports = []
+    for source_index, (name, spec) in enumerate(sources.items()):
+        files = [Path(datasets_dir) / f for f in spec["files"]]
+        stats = ReadStats()
+        examples: list[RawExample] = list(read_source(files, spec["format"], on_malformed, stats))
+        report = SourceReport(name, rows_read=stats.rows, malformed=stats.malformed)
+        report.malformed_examples = stats.malformed_examples
+        cap = spec.get("max_examples")
+        cap = len(examples) if cap is None else int(cap)
+        # One generator per source, derived from (seed, source position), so adding a
+        # source at the end does not change the others' draws.
+        order = np.random.default_rng([seed, source_index]).permutation(len(examples))
+        seen: set[str] = set()
+        chosen: list[int] = []
+        for index in order:
+            example = examples[index]
+            eid = example_id(name, example.messages)
+            if eid in seen:
+                report.duplicates += 1
+                continue
+            seen.add(eid)
+            if decon.contaminated(example.messages):
+                report.contaminated += 1
+                continue
+            chosen.append(int(index))
+            if len(chosen) >= cap:
+                break
+        report.selected = len(chosen)
+        for index in sorted(chosen):
+            example = examples[index]
+            rows.append(
+                {
+                    "example_id": example_id(name, example.messages),
+                    "source": name,
+                    "origin": example.origin,
+                    "messages": example.messages,
+                }
+            )
+        reports.append(report)
+        if report.malformed:
+            log.warning("source %s: skipped %d malformed rows, e.g. %s", name, report.malformed, report.malformed_examples[:3])
+        log.info(
+            "source %s: %d rows read, %d malformed skipped, %d duplicates, %d contaminated, %d selected (cap %s)",
+            name, report.rows_read, report.malformed, report.duplicates, report.contaminated, report.selected, cap,
+        )
+    if not rows:
+        raise ValueError("the pool is empty: no source produced any example")
+    return rows, reports
+
+
+def pool_schema():
+    import pyarrow as pa
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    return pa.schema(
+        [
+            pa.field("example_id", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("origin", pa.string(), nullable=False),
+            pa.field("messages", pa.list_(message), nullable=False),
+        ]
+    )
+
+
+def pool_table(rows: list[dict]):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows, schema=pool_schema())

@@ -1,0 +1,265 @@
+"""Readers that turn the staged public datasets into open-instruct ``messages`` rows.
+
+Each source format has one converter from a raw record to a list of
+``{"role", "content"}`` messages. A record that cannot be converted raises
+:class:`DataError` naming the file and the 1-based row, unless the caller asks
+to skip malformed rows (they are then counted, never silently replaced).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A source file or row that cannot be used; the message names file and row."""
+
+
+@dataclass(frozen=True)
+class RawExample:
+    messages: list[dict[str, str]]
+    origin: str  # "<file>:<row>" for tracing a pool row back to its source
+
+
+@dataclass
+class ReadStats:
+    rows: int = 0
+    malformed: int = 0
+    malformed_examples: list[str] = field(default_factory=list)
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield ``(row, record)`` with 1-based rows, for .json (a list), .jsonl and .tsv files, gzipped or not.
+
+    A JSONL line that does not parse is yielded as a :class:`DataError` value so the
+    caller can decide whether to raise or skip it.
+    """
+    path = Path(path)
+    kind = path.name.removesuffix(".gz").rsplit(".", 1)[-1]
+    with _open_text(path) as handle:
+        if kind == "json":
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: not valid JSON ({err})") from err
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+            yield from enumerate(data, start=1)
+        elif kind == "jsonl":
+            # Iterate the file object (never str.splitlines(), which also splits on
+            # \x0b, \u2028 ... inside JSON strings).
+            for row, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield row, json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield row, DataError(f"{path}: row {row}: not valid JSON ({err.msg})")
+        elif kind == "tsv":
+            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+            for row, fields in enumerate(reader, start=1):
+                if fields:
+                    yield row, fields
+        else:
+            raise DataError(f"{path}: unsupported file type {kind!r} (expected .json, .jsonl or .tsv)")
+
+
+def _text(record: dict, key: str) -> str:
+    value = record.get(key)
+    if value is None:
+        raise ValueError(f"missing field {key!r}")
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} is {type(value).__name__}, expected a string")
+    return value
+
+
+def _nonempty(value: str, what: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError(f"empty {what}")
+    return value
+
+
+def _join_instruction(instruction: str, extra: str) -> str:
+    instruction = _nonempty(instruction, "instruction")
+    extra = extra.strip()
+    return f"{instruction}\n\n{extra}" if extra else instruction
+
+
+def convert_alpaca(record: Any) -> list[list[dict[str, str]]]:
+    """Alpaca-style {instruction, input, output|response[, history]} -> one conversation."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected an object, got {type(record).__name__}")
+    answer_key = "output" if "output" in record else "response"
+    messages: list[dict[str, str]] = []
+    for turn in record.get("history") or []:
+        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise ValueError("history must be a list of [user, assistant] string pairs")
+        messages.append({"role": "user", "content": _nonempty(turn[0], "history user turn")})
+        messages.append({"role": "assistant", "content": _nonempty(turn[1], "history assistant turn")})
+    user = _join_instruction(_text(record, "instruction"), record.get("input") or "")
+    messages.append({"role": "user", "content": user})
+    messages.append({"role": "assistant", "content": _nonempty(_text(record, answer_key), answer_key)})
+    return [messages]
+
+
+def convert_self_instruct(record: Any) -> list[list[dict[str, str]]]:
+    """Self-Instruct seed task {instruction, instances: [{input, output}]} -> one conversation per instance."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected an object, got {type(record).__name__}")
+    instances = record.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise ValueError("missing or empty 'instances'")
+    instruction = _text(record, "instruction")
+    out = []
+    for instance in instances:
+        if not isinstance(instance, dict):
+            raise ValueError("each instance must be an object")
+        out.append(
+            [
+                {"role": "user", "content": _join_instruction(instruction, instance.get("input") or "")},
+                {"role": "assistant", "content": _nonempty(_text(instance, "output"), "output")},
+            ]
+        )
+    return out
+
+
+def convert_prompt_completion(record: Any) -> list[list[dict[str, str]]]:
+    """{prompt, completion} (T0 / P3 style; a trailing <|endoftext|> marker is removed)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected an object, got {type(record).__name__}")
+    completion = _text(record, "completion").replace("<|endoftext|>", "")
+    return [
+        [
+            {"role": "user", "content": _nonempty(_text(record, "prompt"), "prompt")},
+            {"role": "assistant", "content": _nonempty(completion, "completion")},
+        ]
+    ]
+
+
+def convert_flan_cot(record: Any) -> list[list[dict[str, str]]]:
+    """FLAN v2 CoT TSV row [question, answer, rationale] -> rationale then the answer."""
+    if not isinstance(record, list) or len(record) != 3:
+        n = len(record) if isinstance(record, list) else "?"
+        raise ValueError(f"expected 3 tab-separated columns (question, answer, rationale), got {n}")
+    question, answer, rationale = (field.replace("\\n", "\n") for field in record)
+    question = _nonempty(question, "question")
+    answer = _nonempty(answer, "answer")
+    rationale = _nonempty(rationale, "rationale")
+    return [
+        [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": f"{rationale} So the answer is {answer}."},
+        ]
+    ]
+
+
+def convert_gsm8k(record: Any) -> list[list[dict[str, str]]]:
+    """GSM8K {question, answer}; the answer keeps its <<calc>> annotations and '#### N' line."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected an object, got {type(record).__name__}")
+    answer = _nonempty(_text(record, "answer"), "answer")
+    if "####" not in answer:
+        raise ValueError("answer has no '#### <number>' line")
+    return [
+        [
+            {"role": "user", "content": _nonempty(_text(record, "question"), "question")},
+            {"role": "assistant", "content": answer},
+        ]
+    ]
+
+
+def convert_messages(record: Any) -> list[list[dict[str, str]]]:
+    """open-instruct rows {messages: [{role, content}, ...]} (users' own Tulu-format files)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected an object, got {type(record).__name__}")
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("missing or empty 'messages'")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ValueError(f"message {i}: role must be one of {ROLES}")
+        content = message.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise ValueError(f"message {i}: empty or non-string content")
+        out.append({"role": message["role"], "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise ValueError("no assistant message")
+    return [out]
+
+
+CONVERTERS: dict[str, Callable[[Any], list[list[dict[str, str]]]]] = {
+    "alpaca": convert_alpaca,
+    "self_instruct": convert_self_instruct,
+    "prompt_completion": convert_prompt_completion,
+    "flan_cot": convert_flan_cot,
+    "gsm8k": convert_gsm8k,
+    "messages": convert_messages,
+}
+
+
+def expand_files(patterns: list[str | Path]) -> list[Path]:
+    """Paths with glob patterns expanded (sorted); a pattern matching nothing is an error."""
+    out: list[Path] = []
+    for pattern in patterns:
+        pattern = Path(pattern)
+        if any(ch in str(pattern) for ch in "*?["):
+            matches = sorted(pattern.parent.glob(pattern.name))
+            if not matches:
+                raise DataError(f"{pattern}: no file matches (is datasets_dir set right?)")
+            out.extend(matches)
+        else:
+            out.append(pattern)
+    return out
+
+
+def read_source(
+    files: list[str | Path], fmt: str, on_malformed: str = "error", stats: ReadStats | None = None
+) -> Iterator[RawExample]:
+    """Yield every conversation in ``files`` (in file, then row order) for source format ``fmt``."""
+    if fmt not in CONVERTERS:
+        raise DataError(f"unknown source format {fmt!r}; known: {sorted(CONVERTERS)}")
+    if on_malformed not in ("error", "skip"):
+        raise ValueError(f"on_malformed must be 'error' or 'skip', got {on_malformed!r}")
+    convert = CONVERTERS[fmt]
+    stats = stats if stats is not None else ReadStats()
+    for path in expand_files(files):
+        if not path.exists():
+            raise DataError(f"{path}: file not found (is datasets_dir set right?)")
+        for row, record in iter_records(path):
+            stats.rows += 1
+            try:
+                if isinstance(record, DataError):
+                    raise record
+                conversations = convert(record)
+            except (ValueError, TypeError) as err:
+                message = str(err) if isinstance(err, DataError) else f"{path}: row {row}: {err}"
+                if on_malformed == "error":
+                    raise DataError(message) from None
+                stats.malformed += 1
+                if len(stats.malformed_examples) < 20:
+                    stats.malformed_examples.append(message)
+                log.debug("skipping malformed row: %s", message)
+                continue
+            for index, messages in enumerate(conversations):
+                origin = f"{path.name}:{row}" if len(conversations) == 1 else f"{path.name}:{row}.{index}"
+                yield RawExample(messages=messages, origin=origin)

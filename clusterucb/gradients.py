@@ -1,0 +1,226 @@
+"""Per-sample LoRA gradient features: batched, exact, Adam-preconditioned, projected, normalised.
+
+For a linear LoRA factor W (out x in) with inputs x_t and output gradients
+d_t, a sample's gradient is sum_t d_t x_t^T. Forward hooks keep each LoRA
+factor's input and output; one ``autograd.grad`` of the summed per-sample mean
+losses w.r.t. those outputs gives d_t for every sample at once (weight
+gradients are never accumulated), and an einsum over tokens gives the
+per-sample gradients of the whole micro-batch. Each sample's loss is the mean
+over its own target tokens, exactly as a batch-1 ``model(**batch).loss``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from clusterucb.data.tokenize import IGNORE_INDEX
+from clusterucb.logsetup import progress
+
+log = logging.getLogger(__name__)
+
+
+def lora_parameter_names(model) -> list[str]:
+    """Names of the trainable parameters, in ``named_parameters`` order (the flattening order)."""
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+class PerSampleLoraGradients:
+    """Per-sample gradients of every trainable parameter of a LoRA model, one forward/backward per batch.
+
+    Every trainable parameter must be the weight of an ``nn.Linear`` without a
+    trainable bias (peft's ``lora_A`` / ``lora_B``); anything else is refused.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.names = lora_parameter_names(model)
+        if not self.names:
+            raise ValueError("the model has no trainable parameter (is the LoRA adapter attached and trainable?)")
+        modules = dict(model.named_modules())
+        self.modules: list[torch.nn.Linear] = []
+        for name in self.names:
+            module_name, _, leaf = name.rpartition(".")
+            module = modules.get(module_name)
+            if leaf != "weight" or not isinstance(module, torch.nn.Linear):
+                raise ValueError(f"unsupported trainable parameter {name!r}: only LoRA Linear weights are supported")
+            if module.bias is not None and module.bias.requires_grad:
+                raise ValueError(f"unsupported trainable bias in {module_name!r}")
+            self.modules.append(module)
+        self.shapes = [tuple(m.weight.shape) for m in self.modules]
+        self.dim = sum(o * i for o, i in self.shapes)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(grads, losses)``: (B, dim) fp32 per-sample gradients and (B,) per-sample mean losses.
+
+        Samples without a target token get NaN rows (the caller records them as failures).
+        """
+        captured: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.modules]
+
+        def make_hook(slot):
+            def hook(module, inputs, output):
+                slot.append((inputs[0], output))
+
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(captured[k])) for k, m in enumerate(self.modules)]
+        try:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        for k, calls in enumerate(captured):
+            if len(calls) != 1:
+                raise RuntimeError(f"{self.names[k]} was called {len(calls)} times in one forward; expected once")
+
+        shift_labels = labels[:, 1:]
+        token_loss = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        n_target = (shift_labels != IGNORE_INDEX).sum(1)
+        losses = token_loss.sum(1) / n_target.clamp(min=1)
+        outputs = [calls[0][1] for calls in captured]
+        output_grads = torch.autograd.grad(losses.sum(), outputs)
+
+        mask = attention_mask.to(torch.float32)[:, :, None]
+        per_sample = []
+        for (inp, _), grad_out in zip((calls[0] for calls in captured), output_grads):
+            x = inp.float() * mask  # padded positions carry no gradient; zero their inputs too
+            per_sample.append(torch.einsum("bto,bti->boi", grad_out.float(), x).flatten(1))
+        grads = torch.cat(per_sample, dim=1)
+        bad = n_target == 0
+        if bad.any():
+            grads[bad] = float("nan")
+            losses = losses.masked_fill(bad, float("nan"))
+        return grads, losses.detach()
+
+
+@dataclass
+class AdamState:
+    """First and second moments of the LoRA parameters, flattened in gradient order."""
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    beta1: float
+    beta2: float
+    eps: float
+
+
+class AdamPreconditioner:
+    """The LESS / ClusterUCB "Adam" gradient feature (spec §3.3).
+
+    m' = b1 m + (1 - b1) g,  v' = b2 v + (1 - b2) g^2, and
+    Gamma = m' / sqrt(v' + eps) (faithful: eps inside the sqrt, no bias
+    correction), or m' / (sqrt(v') + eps) with ``eps_inside_sqrt=False``.
+    Bias correction is a per-checkpoint scalar and cancels after normalisation.
+    """
+
+    def __init__(self, state: AdamState, eps_inside_sqrt: bool = True):
+        self.state = state
+        self.eps_inside_sqrt = eps_inside_sqrt
+
+    def __call__(self, grads: torch.Tensor) -> torch.Tensor:
+        s = self.state
+        m = s.exp_avg.to(grads.device)
+        v = s.exp_avg_sq.to(grads.device)
+        m_new = s.beta1 * m + (1 - s.beta1) * grads
+        v_new = s.beta2 * v + (1 - s.beta2) * grads * grads
+        if self.eps_inside_sqrt:
+            return m_new / torch.sqrt(v_new + s.eps)
+        return m_new / (torch.sqrt(v_new) + s.eps)
+
+
+def pad_batch(examples: Sequence[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into ``(input_ids, attention_mask, labels)``."""
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.as_tensor(example["input_ids"])
+        labels[row, :n] = torch.as_tensor(example["labels"])
+        attention_mask[row, :n] = 1
+    return input_ids.to(device), attention_mask.to(device), labels.to(device)
+
+
+def length_batches(lengths: Sequence[int], max_batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Group indices of similar length (longest first) under a size and padded-token budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for index in order:
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and (len(current) >= max_batch_size or longest * (len(current) + 1) > max_batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class FeatureResult:
+    features: torch.Tensor  # (n, proj_dim) float32, unit rows; rows of failed samples are NaN
+    losses: torch.Tensor  # (n,)
+    failures: dict[int, str]  # index -> reason; these rows must be excluded, never scored
+
+
+class GradientFeaturizer:
+    """Examples -> unit-norm projected (optionally Adam-preconditioned) gradient features."""
+
+    def __init__(self, model, pad_id: int, projector, preconditioner=None, device="cpu", max_batch_size: int = 16, max_batch_tokens: int = 8192):
+        self.grads = PerSampleLoraGradients(model)
+        if projector.grad_dim != self.grads.dim:
+            raise ValueError(f"projector expects {projector.grad_dim} gradient dims, the LoRA model has {self.grads.dim}")
+        self.pad_id = pad_id
+        self.projector = projector
+        self.preconditioner = preconditioner
+        self.device = torch.device(device)
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+
+    def _features(self, examples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        grads, losses = self.grads(*pad_batch(examples, self.pad_id, self.device))
+        if self.preconditioner is not None:
+            grads = self.preconditioner(grads)
+        projected = self.projector.project(grads)
+        return F.normalize(projected, dim=1), losses
+
+    def _run(self, examples: Sequence[dict], indices: list[int], out: FeatureResult) -> None:
+        try:
+            feats, losses = self._features([examples[i] for i in indices])
+        except torch.cuda.OutOfMemoryError:
+            if len(indices) == 1:
+                out.failures[indices[0]] = "out of memory at batch size 1"
+                return
+            torch.cuda.empty_cache()
+            half = len(indices) // 2
+            log.warning("out of memory on a batch of %d; retrying as two halves", len(indices))
+            self._run(examples, indices[:half], out)
+            self._run(examples, indices[half:], out)
+            return
+        for row, index in enumerate(indices):
+            if not torch.isfinite(feats[row]).all() or not torch.isfinite(losses[row]):
+                out.failures[index] = "no target token" if torch.isnan(losses[row]) else "non-finite gradient"
+                feats[row] = float("nan")
+        out.features[indices] = feats.to(out.features.device)
+        out.losses[indices] = losses.to(out.losses.device)
+
+    def featurize(self, examples: Sequence[dict], desc: str = "gradients") -> FeatureResult:
+        n = len(examples)
+        out = FeatureResult(
+            features=torch.full((n, self.projector.proj_dim), float("nan")),
+            losses=torch.full((n,), float("nan")),
+            failures={},
+        )
+        batches = length_batches([len(e["input_ids"]) for e in examples], self.max_batch_size, self.max_batch_tokens)
+        for batch in progress(batches, desc=desc):
+            self._run(examples, batch, out)
+        if out.failures:
+            log.warning("%d of %d samples failed and are excluded: %s", len(out.failures), n, sorted(set(out.failures.values())))
+        return out

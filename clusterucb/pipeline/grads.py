@@ -1,0 +1,107 @@
+"""Stages: per-sample gradient features of pool shards and of the validation set, and the manifest."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer
+from clusterucb.gradstore import merge_manifest, write_shard
+from clusterucb.lora import adam_state_for, load_optimizer_state
+from clusterucb.pipeline.data import read_tokens, token_meta
+from clusterucb.pipeline.model import device, load_checkpoint
+from clusterucb.projection import make_projector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GradParams:
+    """Settings that define a feature space (all recorded in the shards' metadata)."""
+
+    projector: str = "rademacher"
+    proj_dim: int = 8192
+    proj_seed: int = 0
+    dtype: str = "float32"
+    adam_eps_inside_sqrt: bool = True
+    max_batch_size: int = 8
+    max_batch_tokens: int = 4096
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GradParams:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def make_featurizer(model_dir: str, checkpoint_dir: str, grad_type: str, params: GradParams):
+    """The model at ``checkpoint_dir`` and a featurizer for ``grad_type`` "adam" (pool) or "sgd" (validation)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    peft_model, tokenizer = load_checkpoint(model_dir, checkpoint_dir / "adapter")
+    dev = device()
+    peft_model.to(dev)
+    preconditioner = None
+    if grad_type == "adam":
+        # m and v are loaded once per checkpoint, by parameter name (spec §10.16).
+        state = adam_state_for(peft_model, load_optimizer_state(checkpoint_dir / "optimizer.safetensors"))
+        preconditioner = AdamPreconditioner(state, params.adam_eps_inside_sqrt)
+    elif grad_type != "sgd":
+        raise ValueError(f"unknown gradient type {grad_type!r} (adam or sgd)")
+    n_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    projector = make_projector(params.projector, n_params, params.proj_dim, params.proj_seed)
+    featurizer = GradientFeaturizer(peft_model, tokenizer.pad_token_id, projector, preconditioner, dev, params.max_batch_size, params.max_batch_tokens)
+    meta = {
+        "model": model_dir,
+        "checkpoint": str(checkpoint_dir),
+        "grad_type": grad_type,
+        "projector": params.projector,
+        "proj_dim": params.proj_dim,
+        "proj_seed": params.proj_seed,
+        "grad_dim": n_params,
+        "eps_inside_sqrt": params.adam_eps_inside_sqrt if grad_type == "adam" else "n/a",
+        "dtype": params.dtype,
+    }
+    return featurizer, meta
+
+
+def shard_bounds(n: int, shard: int, n_shards: int) -> tuple[int, int]:
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} out of range for {n_shards} shards")
+    return shard * n // n_shards, (shard + 1) * n // n_shards
+
+
+def grads_pool_shard(model_dir: str, checkpoint_dir: str, pool_tokens: str, shard: int, n_shards: int, tensors_out: str, index_out: str, params: dict) -> None:
+    """Adam-preconditioned features of the pool rows in ``shard`` (contiguous slice of the tokenized pool)."""
+    grad_params = GradParams.from_dict(params)
+    examples = read_tokens(pool_tokens)
+    start, stop = shard_bounds(len(examples), shard, n_shards)
+    examples = examples[start:stop]
+    featurizer, meta = make_featurizer(model_dir, checkpoint_dir, "adam", grad_params)
+    meta["max_length"] = _max_length(pool_tokens)
+    result = featurizer.featurize(examples, desc=f"shard {shard}")
+    write_shard(tensors_out, index_out, shard, [e["example_id"] for e in examples], result.features, result.losses, result.failures, meta)
+    log.info("shard %d: %d examples (rows %d-%d), %d failed", shard, len(examples), start, stop, len(result.failures))
+
+
+def grads_val(model_dir: str, checkpoint_dir: str, val_tokens: str, tensors_out: str, index_out: str, params: dict) -> None:
+    """Plain (SGD) gradient features of the validation set; any failure is an error."""
+    grad_params = GradParams.from_dict(params)
+    examples = read_tokens(val_tokens)
+    featurizer, meta = make_featurizer(model_dir, checkpoint_dir, "sgd", grad_params)
+    meta["max_length"] = _max_length(val_tokens)
+    result = featurizer.featurize(examples, desc="validation")
+    if result.failures:
+        first = next(iter(result.failures.items()))
+        raise RuntimeError(f"{len(result.failures)} validation examples failed (e.g. {examples[first[0]]['example_id']}: {first[1]})")
+    write_shard(tensors_out, index_out, 0, [e["example_id"] for e in examples], result.features, result.losses, {}, meta)
+    log.info("validation gradients: %d examples, mean loss %.4f", len(examples), float(torch.nanmean(result.losses)))
+
+
+def _max_length(tokens_path: str) -> str:
+    """The truncation length the tokenized file was made with (part of the feature identity)."""
+    return str(token_meta(tokens_path)["max_length"])
+
+
+def grads_manifest(tensor_paths: list[str], index_paths: list[str], out: str) -> None:
+    merge_manifest(list(zip(tensor_paths, index_paths)), out)

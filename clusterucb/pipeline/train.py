@@ -1,0 +1,98 @@
+"""Stages: warmup LoRA on the pool, and LoRA training for one epoch on a selection."""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clusterucb.io import write_parquet
+from clusterucb.lora import LoraSpec, attach_lora, load_lora, load_optimizer_state, save_adapter, save_optimizer_state
+from clusterucb.modeling import load_base_model
+from clusterucb.pipeline.data import read_tokens
+from clusterucb.pipeline.model import device
+from clusterucb.selection import n_selected
+from clusterucb.training import TrainSpec, plan_steps, steps_per_epoch, train_lora
+
+log = logging.getLogger(__name__)
+
+
+def _write_log(losses: list[float], start_step: int, out: str, meta: dict) -> None:
+    table = pa.table(
+        {"global_step": pa.array(range(start_step + 1, start_step + len(losses) + 1), pa.int32()), "loss": pa.array(losses, pa.float32())}
+    )
+    write_parquet(table, out, meta)
+
+
+def warmup(model_dir: str, pool_tokens: str, adapter_dir: str, optimizer_out: str, log_out: str, lora: dict, train: dict, steps: int, epochs: int, seed: int, scratch: str) -> None:
+    """``steps`` optimizer steps of LoRA training on the shuffled pool (spec §2.3, the 20-step warmup).
+
+    The LR schedule is the one of ``epochs`` epochs over the whole pool, as in
+    the official run, so the warmup sees only the start of the LR ramp.
+    """
+    examples = read_tokens(pool_tokens)
+    dev = device()
+    model, tokenizer = load_base_model(model_dir)
+    peft_model = attach_lora(model.to(dev), LoraSpec.from_dict({**lora, "seed": seed}))
+    spec = TrainSpec.from_dict({**train, "seed": seed})
+    total = epochs * steps_per_epoch(len(examples), spec.effective_batch)
+    plan = plan_steps(0, steps, total, spec.warmup_ratio)
+    log.info("warmup: %d steps of %d planned (LR warmup %d) on %d pool examples", steps, total, plan.warmup_steps, len(examples))
+    ckpt, losses = train_lora(peft_model, examples, spec, plan, tokenizer.pad_token_id, [seed, 0], device=dev, scratch_dir=scratch)
+    meta = {"model": model_dir, "checkpoint": "warmup", "global_step": steps}
+    save_optimizer_state(ckpt, optimizer_out, meta)
+    _write_log(losses, plan.n_steps - len(losses), log_out, meta)  # fewer losses if resumed from scratch
+    save_adapter(peft_model, adapter_dir)
+    log.info("warmup done: loss %.4f -> %.4f", losses[0], losses[-1])
+
+
+def train_epoch(
+    model_dir: str,
+    pool_tokens: str,
+    selection: str,
+    prev_adapter_dir: str | None,
+    prev_optimizer: str | None,
+    adapter_dir: str,
+    optimizer_out: str,
+    log_out: str,
+    lora: dict,
+    train: dict,
+    epoch: int,
+    epochs: int,
+    top_p: float,
+    seed: int,
+    scratch: str,
+) -> None:
+    """One epoch on the epoch's selection; epoch 1 starts a fresh LoRA on the base model (spec §7),
+    later epochs resume the previous epoch's adapter and AdamW state and continue the LR schedule."""
+    pool = read_tokens(pool_tokens)
+    by_id = {row["example_id"]: row for row in pool}
+    selected_ids = pq.read_table(selection, columns=["example_id"]).column("example_id").to_pylist()
+    missing = [i for i in selected_ids if i not in by_id]
+    if missing:
+        raise KeyError(f"{selection}: {len(missing)} selected ids are not in {pool_tokens} (first: {missing[0]})")
+    examples = [by_id[i] for i in selected_ids]
+    dev = device()
+    model, tokenizer = load_base_model(model_dir)
+    model = model.to(dev)
+    spec = TrainSpec.from_dict({**train, "seed": seed})
+    # Steps per epoch come from the nominal selection size, so every epoch (and
+    # every method) follows the same schedule even if a selection came up short.
+    per_epoch = steps_per_epoch(n_selected(len(pool), top_p), spec.effective_batch)
+    plan = plan_steps((epoch - 1) * per_epoch, per_epoch, epochs * per_epoch, spec.warmup_ratio)
+    if epoch == 1:
+        peft_model = attach_lora(model, LoraSpec.from_dict({**lora, "seed": seed}))
+        resume = None
+    else:
+        peft_model = load_lora(model, prev_adapter_dir, trainable=True)
+        resume = load_optimizer_state(prev_optimizer)
+        if int(resume.hyper.get("global_step", -1)) != plan.start_step:
+            raise ValueError(f"{prev_optimizer} ends at global step {resume.hyper.get('global_step')}, epoch {epoch} starts at {plan.start_step}")
+    log.info("epoch %d/%d: %d examples, steps %d-%d of %d", epoch, epochs, len(examples), plan.start_step + 1, plan.start_step + per_epoch, plan.total_steps)
+    ckpt, losses = train_lora(peft_model, examples, spec, plan, tokenizer.pad_token_id, [seed, epoch], resume_from=resume, device=dev, scratch_dir=scratch)
+    meta = {"model": model_dir, "checkpoint": adapter_dir, "epoch": epoch, "selection": selection}
+    save_optimizer_state(ckpt, optimizer_out, meta)
+    _write_log(losses, plan.start_step + plan.n_steps - len(losses), log_out, meta)
+    save_adapter(peft_model, adapter_dir)
+    log.info("epoch %d done: mean loss %.4f", epoch, sum(losses) / max(1, len(losses)))

@@ -1,0 +1,44 @@
+# Evaluation of each method's final adapter (and of the base model), and the comparison table.
+
+
+rule evaluate:
+    input:
+        model=get_base_model(),
+        test="results/data/target/test.parquet",
+        adapter=get_eval_adapter,
+    output:
+        metrics="results/eval/{method}/metrics.json",
+        predictions="results/eval/{method}/predictions.parquet",
+    log:
+        "logs/evaluate/{method}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{method}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=mem_mb_heavy,
+        runtime=runtime_heavy,
+    params:
+        eval=get_eval_params(),
+    script:
+        "../workflow_scripts/evaluate.py"
+
+
+rule compare_methods:
+    input:
+        unpack(get_compare_inputs),
+    output:
+        table="results/report/comparison.parquet",
+        markdown="results/report/comparison.md",
+    log:
+        "logs/compare_methods.log",
+    localrule: True
+    conda:
+        "../envs/cpu.yaml"
+    params:
+        methods=get_compare_methods(),
+        selections=get_selection_map(),
+    script:
+        "../workflow_scripts/compare_methods.py"

@@ -1,0 +1,45 @@
+# The base model: built (tiny Llama), converted once (GGUF), or used in place (HF directory).
+
+if config["model"] == BUILTIN_MODEL:
+
+    rule build_base_model:
+        input:
+            pool="results/data/pool.parquet",
+        output:
+            weights="results/model/base/model.safetensors",
+        log:
+            "logs/build_base_model.log",
+        benchmark:
+            "results/benchmarks/build_base_model.tsv"
+        conda:
+            "../envs/torch.yaml"
+        threads: 2
+        resources:
+            mem_mb=mem_mb_heavy,
+            runtime=runtime_heavy,
+        params:
+            sizes=get_builtin_sizes(),
+            pretrain=config["model_builtin"]["pretrain"],
+            seed=config["seed"],
+        script:
+            "../workflow_scripts/build_base_model.py"
+
+elif config["model"].endswith(".gguf"):
+
+    rule convert_gguf:
+        input:
+            gguf=config["model"],
+        output:
+            weights="results/model/base/model.safetensors",
+        log:
+            "logs/convert_gguf.log",
+        benchmark:
+            "results/benchmarks/convert_gguf.tsv"
+        conda:
+            "../envs/torch.yaml"
+        threads: 2
+        resources:
+            mem_mb=mem_mb_heavy,
+            runtime=runtime_heavy,
+        script:
+            "../workflow_scripts/convert_gguf.py"

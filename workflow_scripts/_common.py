@@ -1,0 +1,26 @@
+"""Shared start of every workflow script: find the clusterucb package, log to the rule's log, pin threads."""
+
+import sys
+from pathlib import Path
+
+
+def init(snakemake):
+    """Call first in a script run by Snakemake's ``script:`` directive."""
+    repo = str(Path(snakemake.scriptdir).resolve().parent)
+    if repo not in sys.path:  # works without `pip install -e .` (e.g. inside a --sdm conda env)
+        sys.path.insert(0, repo)
+    from clusterucb.logsetup import set_threads, setup_logging
+
+    setup_logging(snakemake.log[0])
+    set_threads(snakemake.threads)
+
+
+def model_dir(path):
+    """The model directory behind a rule's ``model`` input (a weights file, or the directory itself)."""
+    path = Path(path)
+    return str(path if path.is_dir() else path.parent)
+
+
+def checkpoint_dir(adapter_weights):
+    """``results/<ckpt>/adapter/adapter_model.safetensors`` -> ``results/<ckpt>``."""
+    return str(Path(adapter_weights).parent.parent)

@@ -1,0 +1,7 @@
+from _common import init
+
+init(snakemake)  # noqa: F821
+from clusterucb.pipeline.evaluate import compare  # noqa: E402
+
+p = snakemake.params  # noqa: F821
+compare(p.methods, list(snakemake.input.metrics), p.selections, snakemake.output.table, snakemake.output.markdown)  # noqa: F821
