@@ -89,7 +89,7 @@ class PerSampleLoraGradients:
         mask = attention_mask.to(torch.float32)[:, :, None]
         per_sample = []
         for (inp, _), grad_out in zip((calls[0] for calls in captured), output_grads):
-            x = inp.float() * mask  # padded positions carry no gradient; zero their inputs too
+            x = inp.detach().float() * mask  # padded positions carry no gradient; zero their inputs too
             per_sample.append(torch.einsum("bto,bti->boi", grad_out.float(), x).flatten(1))
         grads = torch.cat(per_sample, dim=1)
         bad = n_target == 0

@@ -148,7 +148,7 @@ class GradientStore:
         for shard_id, group in ok.groupby("shard", sort=True):
             path = paths[int(shard_id)]
             with safe_open(str(path), framework="pt") as handle:
-                rows = torch.as_tensor(group.row.to_numpy(), dtype=torch.long)
+                rows = torch.as_tensor(group.row.to_numpy().copy(), dtype=torch.long)
                 block = handle.get_tensor(FEATURES)[rows].float()
             out[position : position + len(group)] = block
             position += len(group)

@@ -115,7 +115,7 @@ def pretrain(model, token_stream: np.ndarray, spec: PretrainSpec) -> list[float]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == spec.steps - 1:
             log.info("pretrain step %d/%d loss %.4f", step + 1, spec.steps, losses[-1])
     model.eval()

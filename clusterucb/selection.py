@@ -117,14 +117,13 @@ class ClusterUCB:
                 offset += len(chosen)
                 self.policy.update(self.state, arm, rewards)
                 result.draws.extend(Draw(0, "cold_start", arm, int(i), float(r), float("nan")) for i, r in zip(chosen, rewards))
-        left = plan.horizon
-        steps = range(1, (plan.horizon + self.draw_batch - 1) // self.draw_batch + 1)
-        for step in progress(steps, desc="clusterucb"):
-            if left <= 0:
-                break
+        left, step = plan.horizon, 0
+        bar = progress(range(plan.horizon), desc="clusterucb")  # advanced per draw, not per step
+        while left > 0:
             if not self.state.valid.any():
                 log.warning("every cluster is exhausted with %d draws of the budget left", left)
                 break
+            step += 1
             arm = self.policy.select(self.state)
             value = self.policy.value(self.state, arm)
             chosen = self._take(arm, min(self.draw_batch, left, int(self.state.remaining[arm])))
@@ -132,6 +131,8 @@ class ClusterUCB:
             self.policy.update(self.state, arm, rewards)
             left -= len(chosen)
             result.draws.extend(Draw(step, "ucb", arm, int(i), float(r), value) for i, r in zip(chosen, rewards))
+            for _ in chosen:
+                next(bar, None)
         result.arm_state = self.state
         log.info(
             "ClusterUCB: %d draws (%d cold start), %d failed, %d arms, %d exhausted",

@@ -174,7 +174,7 @@ def train_lora(
             micro = [examples[i] for i in batch[start : start + spec.micro_batch]]
             loss = per_example_losses(peft_model, micro, pad_id, device).sum() / spec.effective_batch
             loss.backward()
-            step_loss += float(loss)
+            step_loss += loss.item()
         if spec.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
         optimizer.step()

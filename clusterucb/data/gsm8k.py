@@ -65,6 +65,7 @@ COT_EXEMPLARS: list[tuple[str, str]] = [
 ]
 
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+_GOLD = re.compile(r"####\s*-?[\d,]*\.?\d+\s*$")
 
 
 def read_gsm8k(path: str | Path) -> list[dict[str, str]]:
@@ -78,7 +79,7 @@ def read_gsm8k(path: str | Path) -> list[dict[str, str]]:
             answer = record["answer"].strip()
         except (KeyError, TypeError, AttributeError) as err:
             raise DataError(f"{path}: row {row}: expected string fields 'question' and 'answer' ({err!r})") from None
-        if not question or "####" not in answer:
+        if not question or not _GOLD.search(answer):
             raise DataError(f"{path}: row {row}: empty question or answer without a '#### <number>' line")
         rows.append({"question": question, "answer": answer, "gold": gold_answer(answer)})
     return rows

@@ -33,8 +33,9 @@ def _words(text: str) -> list[str]:
 class Decontaminator:
     """Finds pool examples whose user text contains a target-task question.
 
-    A question matches when its first ``NGRAM`` words occur in the user text and
-    the whole normalised question is a substring of the normalised user text.
+    Texts are normalised to lower-case alphanumeric words. A question matches
+    when its first ``NGRAM`` words occur in the user text and the whole
+    normalised question occurs there as a run of whole words.
     """
 
     def __init__(self, questions: Iterable[str]):
@@ -54,12 +55,12 @@ class Decontaminator:
         words = _words(" ".join(m["content"] for m in messages if m["role"] != "assistant"))
         if not words:
             return False
-        joined = " ".join(words)
+        joined = f" {' '.join(words)} "  # padded: matches are whole words
         grams = {tuple(words[i : i + NGRAM]) for i in range(max(1, len(words) - NGRAM + 1))}
-        grams |= {k for k in self._short if " ".join(k) in joined}
+        grams |= {k for k in self._short if f" {' '.join(k)} " in joined}
         for key in grams:
             for question in self._by_key.get(key, ()):
-                if question in joined:
+                if f" {question} " in joined:
                     return True
         return False
 

@@ -8,11 +8,10 @@ to skip malformed rows (they are then counted, never silently replaced).
 
 from __future__ import annotations
 
-import csv
 import gzip
-import io
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,46 +39,53 @@ class ReadStats:
     malformed_examples: list[str] = field(default_factory=list)
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _decode(raw: bytes, path: Path, row: int) -> str | DataError:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return DataError(f"{path}: row {row}: not valid UTF-8 ({err.reason} at byte {err.start})")
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     """Yield ``(row, record)`` with 1-based rows, for .json (a list), .jsonl and .tsv files, gzipped or not.
 
-    A JSONL line that does not parse is yielded as a :class:`DataError` value so the
-    caller can decide whether to raise or skip it.
+    A JSONL or TSV line that cannot be decoded or parsed is yielded as a
+    :class:`DataError` value so the caller can decide whether to raise or skip it.
     """
     path = Path(path)
     kind = path.name.removesuffix(".gz").rsplit(".", 1)[-1]
-    with _open_text(path) as handle:
+    if kind not in ("json", "jsonl", "tsv"):
+        raise DataError(f"{path}: unsupported file type {kind!r} (expected .json, .jsonl or .tsv)")
+    with _open_binary(path) as handle:
         if kind == "json":
             try:
-                data = json.load(handle)
-            except json.JSONDecodeError as err:
+                data = json.loads(handle.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise DataError(f"{path}: not valid JSON ({err})") from err
             if not isinstance(data, list):
                 raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
             yield from enumerate(data, start=1)
-        elif kind == "jsonl":
-            # Iterate the file object (never str.splitlines(), which also splits on
-            # \x0b, \u2028 ... inside JSON strings).
-            for row, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
+            return
+        # Iterate physical lines (never str.splitlines(), which also splits on
+        # \x0b, \u2028 ... inside JSON strings).
+        for row, raw in enumerate(handle, start=1):
+            line = _decode(raw, path, row)
+            if isinstance(line, DataError):
+                yield row, line
+                continue
+            if not line.strip():
+                continue
+            if kind == "jsonl":
                 try:
                     yield row, json.loads(line)
                 except json.JSONDecodeError as err:
                     yield row, DataError(f"{path}: row {row}: not valid JSON ({err.msg})")
-        elif kind == "tsv":
-            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-            for row, fields in enumerate(reader, start=1):
-                if fields:
-                    yield row, fields
-        else:
-            raise DataError(f"{path}: unsupported file type {kind!r} (expected .json, .jsonl or .tsv)")
+            else:
+                yield row, line.rstrip("\r\n").split("\t")
 
 
 def _text(record: dict, key: str) -> str:
@@ -98,8 +104,12 @@ def _nonempty(value: str, what: str) -> str:
     return value
 
 
-def _join_instruction(instruction: str, extra: str) -> str:
+def _join_instruction(instruction: str, extra) -> str:
     instruction = _nonempty(instruction, "instruction")
+    if extra is None:
+        extra = ""
+    if not isinstance(extra, str):
+        raise ValueError(f"field 'input' is {type(extra).__name__}, expected a string")
     extra = extra.strip()
     return f"{instruction}\n\n{extra}" if extra else instruction
 
@@ -115,7 +125,7 @@ def convert_alpaca(record: Any) -> list[list[dict[str, str]]]:
             raise ValueError("history must be a list of [user, assistant] string pairs")
         messages.append({"role": "user", "content": _nonempty(turn[0], "history user turn")})
         messages.append({"role": "assistant", "content": _nonempty(turn[1], "history assistant turn")})
-    user = _join_instruction(_text(record, "instruction"), record.get("input") or "")
+    user = _join_instruction(_text(record, "instruction"), record.get("input"))
     messages.append({"role": "user", "content": user})
     messages.append({"role": "assistant", "content": _nonempty(_text(record, answer_key), answer_key)})
     return [messages]
@@ -135,7 +145,7 @@ def convert_self_instruct(record: Any) -> list[list[dict[str, str]]]:
             raise ValueError("each instance must be an object")
         out.append(
             [
-                {"role": "user", "content": _join_instruction(instruction, instance.get("input") or "")},
+                {"role": "user", "content": _join_instruction(instruction, instance.get("input"))},
                 {"role": "assistant", "content": _nonempty(_text(instance, "output"), "output")},
             ]
         )
@@ -146,7 +156,7 @@ def convert_prompt_completion(record: Any) -> list[list[dict[str, str]]]:
     """{prompt, completion} (T0 / P3 style; a trailing <|endoftext|> marker is removed)."""
     if not isinstance(record, dict):
         raise ValueError(f"expected an object, got {type(record).__name__}")
-    completion = _text(record, "completion").replace("<|endoftext|>", "")
+    completion = _text(record, "completion").rstrip().removesuffix("<|endoftext|>")
     return [
         [
             {"role": "user", "content": _nonempty(_text(record, "prompt"), "prompt")},
@@ -177,7 +187,7 @@ def convert_gsm8k(record: Any) -> list[list[dict[str, str]]]:
     if not isinstance(record, dict):
         raise ValueError(f"expected an object, got {type(record).__name__}")
     answer = _nonempty(_text(record, "answer"), "answer")
-    if "####" not in answer:
+    if not re.search(r"####\s*-?[\d,]*\.?\d+\s*$", answer):
         raise ValueError("answer has no '#### <number>' line")
     return [
         [

@@ -1,0 +1,179 @@
+"""Bandit policies, the ClusterUCB budget loop, matching and top-k selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clusterucb.bandit import ArmState, RandomCluster, UCBBeta, make_policy
+from clusterucb.matching import influence_scores
+from clusterucb.selection import ClusterUCB, clusters_from_labels, n_selected, plan_budget, top_k
+
+
+def state_with(rewards: list[list[float]], remaining: list[int]) -> ArmState:
+    state = ArmState.for_sizes([len(r) + left for r, left in zip(rewards, remaining)])
+    for arm, values in enumerate(rewards):
+        if values:
+            state.record(arm, np.array(values))
+    return state
+
+
+def test_ucb_beta_picks_the_arm_with_highest_mean_plus_beta_std():
+    # arm 0: mean 0.5 std 0; arm 1: mean 0.3 std 0.3; arm 2: mean 0.45 std 0.05
+    state = state_with([[0.5, 0.5], [0.0, 0.6], [0.4, 0.5]], [5, 5, 5])
+    assert UCBBeta(beta=0.0).select(state) == 0
+    assert UCBBeta(beta=1.0).select(state) == 1  # 0.6 > 0.5 > 0.5
+    np.testing.assert_allclose(UCBBeta(1.0).index(state), [0.5, 0.6, 0.5])
+
+
+def test_std_is_population_std_and_running_sums_match_numpy():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=37)
+    state = ArmState.for_sizes([100])
+    for chunk in np.array_split(values, 5):
+        state.record(0, chunk)
+    assert state.mean()[0] == pytest.approx(values.mean())
+    assert state.std()[0] == pytest.approx(values.std(ddof=0))
+    assert state.remaining[0] == 63
+
+
+def test_exhausted_arm_is_never_chosen_even_when_it_has_the_best_index():
+    # The official code gives exhausted arms 0.0; when every valid UCB is negative
+    # it then picks an exhausted arm. Here arm 0 is exhausted and all values are negative.
+    state = state_with([[-0.1], [-0.5, -0.6], [-0.4, -0.4]], [0, 3, 3])
+    assert not state.valid[0]
+    for beta in (0.0, 1.0, 5.0):
+        assert UCBBeta(beta).select(state) != 0
+
+
+def test_unplayed_valid_arm_goes_first_lowest_index():
+    state = state_with([[0.9], [], [], [0.1]], [4, 0, 2, 4])  # arm 1 is empty (size 0), arm 2 unplayed
+    assert UCBBeta(1.0).select(state) == 2
+
+
+def test_every_arm_exhausted_raises():
+    state = state_with([[0.1], [0.2]], [0, 0])
+    with pytest.raises(RuntimeError, match="exhausted"):
+        UCBBeta(1.0).select(state)
+    with pytest.raises(RuntimeError, match="exhausted"):
+        RandomCluster(np.random.default_rng(0)).select(state)
+
+
+def test_failed_samples_use_up_the_arm_but_give_no_reward():
+    state = ArmState.for_sizes([4])
+    state.record(0, np.array([0.5, np.nan, 0.3]))
+    assert state.remaining[0] == 1 and state.counts[0] == 2
+    assert state.mean()[0] == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="cannot draw"):
+        state.record(0, np.array([0.1, 0.2]))
+
+
+def test_unknown_policy_is_an_error():
+    with pytest.raises(ValueError, match="unknown bandit policy"):
+        make_policy("ucb_magic", {}, np.random.default_rng(0))
+
+
+def test_plan_budget_matches_the_official_arithmetic():
+    sizes = [40, 1, 0, 100, 19]
+    plan = plan_budget(sizes, n_pool=160, budget=0.2, csp=0.05)
+    assert plan.cold_start == {0: 2, 1: 1, 3: 5, 4: 1}  # max(int(|c| csp), 1), empty cluster skipped
+    assert plan.horizon == int(160 * (0.2 - 0.05))
+    assert plan_budget(sizes, 160, 0.2, 0.0).cold_start == {}
+    with pytest.raises(ValueError):
+        plan_budget(sizes, 160, budget=0.1, csp=0.2)
+
+
+def synthetic_pool(sizes, means, sd=0.05, seed=0):
+    """Cluster c holds samples whose rewards are N(means[c], sd): a fixed score per pool index."""
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(sizes)])
+    rng.shuffle(labels)
+    scores = np.array([rng.normal(means[c], sd) for c in labels])
+    return labels, scores
+
+
+def run_ucb(labels, scores, budget, csp, seed=0, draw_batch=1, policy=None):
+    members, ids = clusters_from_labels(labels)
+    calls = []
+
+    def reward_fn(indices):
+        calls.append(np.array(indices))
+        return scores[indices]
+
+    rng = np.random.default_rng(seed)
+    bandit = ClusterUCB(members, policy or UCBBeta(1.0), reward_fn, rng, draw_batch)
+    plan = plan_budget([len(m) for m in members], len(labels), budget, csp)
+    return bandit.run(plan), plan, calls, members
+
+
+def test_clusterucb_concentrates_on_the_hot_cluster_within_budget():
+    sizes = [200, 200, 200, 200, 200]
+    labels, scores = synthetic_pool(sizes, means=[0.1, 0.12, 0.6, 0.08, 0.1])
+    result, plan, calls, members = run_ucb(labels, scores, budget=0.2, csp=0.02)
+    draws = result.draws
+    assert len(draws) == plan.total == 5 * 4 + 180  # cold start int(200 * 0.02) per cluster + int(1000 * 0.18)
+    drawn = [d.index for d in draws]
+    assert len(set(drawn)) == len(drawn)  # without replacement
+    ucb = [d for d in draws if d.phase == "ucb"]
+    hot = sum(1 for d in ucb if d.cluster == 2)
+    assert hot / len(ucb) > 0.8
+    # Every draw came from the cluster it is attributed to.
+    for d in draws:
+        assert d.index in set(members[d.cluster].tolist())
+    # The cold start is one batched call.
+    assert len(calls[0]) == sum(plan.cold_start.values())
+
+
+def test_clusterucb_never_draws_from_an_exhausted_cluster_and_stops_when_all_are():
+    # A size-1 cluster is exhausted by the cold start; a tiny hot cluster runs out mid-way.
+    sizes = [1, 3, 50, 50]
+    labels, scores = synthetic_pool(sizes, means=[0.9, 0.8, 0.1, 0.2])
+    result, plan, _, _ = run_ucb(labels, scores, budget=1.0, csp=0.05)
+    per_cluster = np.bincount([d.cluster for d in result.draws], minlength=4)
+    assert per_cluster.tolist() == sizes  # the whole pool, never more than a cluster holds
+    assert not result.arm_state.valid.any()
+    assert len({d.index for d in result.draws}) == sum(sizes)
+
+
+def test_clusterucb_is_deterministic_and_draw_batch_respects_budget():
+    labels, scores = synthetic_pool([30, 30, 30], means=[0.1, 0.5, 0.2], seed=3)
+    a, plan, _, _ = run_ucb(labels, scores, budget=0.5, csp=0.1, seed=9, draw_batch=4)
+    b, _, _, _ = run_ucb(labels, scores, budget=0.5, csp=0.1, seed=9, draw_batch=4)
+    assert [d.index for d in a.draws] == [d.index for d in b.draws]
+    assert len(a.draws) == plan.total
+    c, _, _, _ = run_ucb(labels, scores, budget=0.5, csp=0.1, seed=10, draw_batch=4)
+    assert [d.index for d in a.draws] != [d.index for d in c.draws]
+
+
+def test_random_cluster_policy_spreads_draws():
+    labels, scores = synthetic_pool([100] * 4, means=[0.1, 0.5, 0.2, 0.3])
+    result, _, _, _ = run_ucb(labels, scores, budget=0.5, csp=0.0, policy=RandomCluster(np.random.default_rng(1)))
+    counts = np.bincount([d.cluster for d in result.draws], minlength=4)
+    assert counts.min() > 30
+
+
+def test_clusters_from_labels_drops_empty_and_unclustered():
+    members, ids = clusters_from_labels(np.array([3, -1, 0, 3, 0, 5]))
+    assert ids == [0, 3, 5]
+    assert [m.tolist() for m in members] == [[2, 4], [0, 3], [5]]
+
+
+def test_top_k_skips_failed_samples_and_breaks_ties_by_index():
+    scores = np.array([0.2, np.nan, 0.9, 0.2, 0.5])
+    assert top_k(scores, 3).tolist() == [2, 4, 0]
+    assert top_k(scores, 10).tolist() == [2, 4, 0, 3]
+    assert n_selected(1000, 0.05) == 50
+    with pytest.raises(ValueError):
+        n_selected(10, 0.05)
+
+
+def test_influence_is_max_over_subtasks_of_mean_over_examples():
+    g = torch.Generator().manual_seed(0)
+    train = torch.nn.functional.normalize(torch.randn(11, 16, generator=g), dim=1)
+    val = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1)
+    subtask = torch.tensor([0, 0, 0, 1, 1, 1])
+    expected = (train @ val.T).reshape(11, 2, 3).mean(-1).max(-1).values  # the official formula
+    assert torch.allclose(influence_scores(train, val, subtask), expected, atol=1e-6)
+    train[4] = float("nan")
+    assert torch.isnan(influence_scores(train, val, subtask)[4])

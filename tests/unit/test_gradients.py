@@ -1,0 +1,100 @@
+"""Per-sample LoRA gradients: exactness against a batch-1 backward loop, Adam transform, failures."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clusterucb.data.tokenize import IGNORE_INDEX
+from clusterucb.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, length_batches, pad_batch
+from clusterucb.projection import RademacherProjector
+
+from tinymodels import loop_gradients, ragged_examples, tiny_lora_llama
+
+def test_batched_per_sample_gradients_equal_batch1_loop():
+    model = tiny_lora_llama()
+    examples = ragged_examples(7)
+    reference = loop_gradients(model, examples)
+    grads, losses = PerSampleLoraGradients(model)(*pad_batch(examples, 0, "cpu"))
+    assert grads.shape == reference.shape
+    rel = (grads - reference).norm(dim=1) / reference.norm(dim=1)
+    assert float(rel.max()) < 1e-5, rel
+    # Both LoRA factors carry signal (not a trivially zero comparison).
+    assert reference.abs().sum() > 0 and torch.isfinite(losses).all()
+
+
+def test_gradient_order_is_named_parameters_order():
+    model = tiny_lora_llama()
+    per_sample = PerSampleLoraGradients(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert per_sample.names == names
+    assert per_sample.dim == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_refuses_non_lora_trainable_parameters():
+    model = tiny_lora_llama()
+    model.base_model.model.lm_head.weight.requires_grad_(True)
+    model.base_model.model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="unsupported trainable parameter"):
+        PerSampleLoraGradients(model)
+
+
+def test_adam_preconditioner_matches_hand_computation():
+    m, v, g = [0.5, -0.2, 0.0], [0.04, 0.01, 1e-6], [1.0, 0.3, -2.0]
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    state = AdamState(torch.tensor(m, dtype=torch.float64), torch.tensor(v, dtype=torch.float64), b1, b2, eps)
+    grads = torch.tensor([g], dtype=torch.float64)
+    faithful = AdamPreconditioner(state, eps_inside_sqrt=True)(grads)[0].tolist()
+    textbook = AdamPreconditioner(state, eps_inside_sqrt=False)(grads)[0].tolist()
+    for k in range(3):
+        m_new = b1 * m[k] + (1 - b1) * g[k]
+        v_new = b2 * v[k] + (1 - b2) * g[k] ** 2
+        assert faithful[k] == pytest.approx(m_new / math.sqrt(v_new + eps), rel=1e-12)
+        assert textbook[k] == pytest.approx(m_new / (math.sqrt(v_new) + eps), rel=1e-12)
+    assert faithful[0] == pytest.approx(0.55 / math.sqrt(0.03996 + 0.001 + 1e-8), rel=1e-12)
+
+
+def test_featurizer_is_batch_size_invariant_and_unit_norm():
+    model = tiny_lora_llama()
+    examples = ragged_examples(9, seed=3)
+    dim = PerSampleLoraGradients(model).dim
+    one = GradientFeaturizer(model, 0, RademacherProjector(dim, 64, seed=5), max_batch_size=1).featurize(examples)
+    many = GradientFeaturizer(model, 0, RademacherProjector(dim, 64, seed=5), max_batch_size=4, max_batch_tokens=10_000).featurize(examples)
+    assert torch.allclose(one.features, many.features, atol=1e-5)
+    assert torch.allclose(many.features.norm(dim=1), torch.ones(len(examples)), atol=1e-5)
+    assert not one.failures and not many.failures
+
+
+def test_featurizer_matches_projected_loop_gradients_with_adam():
+    model = tiny_lora_llama()
+    examples = ragged_examples(5, seed=4)
+    dim = PerSampleLoraGradients(model).dim
+    g = torch.Generator().manual_seed(0)
+    state = AdamState(torch.randn(dim, generator=g) * 1e-3, torch.rand(dim, generator=g) * 1e-5, 0.9, 0.999, 1e-8)
+    projector = RademacherProjector(dim, 128, seed=1)
+    result = GradientFeaturizer(model, 0, projector, AdamPreconditioner(state), max_batch_size=3).featurize(examples)
+    expected = torch.nn.functional.normalize(projector.project(AdamPreconditioner(state)(loop_gradients(model, examples))), dim=1)
+    cosine = (result.features * expected).sum(1)
+    assert float(cosine.min()) > 1 - 1e-5
+
+
+def test_sample_without_target_tokens_is_a_recorded_failure_not_a_zero_vector():
+    model = tiny_lora_llama()
+    examples = ragged_examples(3)
+    examples[1] = {**examples[1], "labels": [IGNORE_INDEX] * len(examples[1]["input_ids"])}
+    dim = PerSampleLoraGradients(model).dim
+    result = GradientFeaturizer(model, 0, RademacherProjector(dim, 32, seed=0), max_batch_size=4).featurize(examples)
+    assert result.failures == {1: "no target token"}
+    assert torch.isnan(result.features[1]).all()
+    assert torch.isfinite(result.features[[0, 2]]).all()
+
+
+def test_length_batches_respect_limits_and_cover_everything():
+    lengths = [5, 50, 7, 49, 3, 100, 8, 8]
+    batches = length_batches(lengths, max_batch_size=3, max_batch_tokens=120)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len(batch) == 1 or max(lengths[i] for i in batch) * len(batch) <= 120

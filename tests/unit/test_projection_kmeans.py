@@ -1,0 +1,115 @@
+"""Seeded Rademacher projector (determinism, JL) and spherical k-means."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clusterucb.kmeans import spherical_kmeans
+from clusterucb.projection import RademacherProjector, rademacher_block
+
+
+def test_projector_is_deterministic_across_calls_instances_blocks_and_batches():
+    grads = torch.randn(6, 3000, generator=torch.Generator().manual_seed(0))
+    a = RademacherProjector(3000, 256, seed=11)
+    b = RademacherProjector(3000, 256, seed=11, block_rows=77, cache_bytes=0)  # other blocking, no cache
+    first = a.project(grads)
+    assert torch.equal(first, a.project(grads))
+    assert torch.allclose(first, b.project(grads), atol=1e-5)
+    one_by_one = torch.cat([a.project(grads[i : i + 1]) for i in range(len(grads))])
+    assert torch.allclose(first, one_by_one, atol=1e-5)
+    assert not torch.allclose(first, RademacherProjector(3000, 256, seed=12).project(grads), atol=1e-3)
+
+
+def test_sign_matrix_is_a_fixed_function_of_seed_row_and_column():
+    full = rademacher_block(3, 0, 300, 100)
+    assert torch.equal(full[120:180], rademacher_block(3, 120, 180, 100))
+    assert set(full.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(full.mean())) < 0.02
+    # Columns are (nearly) uncorrelated: no hashing artefact.
+    gram = full.T @ full / 300
+    off_diagonal = gram - torch.diag(torch.diag(gram))
+    assert float(off_diagonal.abs().max()) < 6 / math.sqrt(300)
+    # Pinned values guard against a silent change of the basis (stored features would stop being comparable).
+    assert rademacher_block(0, 0, 2, 6).int().tolist() == [[1, 1, 1, 1, 1, -1], [1, 1, -1, -1, -1, -1]]
+
+
+def test_projection_preserves_inner_products_within_jl_error():
+    dim, proj_dim = 5000, 2048
+    x = F.normalize(torch.randn(40, dim, generator=torch.Generator().manual_seed(1)), dim=1)
+    # Correlated pairs too, not only near-orthogonal random vectors.
+    x = F.normalize(torch.cat([x, x[:20] + 0.5 * x[20:]]), dim=1)
+    projected = RademacherProjector(dim, proj_dim, seed=0).project(x)
+    error = (projected @ projected.T - x @ x.T).abs()
+    # Inner-product error of unit vectors is about sqrt(2 / d); 5 sigma over ~1800 pairs.
+    assert float(error.max()) < 5 * math.sqrt(2 / proj_dim)
+    assert float((projected.norm(dim=1) - 1).abs().max()) < 0.15
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_projector_is_identical_on_cpu_and_gpu():
+    grads = torch.randn(4, 2000)
+    cpu = RademacherProjector(2000, 128, seed=5).project(grads)
+    gpu = RademacherProjector(2000, 128, seed=5).project(grads.cuda()).cpu()
+    assert torch.allclose(cpu, gpu, atol=1e-4)
+    assert torch.equal(rademacher_block(5, 0, 64, 128), rademacher_block(5, 0, 64, 128, device="cuda").cpu())
+
+
+def separable_sphere(n_per: int = 60, k: int = 4, dim: int = 32, noise: float = 0.15, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    centers = F.normalize(torch.randn(k, dim, generator=g), dim=1)
+    points = torch.cat([centers[c] + noise * torch.randn(n_per, dim, generator=g) / math.sqrt(dim) for c in range(k)])
+    truth = torch.arange(k).repeat_interleave(n_per)
+    order = torch.randperm(len(points), generator=g)
+    return F.normalize(points[order], dim=1), truth[order]
+
+
+def test_kmeans_recovers_separable_clusters_and_is_deterministic():
+    x, truth = separable_sphere()
+    result = spherical_kmeans(x, 4, seed=3)
+    # Each true cluster maps to exactly one found cluster and vice versa.
+    pairs = {(int(t), int(label)) for t, label in zip(truth, result.labels)}
+    assert len(pairs) == 4 and len({p[0] for p in pairs}) == 4 and len({p[1] for p in pairs}) == 4
+    assert result.converged
+    again = spherical_kmeans(x, 4, seed=3)
+    assert torch.equal(result.labels, again.labels) and torch.equal(result.centroids, again.centroids)
+
+
+def test_kmeans_labels_are_consistent_with_returned_centroids():
+    x, _ = separable_sphere(k=5, noise=0.8, seed=2)
+    result = spherical_kmeans(x, 7, seed=0, max_iter=3)
+    assert torch.equal(result.labels, (x @ result.centroids.T).argmax(1))
+    assert torch.allclose(result.similarity, (x * result.centroids[result.labels]).sum(1), atol=1e-6)
+
+
+def test_kmeans_reseeds_empty_clusters():
+    # Uniform init on a set with many duplicates: several initial centroids coincide,
+    # so some clusters start empty and must be re-seeded (not left as zero centroids).
+    base, _ = separable_sphere(n_per=1, k=6, seed=4)
+    x = torch.cat([base[:1].repeat(40, 1), base[1:]])
+    result = spherical_kmeans(x, 5, seed=1, init="random")
+    assert result.reseeded > 0
+    assert torch.allclose(result.centroids.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert len(result.labels.unique()) == 5
+
+
+def test_kmeans_rejects_failed_rows_and_bad_k():
+    x, _ = separable_sphere()
+    bad = x.clone()
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        spherical_kmeans(bad, 3, seed=0)
+    with pytest.raises(ValueError, match="k="):
+        spherical_kmeans(x[:5], 6, seed=0)
+
+
+def test_pykeops_backend_agrees_with_torch():
+    pytest.importorskip("pykeops")
+    x, _ = separable_sphere(n_per=40, k=3, dim=16, seed=5)
+    torch_result = spherical_kmeans(x, 3, seed=2, backend="torch")
+    keops_result = spherical_kmeans(x, 3, seed=2, backend="pykeops")
+    assert torch.equal(torch_result.labels, keops_result.labels)
+    assert torch.allclose(torch_result.centroids, keops_result.centroids, atol=1e-5)

@@ -1,0 +1,141 @@
+"""Gradient store (round trip, checksums, metadata), optimizer state by name, LR schedule and in-job resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clusterucb.gradients import PerSampleLoraGradients
+from clusterucb.gradstore import GradientStore, merge_manifest, write_shard
+from clusterucb.lora import adam_state_for, load_optimizer_state, save_optimizer_state
+from clusterucb.training import TrainSpec, linear_schedule, plan_steps, steps_per_epoch, train_lora
+
+from tinymodels import ragged_examples, tiny_lora_llama
+
+META = {"model": "m", "checkpoint": "warmup", "grad_type": "adam", "projector": "rademacher", "proj_dim": 8, "proj_seed": 0,
+        "grad_dim": 100, "eps_inside_sqrt": True, "max_length": 64, "dtype": "float32"}
+
+
+def write_two_shards(tmp_path, meta2=None):
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for shard, ids in enumerate([["a", "b", "c"], ["d", "e"]]):
+        feats = torch.nn.functional.normalize(torch.randn(len(ids), 8, generator=g), dim=1)
+        failures = {1: "no target token"} if shard == 0 else {}
+        if failures:
+            feats[1] = float("nan")
+        tensors, index = tmp_path / f"shard-{shard}.safetensors", tmp_path / f"shard-{shard}.parquet"
+        write_shard(tensors, index, shard, ids, feats, torch.arange(len(ids), dtype=torch.float32), failures,
+                    meta2 if (meta2 and shard == 1) else META)
+        paths.append((tensors, index, feats))
+    return paths
+
+
+def test_store_round_trip_keeps_failures_out(tmp_path):
+    shards = write_two_shards(tmp_path)
+    merge_manifest([(t, i) for t, i, _ in shards], tmp_path / "manifest.parquet")
+    store = GradientStore(tmp_path / "manifest.parquet", expect={"proj_dim": 8, "checkpoint": "warmup"})
+    ids, feats = store.load()
+    assert ids == ["a", "c", "d", "e"]
+    assert store.failures() == {"b": "no target token"}
+    expected = torch.cat([shards[0][2][[0, 2]], shards[1][2]])
+    assert torch.equal(feats, expected)
+
+
+def test_store_refuses_changed_shard_and_wrong_metadata(tmp_path):
+    shards = write_two_shards(tmp_path)
+    merge_manifest([(t, i) for t, i, _ in shards], tmp_path / "manifest.parquet")
+    with pytest.raises(ValueError, match="proj_dim"):
+        GradientStore(tmp_path / "manifest.parquet", expect={"proj_dim": 16})
+    with pytest.raises(ValueError, match="checkpoint"):
+        GradientStore(tmp_path / "manifest.parquet", expect={"checkpoint": "runs/clusterucb/epoch-1"})
+    # Rewrite shard 1 with other values: its checksum no longer matches the manifest.
+    t, i, feats = shards[1]
+    write_shard(t, i, 1, ["d", "e"], feats.flip(0), torch.zeros(2), {}, META)
+    with pytest.raises(ValueError, match="checksum"):
+        GradientStore(tmp_path / "manifest.parquet")
+
+
+def test_merge_refuses_shards_from_different_feature_spaces(tmp_path):
+    shards = write_two_shards(tmp_path, meta2={**META, "proj_seed": 1})
+    with pytest.raises(ValueError, match="proj_seed"):
+        merge_manifest([(t, i) for t, i, _ in shards], tmp_path / "manifest.parquet")
+
+
+def test_write_shard_refuses_unrecorded_nan_rows(tmp_path):
+    feats = torch.ones(2, 8)
+    feats[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        write_shard(tmp_path / "s.safetensors", tmp_path / "s.parquet", 0, ["a", "b"], feats, torch.zeros(2), {}, META)
+
+
+def test_linear_schedule_and_steps():
+    assert linear_schedule(0, 100, 10) == 0.0
+    assert linear_schedule(5, 100, 10) == 0.5
+    assert linear_schedule(10, 100, 10) == 1.0
+    assert linear_schedule(55, 100, 10) == pytest.approx(0.5)
+    assert steps_per_epoch(20_400, 128) == 159  # the official 159 steps per epoch
+    assert plan_steps(159, 159, 636, 0.03).warmup_steps == 20  # the official W = ceil(0.03 * 636)
+    with pytest.raises(ValueError):
+        steps_per_epoch(10, 16)
+
+
+def _train(model, examples, n_steps, scratch=None, resume=None, start=0):
+    spec = TrainSpec(lr=1e-2, effective_batch=4, micro_batch=2)
+    return train_lora(model, examples, spec, plan_steps(start, n_steps, 8, 0.1), 0, [1, 2], resume_from=resume, scratch_dir=scratch, save_every=1)
+
+
+def test_optimizer_state_round_trips_by_name_in_gradient_order(tmp_path):
+    model = tiny_lora_llama()
+    ckpt, losses = _train(model, ragged_examples(8), 2)
+    assert len(losses) == 2
+    save_optimizer_state(ckpt, tmp_path / "opt.safetensors", {"checkpoint": "x"})
+    loaded = load_optimizer_state(tmp_path / "opt.safetensors")
+    assert loaded.hyper["betas"] == [0.9, 0.999] and loaded.hyper["global_step"] == 2
+    state = adam_state_for(model, loaded)
+    names = PerSampleLoraGradients(model).names
+    assert state.exp_avg.numel() == PerSampleLoraGradients(model).dim
+    first = names[0]
+    assert torch.equal(state.exp_avg[: loaded.exp_avg[first].numel()], loaded.exp_avg[first].flatten())
+    assert state.exp_avg_sq.min() >= 0 and state.exp_avg.abs().sum() > 0
+
+
+def test_training_killed_mid_job_resumes_from_scratch_to_the_same_weights(tmp_path, monkeypatch):
+    examples = ragged_examples(10, seed=6)
+    reference = tiny_lora_llama(seed=2)
+    _train(reference, examples, 5)
+
+    import clusterucb.training as training
+
+    model = tiny_lora_llama(seed=2)
+    calls = {"n": 0}
+    original = training.linear_schedule
+
+    def dies_at_step_3(step, total, warmup):
+        calls["n"] += 1
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return original(step, total, warmup)
+
+    monkeypatch.setattr(training, "linear_schedule", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(model, examples, 5, scratch=tmp_path / "scratch")
+    assert (tmp_path / "scratch" / "state.json").exists()
+    monkeypatch.setattr(training, "linear_schedule", original)
+
+    resumed = tiny_lora_llama(seed=2)  # a fresh process: weights come from the scratch state
+    _, losses = _train(resumed, examples, 5, scratch=tmp_path / "scratch")
+    assert len(losses) == 2  # only steps 4 and 5 were run again
+    assert not (tmp_path / "scratch").exists()  # cleared once the job's outputs are complete
+    for (name, a), (_, b) in zip(reference.named_parameters(), resumed.named_parameters()):
+        if a.requires_grad:
+            assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_resuming_the_previous_epoch_continues_adam(tmp_path):
+    examples = ragged_examples(8, seed=7)
+    model = tiny_lora_llama(seed=3)
+    ckpt, _ = _train(model, examples, 2)
+    ckpt2, _ = _train(model, examples, 2, resume=ckpt, start=2)
+    name = next(iter(ckpt2.step))
+    assert ckpt2.step[name] == 4.0 and ckpt2.hyper["global_step"] == 4

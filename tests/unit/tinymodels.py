@@ -1,0 +1,52 @@
+"""Tiny random LoRA models and ragged token batches built in-process (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+
+from clusterucb.data.tokenize import IGNORE_INDEX
+from clusterucb.lora import LoraSpec, attach_lora
+
+VOCAB = 97
+
+
+def tiny_lora_llama(seed: int = 0, r: int = 4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    peft_model = attach_lora(model, LoraSpec(r=r, alpha=8, dropout=0.1, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=seed))
+    # A fresh LoRA has B = 0, which makes every dA zero: give B values so both factors are tested.
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    return peft_model.eval()
+
+
+def ragged_examples(n: int, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for i in range(n):
+        length = int(torch.randint(6, 40, (1,), generator=g))
+        ids = torch.randint(1, VOCAB, (length,), generator=g).tolist()
+        n_prompt = int(torch.randint(1, length - 2, (1,), generator=g))
+        labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+        examples.append({"example_id": f"ex{i}", "input_ids": ids, "labels": labels})
+    return examples
+
+
+def loop_gradients(model, examples) -> torch.Tensor:
+    """The LESS way: batch size 1, model(...).loss.backward(), concatenate .grad in named_parameters order."""
+    rows = []
+    for example in examples:
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]]))
+        out.loss.backward()
+        rows.append(torch.cat([p.grad.flatten() for _, p in model.named_parameters() if p.requires_grad]))
+    model.zero_grad(set_to_none=True)
+    return torch.stack(rows)
