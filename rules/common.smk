@@ -4,11 +4,46 @@
 import glob
 import os
 
+import yaml
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
+def coerce_cli_values(value, schema):
+    """Turn strings into the numbers/booleans the schema asks for.
+
+    `--config selection='{beta: 2.0}'` reaches Snakemake's YAML BaseLoader, which
+    keeps nested values as strings; top-level values are already typed.
+    """
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else {})
+            value[key] = coerce_cli_values(item, sub)
+        return value
+    if isinstance(value, list):
+        return [coerce_cli_values(v, schema.get("items", {})) for v in value]
+    if isinstance(value, str):
+        types = schema.get("type", [])
+        types = [types] if isinstance(types, str) else types
+        if "null" in types and value in ("null", "~", ""):
+            return None
+        for kind, convert in (("integer", int), ("number", float)):
+            if kind in types:
+                try:
+                    return convert(value)
+                except ValueError:
+                    pass
+        if "boolean" in types and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    return value
+
+
+with open(workflow.source_path("../config.schema.yaml")) as schema_file:
+    coerce_cli_values(config, yaml.safe_load(schema_file))
 validate(config, schema="../config.schema.yaml")
 
 BUILTIN_MODEL = "builtin-tiny"
@@ -225,4 +260,8 @@ def get_compare_methods(wildcards=None):
 
 
 def get_final_outputs():
-    return ["results/report/comparison.md", "results/report/comparison.parquet"]
+    return [
+        "results/report/comparison.md",
+        "results/report/comparison.parquet",
+        "results/report/config.yaml",
+    ]

@@ -32,6 +32,7 @@ rule compare_methods:
     output:
         table="results/report/comparison.parquet",
         markdown="results/report/comparison.md",
+        config="results/report/config.yaml",
     log:
         "logs/compare_methods.log",
     localrule: True
@@ -40,5 +41,6 @@ rule compare_methods:
     params:
         methods=get_compare_methods(),
         selections=get_selection_map(),
+        config=config,
     script:
         "../workflow_scripts/compare_methods.py"

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+import yaml
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -37,8 +38,11 @@ def evaluate(model_dir: str, adapter_dir: str | None, test_path: str, metrics_ou
     log.info("%s: exact match %.4f, target loss %.4f on %d test problems", method, metrics["exact_match"], metrics["target_loss"], metrics["n_examples"])
 
 
-def compare(methods: list[str], metrics_paths: list[str], selection_paths: dict[str, list[str]], table_out: str, markdown_out: str) -> None:
-    """One row per method: target metrics and the per-sample gradients its selections computed."""
+def compare(methods: list[str], metrics_paths: list[str], selection_paths: dict[str, list[str]], table_out: str, markdown_out: str, config_out: str, config: dict) -> None:
+    """One row per method: target metrics and the per-sample gradients its selections computed.
+
+    The resolved configuration is written beside the table, so every number traces back to it.
+    """
     rows = []
     for method, metrics_path in zip(methods, metrics_paths):
         metrics = json.loads(Path(metrics_path).read_text())
@@ -53,11 +57,13 @@ def compare(methods: list[str], metrics_paths: list[str], selection_paths: dict[
                 "selected_per_epoch": int(selections[0]["n_pool"] * selections[0]["top_p"]) if selections else 0,
                 "pool_gradients": sum(int(s["n_gradients"]) for s in selections),
                 "pool_gradients_per_epoch": "/".join(str(s["n_gradients"]) for s in selections) or "0",
-                "pool_size": selections[0]["n_pool"] if selections else None,
+                "pool_size": int(selections[0]["n_pool"]) if selections else None,
             }
         )
-    frame = pd.DataFrame(rows)
-    write_parquet(pa.Table.from_pandas(frame, preserve_index=False), table_out, {"methods": methods})
+    frame = pd.DataFrame(rows).astype({"pool_size": "Int64"})
+    write_parquet(pa.Table.from_pandas(frame, preserve_index=False), table_out, {"methods": methods, "config": config})
+    with atomic_path(config_out) as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     with atomic_path(markdown_out) as tmp:
         tmp.write_text(markdown_table(frame))
     log.info("comparison:\n%s", frame.to_string(index=False))
@@ -65,6 +71,8 @@ def compare(methods: list[str], metrics_paths: list[str], selection_paths: dict[
 
 def markdown_table(frame: pd.DataFrame) -> str:
     def cell(value) -> str:
+        if value is None or value is pd.NA or (isinstance(value, float) and value != value):
+            return "–"
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]

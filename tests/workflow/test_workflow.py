@@ -1,0 +1,234 @@
+"""The whole DAG on the tiny config: it runs, reruns exactly what a changed knob needs, and survives a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "config" / "tiny.yaml"
+pytestmark = pytest.mark.workflow
+
+GRADIENT_JOBS = {"warmup_lora", "grads_pool_shard", "grads_manifest", "kmeans", "build_base_model", "tokenize_pool"}
+
+
+def snakemake_cmd(workdir: Path, datasets: Path, *args: str, config: tuple[str, ...] = ()) -> list[str]:
+    return [
+        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--configfile", str(TINY), "--config", f"datasets_dir={datasets}", *config, *args,
+    ]
+
+
+def run(workdir: Path, datasets: Path, *args: str, config: tuple[str, ...] = (), check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(snakemake_cmd(workdir, datasets, *args, config=config), capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run ({} when nothing is to be done)."""
+    if "Nothing to be done" in output:
+        return {}
+    table = output.split("Job stats:", 1)[1]
+    jobs = {}
+    for line in table.splitlines()[3:]:
+        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not match:
+            break
+        jobs[match.group(1)] = int(match.group(2))
+    jobs.pop("total", None)
+    return jobs
+
+
+def selections(workdir: Path) -> dict[str, list[str]]:
+    out = {}
+    for path in sorted((workdir / "results" / "runs").glob("*/epoch-*/selection.parquet")):
+        out[str(path.relative_to(workdir))] = pq.read_table(path, columns=["example_id"]).column("example_id").to_pylist()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, datasets) -> Path:
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    run(workdir, datasets, "--cores", "2")
+    return workdir
+
+
+def test_tiny_dag_writes_the_comparison_table(tiny_run):
+    config = yaml.safe_load(TINY.read_text())
+    table = pq.read_table(tiny_run / "results/report/comparison.parquet").to_pandas().set_index("method")
+    assert list(table.index) == ["base", "clusterucb", "random"]
+    assert table.loc["random", "pool_gradients"] == 0 and table.loc["base", "pool_gradients"] == 0
+    assert (table["target_loss"] > 0).all() and table["exact_match"].between(0, 1).all()
+    assert (tiny_run / "results/report/comparison.md").read_text().startswith("| method |")
+
+    pool = pq.read_table(tiny_run / "results/data/pool_tokens.parquet").to_pandas()
+    n_pool = len(pool)
+    k = int(n_pool * config["selection"]["top_p"])
+    epochs = config["train"]["epochs"]
+    # clusterucb: a full pass at the warmup checkpoint, then the budget at each later epoch.
+    draws = [pq.read_table(tiny_run / f"results/runs/clusterucb/epoch-{e}/draws.parquet") for e in range(2, epochs + 1)]
+    assert table.loc["clusterucb", "pool_gradients"] == n_pool + sum(len(d) for d in draws)
+    budget = config["selection"]["budget"]
+    for d in draws:
+        assert len(d) <= budget * n_pool + 6  # cold start rounds up to one draw per cluster
+        assert len(set(d.column("example_id").to_pylist())) == len(d)
+    for name, ids in selections(tiny_run).items():
+        assert len(ids) == k, name
+        assert set(ids) <= set(pool.example_id), name
+    # Epoch >= 2 selections come from the drawn samples only.
+    for e in range(2, epochs + 1):
+        drawn = set(draws[e - 2].column("example_id").to_pylist())
+        assert set(selections(tiny_run)[f"results/runs/clusterucb/epoch-{e}/selection.parquet"]) <= drawn
+
+    # The validation set comes from the GSM8K train split and is absent from the pool.
+    val = pq.read_table(tiny_run / "results/data/target/val.parquet").to_pandas()
+    assert val.example_id.str.startswith("gsm8k_train-").all()
+    pool_text = pq.read_table(tiny_run / "results/data/pool.parquet").to_pandas()
+    users = " ".join(m[0]["content"] for m in pool_text.messages)
+    assert not any(q in users for q in val.question)
+
+    # Self-describing gradient features.
+    manifest = pq.read_schema(tiny_run / "results/grads/warmup/pool/manifest.parquet").metadata
+    meta = json.loads(manifest[b"clusterucb.feature_meta"])
+    assert meta["proj_dim"] == str(config["gradients"]["proj_dim"]) and meta["model"] == "results/model/base"
+
+
+def test_lint_is_clean(datasets):
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(REPO / "Snakefile"), "--config", f"datasets_dir={datasets}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr
+    assert "Congratulations" in proc.stdout + proc.stderr
+
+
+def test_snakefiles_are_formatted():
+    pytest.importorskip("snakefmt")
+    proc = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "rules"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_local_hugging_face_model_directory_replaces_the_builtin(tiny_run, datasets, tmp_path):
+    model_dir = tiny_run / "results/model/base"
+    output = run(tmp_path, datasets, "-n", config=(f"model={model_dir}",)).stdout
+    jobs = planned_jobs(output)
+    assert "build_base_model" not in jobs and jobs["warmup_lora"] == 1
+    assert str(model_dir) in output
+    proc = run(tmp_path, datasets, "-n", config=(f"model={tmp_path / 'nowhere'}",), check=False)
+    assert proc.returncode != 0 and "config key 'model'" in proc.stdout + proc.stderr
+
+
+def rule_blocks() -> dict[str, str]:
+    blocks = {}
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        text = smk.read_text()
+        for match in re.finditer(r"^( *)rule (\w+):\n((?:\1 {4}.*\n|\s*\n)+)", text, re.MULTILINE):
+            blocks[match.group(2)] = match.group(3)
+    return blocks
+
+
+HEAVY = {"build_base_model", "warmup_lora", "grads_pool_shard", "grads_val", "kmeans", "select_full_matching", "select_clusterucb", "train_epoch", "evaluate"}
+GPU = {"warmup_lora", "grads_pool_shard", "grads_val", "select_clusterucb", "train_epoch", "evaluate"}
+
+
+def test_every_rule_logs_and_heavy_rules_declare_benchmark_and_resources():
+    blocks = rule_blocks()
+    assert HEAVY <= set(blocks)
+    for name, body in blocks.items():
+        assert re.search(r"^\s+log:", body, re.M), f"rule {name} has no log:"
+        assert "lambda" not in body, f"rule {name} uses a lambda"
+    for name in HEAVY:
+        body = blocks[name]
+        assert re.search(r"^\s+benchmark:", body, re.M), name
+        assert re.search(r"mem_mb=", body) and re.search(r"runtime=", body), name
+        assert ("gpu=1" in body) == (name in GPU), name
+
+
+def test_slurm_profile_requests_gpus_the_standard_way(datasets, tmp_path):
+    profile = yaml.safe_load((REPO / "profiles/slurm/profile.yaml").read_text())
+    assert profile["executor"] == "slurm"
+    assert "--gres" not in json.dumps(profile) and "--gpus" not in json.dumps(profile)
+    proc = subprocess.run(
+        snakemake_cmd(tmp_path, datasets, "-n", "--forceall", "--workflow-profile", str(REPO / "profiles/slurm")),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shard_job = proc.stdout.split("rule grads_pool_shard:", 1)[1].split("\n\n", 1)[0]
+    assert "gpu=1" in shard_job and "cpus_per_gpu=8" in shard_job
+
+
+def test_changing_beta_or_budget_reuses_gradients_and_clusters(tiny_run, datasets):
+    assert planned_jobs(run(tiny_run, datasets, "-n").stdout) == {}
+    for change in ("selection={beta: 3.0}", "selection={budget: 0.4}"):
+        output = run(tiny_run, datasets, "-n", config=(change,)).stdout
+        jobs = planned_jobs(output)
+        assert jobs.get("select_clusterucb", 0) >= 1, (change, jobs)
+        assert not GRADIENT_JOBS & set(jobs), (change, jobs)
+        assert "select_full_matching" not in jobs and "select_random" not in jobs, (change, jobs)
+        # Only the clusterucb branch from epoch 2 on is redone: not its epoch 1, not the random baseline.
+        assert "method=random" not in output and "epoch=1," not in output and not output.rstrip().endswith("epoch=1"), change
+
+
+def test_changing_proj_dim_recomputes_the_gradient_shards(tiny_run, datasets):
+    jobs = planned_jobs(run(tiny_run, datasets, "-n", config=("gradients={proj_dim: 128}",)).stdout)
+    assert jobs["grads_pool_shard"] == yaml.safe_load(TINY.read_text())["gradients"]["n_shards"]
+    assert "warmup_lora" not in jobs and "build_base_model" not in jobs
+
+
+def test_wrong_config_key_and_missing_data_give_clear_errors(tiny_run, datasets, tmp_path):
+    proc = run(tiny_run, datasets, "-n", config=("selection={betta: 1.0}",), check=False)
+    assert proc.returncode != 0 and "'betta' was unexpected" in proc.stdout + proc.stderr
+    missing = tmp_path / "no-datasets"
+    proc = run(tmp_path / "work", missing, "-n", check=False)
+    assert proc.returncode != 0 and str(missing) in proc.stdout + proc.stderr
+
+
+def _all_outputs_readable(workdir: Path) -> None:
+    from safetensors import safe_open
+
+    for path in (workdir / "results").rglob("*"):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix == ".parquet":
+            pq.read_table(path)
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                list(handle.keys())
+
+
+def test_killed_run_resumes_with_rerun_incomplete_and_selects_the_same(tiny_run, datasets, tmp_path):
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(snakemake_cmd(workdir, datasets, "--cores", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    target = workdir / "logs" / "grads_pool_shard"
+    deadline = time.time() + 600
+    try:
+        while not (target.exists() and any(target.iterdir())):  # the gradient pass has started
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "the gradient pass never started"
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (workdir / "results/report/comparison.md").exists()
+    _all_outputs_readable(workdir)  # nothing half-written under a final name
+    run(workdir, datasets, "--unlock")  # SIGKILL (unlike SIGINT/SIGTERM) leaves the lock behind
+    run(workdir, datasets, "--cores", "2", "--rerun-incomplete")
+    assert selections(workdir) == selections(tiny_run)
+    for e in range(2, yaml.safe_load(TINY.read_text())["train"]["epochs"] + 1):
+        a = pq.read_table(workdir / f"results/runs/clusterucb/epoch-{e}/draws.parquet").to_pandas()
+        b = pq.read_table(tiny_run / f"results/runs/clusterucb/epoch-{e}/draws.parquet").to_pandas()
+        assert a.example_id.tolist() == b.example_id.tolist()
