@@ -194,11 +194,12 @@ class GradientFeaturizer:
     def _run(self, examples: Sequence[dict], indices: list[int], out: FeatureResult) -> None:
         try:
             feats, losses = self._features([examples[i] for i in indices])
-        except torch.cuda.OutOfMemoryError:
+        except torch.OutOfMemoryError:
             if len(indices) == 1:
                 out.failures[indices[0]] = "out of memory at batch size 1"
                 return
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             half = len(indices) // 2
             log.warning("out of memory on a batch of %d; retrying as two halves", len(indices))
             self._run(examples, indices[:half], out)

@@ -43,12 +43,18 @@ def encode_messages(
     everything up to each generation prompt.
     """
     if template == "tulu":
-        render = lambda msgs, gen: concat_messages(msgs, tokenizer.eos_token) + ("<|assistant|>\n" if gen else "")  # noqa: E731
+
+        def render(msgs, generation_prompt):
+            return concat_messages(msgs, tokenizer.eos_token) + ("<|assistant|>\n" if generation_prompt else "")
+
         special = True
     elif template == "tokenizer":
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'tokenizer' asked for, but the tokenizer has no chat_template")
-        render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+
+        def render(msgs, generation_prompt):
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
         special = False  # the template renders BOS itself
     else:
         raise ValueError(f"unknown chat template {template!r} (expected 'tulu' or 'tokenizer')")
