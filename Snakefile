@@ -8,15 +8,22 @@
 #   warmup/                          LoRA warmup checkpoint: adapter/ + optimizer.safetensors
 #   grads/warmup/pool/               per-sample Adam gradient features, one shard per job + manifest
 #   grads/<ckpt>/val.*               validation gradient features at each selecting checkpoint
-#   cluster/                         cosine k-means of the warmup features
-#   runs/<method>/epoch-<e>/         selection.parquet (+ draws.parquet), adapter/, optimizer.safetensors
-#   eval/<method>/metrics.json       target-task metrics of the final adapter
-#   report/comparison.{md,parquet}   method x metric table, with gradients computed
-# <ckpt> is "warmup" or "runs/<method>/epoch-<e>". Logs mirror these under logs/,
-# per-job timings under results/benchmarks/.
+#   grads/<ckpt>/scores.parquet      full-pool influence at a checkpoint (Dynamic, LESS, oracle)
+#   cluster/k-<k>/                   cosine k-means of the warmup features
+#   less/ckpt-<i>/                   LESS warmup checkpoints (random subset, a few epochs)
+#   runs/<run>/epoch-<e>/            selection.parquet (+ draws.parquet, recall.json), adapter/, optimizer.safetensors
+#   eval/<run>/metrics.json          target-task metrics of the final adapter
+#   quality/<ckpt>/sweep.parquet     budgeted selection replayed on full-pool scores (recall sweep)
+#   report/                          comparison and quality tables, figures, resolved config
+# <ckpt> is "warmup", "less/ckpt-<i>" or "runs/<run>/epoch-<e>"; a <run> is a method and the
+# parameters it changes (clusterucb/runs.py). Logs mirror these under logs/, per-job timings
+# under results/benchmarks/.
 
 
 configfile: "config.yaml"
+
+
+report: "report/workflow.rst"
 
 
 include: "rules/common.smk"
@@ -27,6 +34,7 @@ include: "rules/gradients.smk"
 include: "rules/cluster.smk"
 include: "rules/select.smk"
 include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -1,37 +1,57 @@
-"""Clusters as bandit arms: running statistics and UCB policies (spec §6).
+"""Clusters as bandit arms: running statistics and the UCB family of the official code (spec §6.5).
 
-State is O(K) running sums (count, sum, sum of squares, samples left), so a
-selection or an update costs O(K) and O(1) respectively, never a pass over
-past rewards. An arm with no sample left is never chosen (the official code
-gives it 0.0 instead of -inf and can pick it; spec §10.4).
+Every policy has the same interface: ``select(state) -> arm`` and
+``update(state, arm, rewards)``. Bookkeeping is incremental: per-arm running
+sums (count, sum, sum of squares, max, samples left) make an update O(1) per
+reward, and the quantile threshold of the ``thresh`` policies is kept in a
+two-heap order-statistic structure (O(log n) per reward) instead of the
+official sorted Python list.
+
+Fixes over the official code (spec §10.4-10.5), always on: an arm with no
+sample left is never chosen (the official code gives it 0.0 instead of -inf
+and can pick it), arms exhausted by the cold start are marked, empty clusters
+are never arms, ``ucb1`` and ``random_cluster`` work. Ties: the official code
+takes the lowest arm index (``list.index(max(...))``); by default ties are
+broken uniformly at random with the seeded generator, and ``faithful=True``
+restores the lowest index.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
+
+POLICIES = ("ucb_beta", "ucb1", "ucb_threshhard", "ucb_threshnormal", "random_cluster")
 
 
 @dataclass
 class ArmState:
     """Per-arm reward statistics and how many samples each arm has left."""
 
-    counts: np.ndarray
+    sizes: np.ndarray
+    counts: np.ndarray  # finite rewards seen
     sums: np.ndarray
     sumsq: np.ndarray
+    maxes: np.ndarray
     remaining: np.ndarray
 
     @classmethod
     def for_sizes(cls, sizes) -> ArmState:
         sizes = np.asarray(sizes, dtype=np.int64)
         zeros = np.zeros(len(sizes))
-        return cls(np.zeros(len(sizes), dtype=np.int64), zeros.copy(), zeros.copy(), sizes.copy())
+        return cls(sizes.copy(), np.zeros(len(sizes), dtype=np.int64), zeros.copy(), zeros.copy(), np.full(len(sizes), -np.inf), sizes.copy())
 
     @property
     def valid(self) -> np.ndarray:
         return self.remaining > 0
+
+    @property
+    def pulls(self) -> np.ndarray:
+        return self.sizes - self.remaining
 
     def mean(self) -> np.ndarray:
         return np.divide(self.sums, self.counts, out=np.zeros_like(self.sums), where=self.counts > 0)
@@ -42,16 +62,63 @@ class ArmState:
         var = np.divide(self.sumsq, self.counts, out=np.zeros_like(self.sums), where=self.counts > 0) - mean**2
         return np.sqrt(np.clip(var, 0.0, None))
 
-    def record(self, arm: int, rewards: np.ndarray) -> None:
-        """One reward per sample drawn from ``arm``; NaN marks a failed sample (drawn, but no reward)."""
+    def record(self, arm: int, rewards: np.ndarray) -> np.ndarray:
+        """One reward per sample drawn from ``arm``; NaN marks a failed sample (drawn, but no reward).
+
+        Returns the finite rewards.
+        """
         rewards = np.asarray(rewards, dtype=np.float64)
         if len(rewards) > self.remaining[arm]:
             raise ValueError(f"arm {arm} has {self.remaining[arm]} samples left, cannot draw {len(rewards)}")
         self.remaining[arm] -= len(rewards)
         rewards = rewards[np.isfinite(rewards)]
-        self.counts[arm] += len(rewards)
-        self.sums[arm] += float(np.sum(rewards))
-        self.sumsq[arm] += float(np.sum(np.square(rewards)))
+        if len(rewards):
+            self.counts[arm] += len(rewards)
+            self.sums[arm] += float(np.sum(rewards))
+            self.sumsq[arm] += float(np.sum(np.square(rewards)))
+            self.maxes[arm] = max(self.maxes[arm], float(np.max(rewards)))
+        return rewards
+
+
+class TopQuantile:
+    """Threshold tau = the (floor(n * p) + 1)-th largest of the n rewards seen so far.
+
+    Two heaps: ``top`` (a min-heap) holds exactly floor(n * p) + 1 rewards, the
+    rest sit in ``bottom`` (a max-heap); tau is the smallest reward in ``top``.
+    ``above[k]`` counts arm k's rewards in ``top``, i.e. its rewards >= tau
+    (exactly so unless rewards tie with tau). Each insert is O(log n).
+    """
+
+    def __init__(self, p: float, n_arms: int):
+        if not 0 <= p < 1:
+            raise ValueError(f"ucb_p must be in [0, 1), got {p}")
+        self.p = p
+        self.n = 0
+        self.top: list[tuple[float, int, int]] = []  # (reward, seq, arm)
+        self.bottom: list[tuple[float, int, int]] = []  # (-reward, seq, arm)
+        self.above = np.zeros(n_arms, dtype=np.int64)
+
+    @property
+    def tau(self) -> float:
+        return self.top[0][0] if self.top else -math.inf
+
+    def insert(self, reward: float, arm: int) -> None:
+        entry = (reward, self.n, arm)
+        self.n += 1
+        if self.top and reward < self.top[0][0]:
+            heapq.heappush(self.bottom, (-reward, entry[1], arm))
+        else:
+            heapq.heappush(self.top, entry)
+            self.above[arm] += 1
+        size = int(self.n * self.p) + 1
+        while len(self.top) > size:
+            value, seq, moved = heapq.heappop(self.top)
+            self.above[moved] -= 1
+            heapq.heappush(self.bottom, (-value, seq, moved))
+        while len(self.top) < size and self.bottom:
+            value, seq, moved = heapq.heappop(self.bottom)
+            self.above[moved] += 1
+            heapq.heappush(self.top, (-value, seq, moved))
 
 
 class BanditPolicy(ABC):
@@ -59,19 +126,30 @@ class BanditPolicy(ABC):
 
     name: str
 
+    def __init__(self, rng: np.random.Generator, faithful: bool = False):
+        self.rng = rng
+        self.faithful = faithful
+
     @abstractmethod
     def index(self, state: ArmState) -> np.ndarray:
         """The value of every arm (higher is better); only valid arms are ever chosen."""
 
+    def _argmax(self, values: np.ndarray, candidates: np.ndarray) -> int:
+        """The best candidate; ties to the lowest index (faithful) or a seeded random one."""
+        best = values[candidates].max()
+        tied = candidates[values[candidates] == best]
+        if self.faithful or len(tied) == 1:
+            return int(tied[0])
+        return int(self.rng.choice(tied))
+
     def select(self, state: ArmState) -> int:
-        valid = state.valid
-        if not valid.any():
+        valid = np.flatnonzero(state.valid)
+        if len(valid) == 0:
             raise RuntimeError("every arm is exhausted")
-        unplayed = valid & (state.counts == 0)
-        if unplayed.any():  # play every arm once first, lowest index first
-            return int(np.argmax(unplayed))
-        values = np.where(valid, self.index(state), -np.inf)
-        return int(np.argmax(values))  # ties go to the lowest index, as in the official code
+        unplayed = valid[state.counts[valid] == 0]
+        if len(unplayed):  # play every arm once first
+            return self._argmax(np.zeros(len(state.counts)), unplayed)
+        return self._argmax(self.index(state), valid)
 
     def update(self, state: ArmState, arm: int, rewards: np.ndarray) -> None:
         state.record(arm, rewards)
@@ -86,23 +164,81 @@ class UCBBeta(BanditPolicy):
 
     name = "ucb_beta"
 
-    def __init__(self, beta: float = 1.0):
+    def __init__(self, rng: np.random.Generator, beta: float = 1.0, faithful: bool = False):
+        super().__init__(rng, faithful)
         self.beta = float(beta)
 
     def index(self, state: ArmState) -> np.ndarray:
         return state.mean() + self.beta * state.std()
 
 
+class UCB1(BanditPolicy):
+    """U_k = mean_k + sqrt(2 ln(sum_j n_j) / n_k) (the official class, made runnable)."""
+
+    name = "ucb1"
+
+    def index(self, state: ArmState) -> np.ndarray:
+        counts = state.counts.astype(np.float64)
+        total = max(counts.sum(), 1.0)
+        bonus = np.sqrt(2.0 * math.log(total) / np.maximum(counts, 1.0))
+        return state.mean() + bonus
+
+
+class _Threshold(BanditPolicy):
+    """Shared part of the threshold policies: tau over all rewards, and the max-reward fallback."""
+
+    def __init__(self, rng: np.random.Generator, n_arms: int, ucb_p: float = 0.25, faithful: bool = False):
+        super().__init__(rng, faithful)
+        self.quantile = TopQuantile(ucb_p, n_arms)
+
+    def update(self, state: ArmState, arm: int, rewards: np.ndarray) -> None:
+        for reward in state.record(arm, rewards):
+            self.quantile.insert(float(reward), arm)
+
+    def select(self, state: ArmState) -> int:
+        valid = np.flatnonzero(state.valid)
+        if len(valid) == 0:
+            raise RuntimeError("every arm is exhausted")
+        unplayed = valid[state.counts[valid] == 0]
+        if len(unplayed):
+            return self._argmax(np.zeros(len(state.counts)), unplayed)
+        values = self.index(state)
+        if not (values[valid] > 0).any():  # official fallback: the valid arm with the best reward so far
+            return self._argmax(state.maxes, valid)
+        return self._argmax(values, valid)
+
+
+class UCBThreshHard(_Threshold):
+    """U_k = share of arm k's rewards at or above tau."""
+
+    name = "ucb_threshhard"
+
+    def index(self, state: ArmState) -> np.ndarray:
+        return np.divide(self.quantile.above.astype(np.float64), state.counts, out=np.zeros(len(state.counts)), where=state.counts > 0)
+
+
+class UCBThreshNormal(_Threshold):
+    """U_k = P(X >= tau) for X ~ N(mean_k, std_k); a zero std gives 1 if mean_k >= tau else 0
+    (the official code divides by zero there)."""
+
+    name = "ucb_threshnormal"
+
+    def index(self, state: ArmState) -> np.ndarray:
+        mean, std, tau = state.mean(), state.std(), self.quantile.tau
+        out = np.where(mean >= tau, 1.0, 0.0)
+        positive = std > 0
+        z = (tau - mean[positive]) / std[positive]
+        out[positive] = [0.5 * math.erfc(v / math.sqrt(2.0)) for v in z]
+        return np.where(state.counts > 0, out, 0.0)
+
+
 class RandomCluster(BanditPolicy):
-    """A uniformly random valid arm (the official, unwired ``UCB_Random``)."""
+    """A uniformly random valid arm (the official ``UCB_Random``, which was never wired in)."""
 
     name = "random_cluster"
 
-    def __init__(self, rng: np.random.Generator):
-        self.rng = rng
-
     def index(self, state: ArmState) -> np.ndarray:
-        return self.rng.random(len(state.counts))
+        return np.zeros(len(state.counts))
 
     def value(self, state: ArmState, arm: int) -> float:
         return float("nan")
@@ -114,9 +250,15 @@ class RandomCluster(BanditPolicy):
         return int(self.rng.choice(valid))
 
 
-def make_policy(name: str, params: dict, rng: np.random.Generator) -> BanditPolicy:
+def make_policy(name: str, n_arms: int, rng: np.random.Generator, beta: float = 1.0, ucb_p: float = 0.25, faithful: bool = False) -> BanditPolicy:
     if name == "ucb_beta":
-        return UCBBeta(params.get("beta", 1.0))
+        return UCBBeta(rng, beta, faithful)
+    if name == "ucb1":
+        return UCB1(rng, faithful)
+    if name == "ucb_threshhard":
+        return UCBThreshHard(rng, n_arms, ucb_p, faithful)
+    if name == "ucb_threshnormal":
+        return UCBThreshNormal(rng, n_arms, ucb_p, faithful)
     if name == "random_cluster":
-        return RandomCluster(rng)
-    raise ValueError(f"unknown bandit policy {name!r} (known: ucb_beta, random_cluster)")
+        return RandomCluster(rng, faithful)
+    raise ValueError(f"unknown bandit policy {name!r} (known: {', '.join(POLICIES)})")

@@ -31,7 +31,20 @@ def setup_logging(log_path: str | None = None, level: int = logging.INFO) -> log
     root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(True)
+    if log_path:
+        _log_uncaught_exceptions()
     return logging.getLogger("clusterucb")
+
+
+def _log_uncaught_exceptions() -> None:
+    """Put a job's fatal traceback in its log file too (Snakemake shows the log of a failed job)."""
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        logging.getLogger("clusterucb").critical("job failed", exc_info=(kind, value, traceback))
+        previous(kind, value, traceback)
+
+    sys.excepthook = hook
 
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:

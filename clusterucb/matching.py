@@ -5,14 +5,8 @@ from __future__ import annotations
 import torch
 
 
-def influence_scores(train: torch.Tensor, val: torch.Tensor, val_subtask: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """Scores (N,) for unit-norm train features (N, d) against validation features (M, d).
-
-    ``val_subtask`` (M,) gives each validation row's subtask; the score is the
-    max over subtasks of the mean inner product with that subtask's rows
-    (``(train @ val.T).reshape(N, S, m).mean(-1).max(-1)`` when subtasks are
-    contiguous and equal-sized). NaN train rows (failed samples) stay NaN.
-    """
+def subtask_scores(train: torch.Tensor, val: torch.Tensor, val_subtask: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """(N, S): each train row's mean inner product with each subtask's validation rows (subtasks in sorted id order)."""
     if val.ndim != 2 or train.ndim != 2 or train.shape[1] != val.shape[1]:
         raise ValueError(f"feature shapes do not match: train {tuple(train.shape)}, val {tuple(val.shape)}")
     if not torch.isfinite(val).all():
@@ -23,8 +17,18 @@ def influence_scores(train: torch.Tensor, val: torch.Tensor, val_subtask: torch.
     weights[torch.arange(len(val)), inverse] = 1.0
     weights /= weights.sum(0, keepdim=True)
     val_mean = weights.T @ val.float()  # (S, d): mean of inner products = inner product with the mean
-    scores = torch.empty(len(train), dtype=torch.float32)
+    out = torch.empty(len(train), len(subtasks), dtype=torch.float32)
     for start in range(0, len(train), chunk):
-        block = train[start : start + chunk].float() @ val_mean.T
-        scores[start : start + chunk] = block.max(dim=1).values
-    return scores
+        out[start : start + chunk] = train[start : start + chunk].float() @ val_mean.T
+    return out
+
+
+def influence_scores(train: torch.Tensor, val: torch.Tensor, val_subtask: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """Scores (N,) for unit-norm train features (N, d) against validation features (M, d).
+
+    ``val_subtask`` (M,) gives each validation row's subtask; the score is the
+    max over subtasks of the mean inner product with that subtask's rows
+    (``(train @ val.T).reshape(N, S, m).mean(-1).max(-1)`` when subtasks are
+    contiguous and equal-sized). NaN train rows (failed samples) stay NaN.
+    """
+    return subtask_scores(train, val, val_subtask, chunk).max(dim=1).values

@@ -145,10 +145,11 @@ def train_lora(
     device="cpu",
     scratch_dir: str | Path | None = None,
     save_every: int = 50,
-) -> tuple[OptimizerCheckpoint, list[float]]:
+) -> tuple[OptimizerCheckpoint, list[dict]]:
     """Take ``plan.n_steps`` optimizer steps on ``examples`` (shuffled with ``data_seed``, cycling if needed).
 
-    Returns the optimizer state (keyed by parameter name) and the per-step losses.
+    Returns the optimizer state (keyed by parameter name) and one record per
+    step taken in this call (``global_step``, ``lr``, ``loss``).
     """
     device = torch.device(device)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -163,11 +164,12 @@ def train_lora(
     rng = np.random.default_rng(data_seed)
     order = np.concatenate([rng.permutation(len(examples)) for _ in range(math.ceil(needed / len(examples)))])
     peft_model.train()
-    losses: list[float] = []
+    steps: list[dict] = []
     for local_step in progress(range(done, plan.n_steps), desc="train", total=plan.n_steps - done):
         global_step = plan.start_step + local_step
+        lr = spec.lr * linear_schedule(global_step, plan.total_steps, plan.warmup_steps)
         for group in optimizer.param_groups:
-            group["lr"] = spec.lr * linear_schedule(global_step, plan.total_steps, plan.warmup_steps)
+            group["lr"] = lr
         batch = order[local_step * spec.effective_batch : (local_step + 1) * spec.effective_batch]
         step_loss = 0.0
         for start in range(0, len(batch), spec.micro_batch):
@@ -179,13 +181,13 @@ def train_lora(
             torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
+        steps.append({"global_step": global_step + 1, "lr": lr, "loss": step_loss})
         if local_step % 10 == 0 or local_step == plan.n_steps - 1:
-            log.info("step %d (global %d/%d) lr %.3g loss %.4f", local_step + 1, global_step + 1, plan.total_steps, optimizer.param_groups[0]["lr"], step_loss)
+            log.info("step %d (global %d/%d) lr %.3g loss %.4f", local_step + 1, global_step + 1, plan.total_steps, lr, step_loss)
         if save_every and (local_step + 1) % save_every == 0 and local_step + 1 < plan.n_steps:
             scratch.save(peft_model, optimizer, local_step + 1)
     peft_model.eval()
     end_step = plan.start_step + plan.n_steps
     ckpt = optimizer_checkpoint(peft_model, optimizer, {"lr": spec.lr, "global_step": end_step, "total_steps": plan.total_steps})
     scratch.clear()
-    return ckpt, losses
+    return ckpt, steps

@@ -1,17 +1,17 @@
-# Cosine k-means of the warmup-checkpoint pool features (computed once, shared by every later epoch).
+# Cosine k-means of the warmup-checkpoint pool features (once per k, shared by every run and epoch).
 
 
 rule kmeans:
     input:
         manifest="results/grads/warmup/pool/manifest.parquet",
-        shards=get_pool_shards()["tensors"],
+        shards=get_warmup_shards(),
     output:
-        assignments="results/cluster/assignments.parquet",
-        centroids="results/cluster/centroids.safetensors",
+        assignments="results/cluster/k-{k}/assignments.parquet",
+        centroids="results/cluster/k-{k}/centroids.safetensors",
     log:
-        "logs/kmeans.log",
+        "logs/kmeans/k-{k}.log",
     benchmark:
-        "results/benchmarks/kmeans.tsv"
+        "results/benchmarks/kmeans/k-{k}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 2
@@ -19,7 +19,6 @@ rule kmeans:
         mem_mb=mem_mb_heavy,
         runtime=runtime_heavy,
     params:
-        k=config["cluster"]["k"],
         max_iter=config["cluster"]["max_iter"],
         init=config["cluster"]["init"],
         backend=config["cluster"]["backend"],

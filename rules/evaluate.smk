@@ -1,4 +1,4 @@
-# Evaluation of each method's final adapter (and of the base model), and the comparison table.
+# Evaluation of each run's final adapter (and of the base model), and the comparison table.
 
 
 rule evaluate:
@@ -7,12 +7,12 @@ rule evaluate:
         test="results/data/target/test.parquet",
         adapter=get_eval_adapter,
     output:
-        metrics="results/eval/{method}/metrics.json",
-        predictions="results/eval/{method}/predictions.parquet",
+        metrics="results/eval/{run}/metrics.json",
+        predictions="results/eval/{run}/predictions.parquet",
     log:
-        "logs/evaluate/{method}.log",
+        "logs/evaluate/{run}.log",
     benchmark:
-        "results/benchmarks/evaluate/{method}.tsv"
+        "results/benchmarks/evaluate/{run}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 2
@@ -30,7 +30,11 @@ rule compare_methods:
     input:
         unpack(get_compare_inputs),
     output:
-        table="results/report/comparison.parquet",
+        table=report(
+            "results/report/comparison.parquet",
+            caption="../report/comparison.rst",
+            category="Results",
+        ),
         markdown="results/report/comparison.md",
         config="results/report/config.yaml",
     log:
@@ -39,8 +43,7 @@ rule compare_methods:
     conda:
         "../envs/cpu.yaml"
     params:
-        methods=get_compare_methods(),
-        selections=get_selection_map(),
+        compare=get_compare_params(),
         config=config,
     script:
         "../workflow_scripts/compare_methods.py"

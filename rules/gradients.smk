@@ -1,18 +1,19 @@
-# Per-sample gradient features: pool shards at the warmup checkpoint, validation sets at every selecting checkpoint.
+# Per-sample gradient features at a checkpoint ({ckpt}: warmup, less/ckpt-<i>, runs/<run>/epoch-<e>):
+# pool shards (one job each) + manifest, validation features, and full-pool influence scores.
 
 
 rule grads_pool_shard:
     input:
-        unpack(get_warmup_checkpoint),
+        unpack(get_checkpoint),
         model=get_base_model(),
         pool="results/data/pool_tokens.parquet",
     output:
-        tensors="results/grads/warmup/pool/shard-{shard}.safetensors",
-        index="results/grads/warmup/pool/shard-{shard}.parquet",
+        tensors="results/grads/{ckpt}/pool/shard-{shard}.safetensors",
+        index="results/grads/{ckpt}/pool/shard-{shard}.parquet",
     log:
-        "logs/grads_pool_shard/shard-{shard}.log",
+        "logs/grads_pool_shard/{ckpt}/shard-{shard}.log",
     benchmark:
-        "results/benchmarks/grads_pool_shard/shard-{shard}.tsv"
+        "results/benchmarks/grads_pool_shard/{ckpt}/shard-{shard}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -31,9 +32,9 @@ rule grads_manifest:
     input:
         unpack(get_pool_shards),
     output:
-        "results/grads/warmup/pool/manifest.parquet",
+        "results/grads/{ckpt}/pool/manifest.parquet",
     log:
-        "logs/grads_manifest.log",
+        "logs/grads_manifest/{ckpt}.log",
     localrule: True
     conda:
         "../envs/cpu.yaml"
@@ -64,3 +65,24 @@ rule grads_val:
         grads=get_grad_params(),
     script:
         "../workflow_scripts/grads_val.py"
+
+
+rule full_scores:
+    input:
+        unpack(get_full_scores_inputs),
+        shards=get_pool_shard_tensors,
+        val_tokens="results/data/target/val_tokens.parquet",
+    output:
+        "results/grads/{ckpt}/scores.parquet",
+    log:
+        "logs/full_scores/{ckpt}.log",
+    benchmark:
+        "results/benchmarks/full_scores/{ckpt}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=mem_mb_heavy,
+        runtime=runtime_heavy,
+    script:
+        "../workflow_scripts/full_scores.py"

@@ -1,52 +1,42 @@
-# Per-epoch selection. clusterucb: epoch 1 is full matching at the warmup checkpoint,
-# later epochs run ClusterUCB at the previous epoch's checkpoint. random: a fixed random subset.
+# Per-epoch selection of every run (see clusterucb/runs.py for the methods), and the oracle's recall.
+# results/runs/full_matching/epoch-1 is the epoch 1 shared by every Dynamic-family run.
 
 
-rule select_full_matching:
+rule select_top_scores:
     input:
-        manifest="results/grads/warmup/pool/manifest.parquet",
-        shards=get_pool_shards()["tensors"],
-        val_tensors="results/grads/warmup/val.safetensors",
-        val_index="results/grads/warmup/val.parquet",
-        val_tokens="results/data/target/val_tokens.parquet",
-        assignments="results/cluster/assignments.parquet",
+        scores=get_top_scores_input,
         pool="results/data/pool_tokens.parquet",
+        assignments=assignments(config["cluster"]["k"]),
     output:
-        selection="results/runs/clusterucb/epoch-1/selection.parquet",
-        scores="results/runs/clusterucb/epoch-1/scores.parquet",
+        selection="results/runs/{run}/epoch-{epoch}/selection.parquet",
     log:
-        "logs/select/clusterucb/epoch-1.log",
-    benchmark:
-        "results/benchmarks/select/clusterucb/epoch-1.tsv"
+        "logs/select/{run}/epoch-{epoch}.log",
+    wildcard_constraints:
+        run="full_matching|dynamic",
+    localrule: True
     conda:
-        "../envs/torch.yaml"
-    threads: 2
-    resources:
-        mem_mb=mem_mb_heavy,
-        runtime=runtime_heavy,
+        "../envs/cpu.yaml"
     params:
         top_p=config["selection"]["top_p"],
     script:
-        "../workflow_scripts/select_full_matching.py"
+        "../workflow_scripts/select_top_scores.py"
 
 
-rule select_clusterucb:
+rule select_budgeted:
     input:
-        unpack(get_previous_checkpoint),
-        unpack(get_previous_val_grads),
+        unpack(get_budgeted_inputs),
         model=get_base_model(),
         pool="results/data/pool_tokens.parquet",
         val_tokens="results/data/target/val_tokens.parquet",
-        assignments="results/cluster/assignments.parquet",
     output:
-        selection="results/runs/{method}/epoch-{epoch}/selection.parquet",
-        draws="results/runs/{method}/epoch-{epoch}/draws.parquet",
+        selection="results/runs/{run}/epoch-{epoch}/selection.parquet",
+        draws="results/runs/{run}/epoch-{epoch}/draws.parquet",
     log:
-        "logs/select/{method}/epoch-{epoch}.log",
+        "logs/select/{run}/epoch-{epoch}.log",
     benchmark:
-        "results/benchmarks/select/{method}/epoch-{epoch}.tsv"
+        "results/benchmarks/select/{run}/epoch-{epoch}.tsv"
     wildcard_constraints:
-        method="clusterucb",
+        run=r"(clusterucb|random_draw)(__[A-Za-z0-9_.\-]+)?",
         epoch=r"[2-9]|[1-9]\d+",
     conda:
         "../envs/torch.yaml"
@@ -57,29 +47,63 @@ rule select_clusterucb:
         runtime=runtime_heavy,
     params:
         grads=get_grad_params(),
+        run=get_run_params,
         top_p=config["selection"]["top_p"],
-        budget=config["selection"]["budget"],
-        csp=config["selection"]["csp"],
-        policy=config["selection"]["policy"],
-        beta=config["selection"]["beta"],
-        draw_batch=config["selection"]["draw_batch"],
-        seed=config["seed"],
     script:
-        "../workflow_scripts/select_clusterucb.py"
+        "../workflow_scripts/select_budgeted.py"
 
 
 rule select_random:
     input:
         pool="results/data/pool_tokens.parquet",
     output:
-        selection="results/runs/random/epoch-{epoch}/selection.parquet",
+        selection="results/runs/{run}/epoch-{epoch}/selection.parquet",
     log:
-        "logs/select/random/epoch-{epoch}.log",
+        "logs/select/{run}/epoch-{epoch}.log",
+    wildcard_constraints:
+        run=r"random(__seed-\d+)?",
     localrule: True
     conda:
         "../envs/cpu.yaml"
     params:
         top_p=config["selection"]["top_p"],
-        seed=config["seed"],
+        seed=get_random_seed,
     script:
         "../workflow_scripts/select_random.py"
+
+
+rule select_less:
+    input:
+        scores=get_less_scores(),
+        train_log="results/less/train_log.parquet",
+        pool="results/data/pool_tokens.parquet",
+    output:
+        selection="results/runs/{run}/epoch-{epoch}/selection.parquet",
+    log:
+        "logs/select/{run}/epoch-{epoch}.log",
+    wildcard_constraints:
+        run="less",
+    localrule: True
+    conda:
+        "../envs/cpu.yaml"
+    params:
+        top_p=config["selection"]["top_p"],
+    script:
+        "../workflow_scripts/select_less.py"
+
+
+rule recall:
+    input:
+        unpack(get_recall_inputs),
+    output:
+        recall="results/runs/{run}/epoch-{epoch}/recall.json",
+        arms="results/runs/{run}/epoch-{epoch}/arms.parquet",
+    log:
+        "logs/recall/{run}/epoch-{epoch}.log",
+    localrule: True
+    conda:
+        "../envs/cpu.yaml"
+    params:
+        top_p=config["selection"]["top_p"],
+    script:
+        "../workflow_scripts/recall.py"

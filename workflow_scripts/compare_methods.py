@@ -1,8 +1,7 @@
 from _common import init
 
 init(snakemake)  # noqa: F821
-from clusterucb.pipeline.evaluate import compare  # noqa: E402
+from clusterucb.pipeline.report import compare  # noqa: E402
 
-p = snakemake.params  # noqa: F821
-o = snakemake.output  # noqa: F821
-compare(p.methods, list(snakemake.input.metrics), p.selections, o.table, o.markdown, o.config, p.config)  # noqa: F821
+i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
+compare(list(i.metrics), p.compare, o.table, o.markdown, o.config, p.config)

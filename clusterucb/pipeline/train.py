@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -18,11 +19,10 @@ from clusterucb.training import TrainSpec, plan_steps, steps_per_epoch, train_lo
 log = logging.getLogger(__name__)
 
 
-def _write_log(losses: list[float], start_step: int, out: str, meta: dict) -> None:
-    table = pa.table(
-        {"global_step": pa.array(range(start_step + 1, start_step + len(losses) + 1), pa.int32()), "loss": pa.array(losses, pa.float32())}
-    )
-    write_parquet(table, out, meta)
+def _write_log(steps: list[dict], out: str, meta: dict) -> None:
+    """Per-step training log (steps run before a resume from scratch state are not in it)."""
+    schema = pa.schema([pa.field("epoch", pa.int32()), pa.field("global_step", pa.int32()), pa.field("lr", pa.float64()), pa.field("loss", pa.float32())])
+    write_parquet(pa.Table.from_pylist(steps, schema=schema), out, meta)
 
 
 def warmup(model_dir: str, pool_tokens: str, adapter_dir: str, optimizer_out: str, log_out: str, lora: dict, train: dict, steps: int, epochs: int, seed: int, scratch: str) -> None:
@@ -39,12 +39,36 @@ def warmup(model_dir: str, pool_tokens: str, adapter_dir: str, optimizer_out: st
     total = epochs * steps_per_epoch(len(examples), spec.effective_batch)
     plan = plan_steps(0, steps, total, spec.warmup_ratio)
     log.info("warmup: %d steps of %d planned (LR warmup %d) on %d pool examples", steps, total, plan.warmup_steps, len(examples))
-    ckpt, losses = train_lora(peft_model, examples, spec, plan, tokenizer.pad_token_id, [seed, 0], device=dev, scratch_dir=scratch)
+    ckpt, records = train_lora(peft_model, examples, spec, plan, tokenizer.pad_token_id, [seed, 0], device=dev, scratch_dir=scratch)
     meta = {"model": model_dir, "checkpoint": "warmup", "global_step": steps}
     save_optimizer_state(ckpt, optimizer_out, meta)
-    _write_log(losses, plan.n_steps - len(losses), log_out, meta)  # fewer losses if resumed from scratch
+    _write_log([{**r, "epoch": 0} for r in records], log_out, meta)
     save_adapter(peft_model, adapter_dir)
-    log.info("warmup done: loss %.4f -> %.4f", losses[0], losses[-1])
+    log.info("warmup done: loss %.4f -> %.4f", records[0]["loss"], records[-1]["loss"])
+
+
+def less_warmup(model_dir: str, pool_tokens: str, adapter_dirs: list[str], optimizer_outs: list[str], log_out: str, lora: dict, train: dict, less: dict, seed: int, scratch: str) -> None:
+    """LESS's warmup (spec §2.2): LoRA on a random ``warmup_fraction`` of the pool for
+    ``warmup_epochs`` epochs, one checkpoint (adapter + AdamW state) per epoch."""
+    pool = read_tokens(pool_tokens)
+    n = max(1, int(less["warmup_fraction"] * len(pool)))
+    subset = np.random.default_rng([seed, 1]).permutation(len(pool))[:n]
+    examples = [pool[i] for i in sorted(subset)]
+    dev = device()
+    model, tokenizer = load_base_model(model_dir)
+    peft_model = attach_lora(model.to(dev), LoraSpec.from_dict({**lora, "seed": seed}))
+    spec = TrainSpec.from_dict({**train, "seed": seed})
+    epochs = int(less["warmup_epochs"])
+    per_epoch = steps_per_epoch(len(examples), spec.effective_batch)
+    log.info("LESS warmup: %d epochs x %d steps on %d random pool examples", epochs, per_epoch, len(examples))
+    ckpt, records = None, []
+    for epoch in range(1, epochs + 1):
+        plan = plan_steps((epoch - 1) * per_epoch, per_epoch, epochs * per_epoch, spec.warmup_ratio)
+        ckpt, steps = train_lora(peft_model, examples, spec, plan, tokenizer.pad_token_id, [seed, 1, epoch], resume_from=ckpt, device=dev, scratch_dir=f"{scratch}/epoch-{epoch}")
+        records += [{**r, "epoch": epoch} for r in steps]
+        save_optimizer_state(ckpt, optimizer_outs[epoch - 1], {"model": model_dir, "checkpoint": f"less/ckpt-{epoch}", "epoch": epoch})
+        save_adapter(peft_model, adapter_dirs[epoch - 1])
+    _write_log(records, log_out, {"model": model_dir, "examples": len(examples), "epochs": epochs})
 
 
 def train_epoch(
@@ -90,9 +114,9 @@ def train_epoch(
         if int(resume.hyper.get("global_step", -1)) != plan.start_step:
             raise ValueError(f"{prev_optimizer} ends at global step {resume.hyper.get('global_step')}, epoch {epoch} starts at {plan.start_step}")
     log.info("epoch %d/%d: %d examples, steps %d-%d of %d", epoch, epochs, len(examples), plan.start_step + 1, plan.start_step + per_epoch, plan.total_steps)
-    ckpt, losses = train_lora(peft_model, examples, spec, plan, tokenizer.pad_token_id, [seed, epoch], resume_from=resume, device=dev, scratch_dir=scratch)
+    ckpt, records = train_lora(peft_model, examples, spec, plan, tokenizer.pad_token_id, [seed, epoch], resume_from=resume, device=dev, scratch_dir=scratch)
     meta = {"model": model_dir, "checkpoint": adapter_dir, "epoch": epoch, "selection": selection}
     save_optimizer_state(ckpt, optimizer_out, meta)
-    _write_log(losses, plan.start_step + plan.n_steps - len(losses), log_out, meta)
+    _write_log([{**r, "epoch": epoch} for r in records], log_out, meta)
     save_adapter(peft_model, adapter_dir)
-    log.info("epoch %d done: mean loss %.4f", epoch, sum(losses) / max(1, len(losses)))
+    log.info("epoch %d done: mean loss %.4f", epoch, sum(r["loss"] for r in records) / max(1, len(records)))

@@ -67,30 +67,52 @@ def tiny_run(tmp_path_factory, datasets) -> Path:
 
 def test_tiny_dag_writes_the_comparison_table(tiny_run):
     config = yaml.safe_load(TINY.read_text())
-    table = pq.read_table(tiny_run / "results/report/comparison.parquet").to_pandas().set_index("method")
-    assert list(table.index) == ["base", "clusterucb", "random"]
-    assert table.loc["random", "pool_gradients"] == 0 and table.loc["base", "pool_gradients"] == 0
+    table = pq.read_table(tiny_run / "results/report/comparison.parquet").to_pandas().set_index("run")
+    runs = ["base", "clusterucb", "random_draw", "dynamic", "less", "random", "clusterucb__policy-ucb_threshnormal"]
+    assert sorted(table.index) == sorted(runs)
     assert (table["target_loss"] > 0).all() and table["exact_match"].between(0, 1).all()
-    assert (tiny_run / "results/report/comparison.md").read_text().startswith("| method |")
+    assert (tiny_run / "results/report/comparison.md").read_text().startswith("| run |")
 
     pool = pq.read_table(tiny_run / "results/data/pool_tokens.parquet").to_pandas()
     n_pool = len(pool)
     k = int(n_pool * config["selection"]["top_p"])
     epochs = config["train"]["epochs"]
-    # clusterucb: a full pass at the warmup checkpoint, then the budget at each later epoch.
-    draws = [pq.read_table(tiny_run / f"results/runs/clusterucb/epoch-{e}/draws.parquet") for e in range(2, epochs + 1)]
-    assert table.loc["clusterucb", "pool_gradients"] == n_pool + sum(len(d) for d in draws)
+    # Gradients each method computed: a full warmup pass for the Dynamic family (shared), then its own budget.
+    draws = {run: [pq.read_table(tiny_run / f"results/runs/{run}/epoch-{e}/draws.parquet") for e in range(2, epochs + 1)] for run in ("clusterucb", "random_draw")}
+    for run, tables in draws.items():
+        assert table.loc[run, "pool_gradients"] == n_pool + sum(len(d) for d in tables), run
+    assert table.loc["dynamic", "pool_gradients"] == epochs * n_pool
+    assert table.loc["less", "pool_gradients"] == config["less"]["warmup_epochs"] * n_pool
+    assert table.loc["random", "pool_gradients"] == 0 and table.loc["base", "pool_gradients"] == 0
     budget = config["selection"]["budget"]
-    for d in draws:
-        assert len(d) <= budget * n_pool + 6  # cold start rounds up to one draw per cluster
-        assert len(set(d.column("example_id").to_pylist())) == len(d)
-    for name, ids in selections(tiny_run).items():
+    for tables in draws.values():
+        for d in tables:
+            assert len(d) <= budget * n_pool + config["cluster"]["k"]  # the cold start rounds up per cluster
+            assert len(set(d.column("example_id").to_pylist())) == len(d)
+    selected = selections(tiny_run)
+    for name, ids in selected.items():
         assert len(ids) == k, name
         assert set(ids) <= set(pool.example_id), name
-    # Epoch >= 2 selections come from the drawn samples only.
-    for e in range(2, epochs + 1):
-        drawn = set(draws[e - 2].column("example_id").to_pylist())
-        assert set(selections(tiny_run)[f"results/runs/clusterucb/epoch-{e}/selection.parquet"]) <= drawn
+    # Epoch >= 2 selections of budgeted runs come from their drawn samples only.
+    for run, tables in draws.items():
+        for e, d in zip(range(2, epochs + 1), tables):
+            assert set(selected[f"results/runs/{run}/epoch-{e}/selection.parquet"]) <= set(d.column("example_id").to_pylist())
+    # Static selections repeat; the Dynamic family shares epoch 1.
+    assert selected["results/runs/less/epoch-1/selection.parquet"] == selected["results/runs/less/epoch-2/selection.parquet"]
+    assert not (tiny_run / "results/runs/clusterucb/epoch-1").exists()
+    # The oracle measured recall for every budgeted run.
+    for run in ("clusterucb", "random_draw", "clusterucb__policy-ucb_threshnormal"):
+        assert 0 <= table.loc[run, "Rs"] <= table.loc[run, "Rs_drawn"] <= 1
+    assert table.loc["dynamic"][["Rs", "Rinf"]].isna().all()
+
+    # Selection quality sweep and figures.
+    quality = pq.read_table(tiny_run / "results/report/quality.parquet").to_pandas()
+    assert set(quality.method) == {"clusterucb", "random_draw", "random", "full"}
+    assert set(quality.policy.dropna()) == {"ucb_beta", "ucb1", "ucb_threshhard", "ucb_threshnormal", "random_cluster"}
+    assert set(quality.checkpoint) == {"results/warmup", "results/runs/full_matching/epoch-1"}
+    assert (quality[quality.method == "full"].Rs == 1.0).all()
+    for figure in ("recall_vs_budget", "cluster_influence", "cumulative_reward", "arm_pulls/clusterucb"):
+        assert (tiny_run / f"results/report/figures/{figure}.png").stat().st_size > 10_000, figure
 
     # The validation set comes from the GSM8K train split and is absent from the pool.
     val = pq.read_table(tiny_run / "results/data/target/val.parquet").to_pandas()
@@ -140,8 +162,8 @@ def rule_blocks() -> dict[str, str]:
     return blocks
 
 
-HEAVY = {"build_base_model", "warmup_lora", "grads_pool_shard", "grads_val", "kmeans", "select_full_matching", "select_clusterucb", "train_epoch", "evaluate"}
-GPU = {"warmup_lora", "grads_pool_shard", "grads_val", "select_clusterucb", "train_epoch", "evaluate"}
+HEAVY = {"build_base_model", "warmup_lora", "less_warmup", "grads_pool_shard", "grads_val", "full_scores", "kmeans", "select_budgeted", "train_epoch", "evaluate", "quality_sweep"}
+GPU = {"warmup_lora", "less_warmup", "grads_pool_shard", "grads_val", "select_budgeted", "train_epoch", "evaluate"}
 
 
 def test_every_rule_logs_and_heavy_rules_declare_benchmark_and_resources():
@@ -172,19 +194,22 @@ def test_slurm_profile_requests_gpus_the_standard_way(datasets, tmp_path):
 
 def test_changing_beta_or_budget_reuses_gradients_and_clusters(tiny_run, datasets):
     assert planned_jobs(run(tiny_run, datasets, "-n").stdout) == {}
-    for change in ("selection={beta: 3.0}", "selection={budget: 0.4}"):
+    for change, affected in (("selection={beta: 3.0}", {"clusterucb"}), ("selection={budget: 0.4}", {"clusterucb", "random_draw", "clusterucb__policy-ucb_threshnormal"})):
         output = run(tiny_run, datasets, "-n", config=(change,)).stdout
         jobs = planned_jobs(output)
-        assert jobs.get("select_clusterucb", 0) >= 1, (change, jobs)
+        assert jobs["select_budgeted"] == len(affected), (change, jobs)
         assert not GRADIENT_JOBS & set(jobs), (change, jobs)
-        assert "select_full_matching" not in jobs and "select_random" not in jobs, (change, jobs)
-        # Only the clusterucb branch from epoch 2 on is redone: not its epoch 1, not the random baseline.
-        assert "method=random" not in output and "epoch=1," not in output and not output.rstrip().endswith("epoch=1"), change
+        assert not {"select_top_scores", "select_random", "select_less", "less_warmup", "full_scores"} & set(jobs), (change, jobs)
+        # Only the affected runs from epoch 2 on are redone: not the shared epoch 1, not the baselines.
+        rerun = set(re.findall(r"run=([A-Za-z0-9_.\-]+)", output))
+        assert rerun == affected, (change, rerun)
+        assert not re.search(r"epoch=1\b", output), change
 
 
 def test_changing_proj_dim_recomputes_the_gradient_shards(tiny_run, datasets):
+    every_shard = planned_jobs(run(tiny_run, datasets, "-n", "--forceall").stdout)["grads_pool_shard"]
     jobs = planned_jobs(run(tiny_run, datasets, "-n", config=("gradients={proj_dim: 128}",)).stdout)
-    assert jobs["grads_pool_shard"] == yaml.safe_load(TINY.read_text())["gradients"]["n_shards"]
+    assert jobs["grads_pool_shard"] == every_shard >= yaml.safe_load(TINY.read_text())["gradients"]["n_shards"]
     assert "warmup_lora" not in jobs and "build_base_model" not in jobs
 
 
@@ -209,10 +234,14 @@ def _all_outputs_readable(workdir: Path) -> None:
                 list(handle.keys())
 
 
+LIGHT = ("selection={methods: [clusterucb, random], sweep: [], oracle: false}", "quality={checkpoints: []}")
+
+
 def test_killed_run_resumes_with_rerun_incomplete_and_selects_the_same(tiny_run, datasets, tmp_path):
     workdir = tmp_path / "killed"
-    proc = subprocess.Popen(snakemake_cmd(workdir, datasets, "--cores", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    target = workdir / "logs" / "grads_pool_shard"
+    command = snakemake_cmd(workdir, datasets, "--cores", "2", config=LIGHT)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    target = workdir / "logs" / "grads_pool_shard" / "warmup"
     deadline = time.time() + 600
     try:
         while not (target.exists() and any(target.iterdir())):  # the gradient pass has started
@@ -225,10 +254,14 @@ def test_killed_run_resumes_with_rerun_incomplete_and_selects_the_same(tiny_run,
         proc.wait()
     assert not (workdir / "results/report/comparison.md").exists()
     _all_outputs_readable(workdir)  # nothing half-written under a final name
-    run(workdir, datasets, "--unlock")  # SIGKILL (unlike SIGINT/SIGTERM) leaves the lock behind
-    run(workdir, datasets, "--cores", "2", "--rerun-incomplete")
-    assert selections(workdir) == selections(tiny_run)
-    for e in range(2, yaml.safe_load(TINY.read_text())["train"]["epochs"] + 1):
-        a = pq.read_table(workdir / f"results/runs/clusterucb/epoch-{e}/draws.parquet").to_pandas()
-        b = pq.read_table(tiny_run / f"results/runs/clusterucb/epoch-{e}/draws.parquet").to_pandas()
-        assert a.example_id.tolist() == b.example_id.tolist()
+    run(workdir, datasets, "--unlock", config=LIGHT)  # SIGKILL (unlike SIGINT/SIGTERM) leaves the lock behind
+    run(workdir, datasets, "--cores", "2", "--rerun-incomplete", config=LIGHT)
+    resumed, uninterrupted = selections(workdir), selections(tiny_run)
+    assert set(resumed) == {
+        "results/runs/full_matching/epoch-1/selection.parquet", "results/runs/clusterucb/epoch-2/selection.parquet",
+        "results/runs/random/epoch-1/selection.parquet", "results/runs/random/epoch-2/selection.parquet",
+    }
+    assert resumed == {name: uninterrupted[name] for name in resumed}
+    a = pq.read_table(workdir / "results/runs/clusterucb/epoch-2/draws.parquet").to_pandas()
+    b = pq.read_table(tiny_run / "results/runs/clusterucb/epoch-2/draws.parquet").to_pandas()
+    assert a.example_id.tolist() == b.example_id.tolist()

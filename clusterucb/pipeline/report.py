@@ -1,0 +1,187 @@
+"""Stages: the comparison and selection-quality tables, and the report's figures (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from clusterucb.io import atomic_path, read_parquet_metadata, write_parquet
+
+log = logging.getLogger(__name__)
+
+RUN_COLUMNS = ("policy", "budget", "csp", "beta", "k", "seed")
+RECALL_COLUMNS = ("Rs", "Rinf", "Rs_drawn", "Rinf_drawn")
+
+
+def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
+    def cell(value) -> str:
+        if value is None or value is pd.NA or (isinstance(value, float) and value != value):
+            return "–"
+        return format(value, floatfmt) if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _write_table(frame: pd.DataFrame, table_out: str, markdown_out: str, meta: dict) -> None:
+    write_parquet(pa.Table.from_pandas(frame, preserve_index=False), table_out, meta)
+    with atomic_path(markdown_out) as tmp:
+        tmp.write_text(markdown_table(frame))
+
+
+def compare(metrics_paths: list[str], runs: dict, table_out: str, markdown_out: str, config_out: str, config: dict) -> None:
+    """One row per run (and the base model): target metrics, gradients computed, and oracle recall if measured.
+
+    The resolved configuration is written beside the table, so every number traces back to it.
+    """
+    rows = []
+    for path in metrics_paths:
+        metrics = json.loads(Path(path).read_text())
+        name = metrics["method"]
+        run = runs["runs"].get(name, {"method": name})
+        selections = [read_parquet_metadata(p) for p in runs["selections"].get(name, [])]
+        recalls = [json.loads(Path(p).read_text()) for p in runs["recalls"].get(name, [])]
+        row = {"run": name, "method": run["method"]}
+        row.update({c: run.get(c) for c in RUN_COLUMNS})
+        row.update(
+            {
+                "exact_match": metrics["exact_match"],
+                "target_loss": metrics["target_loss"],
+                "pool_gradients": sum(int(s["n_gradients"]) for s in selections),
+                "gradients_per_epoch": "/".join(str(s["n_gradients"]) for s in selections) or "0",
+            }
+        )
+        for column in RECALL_COLUMNS:  # mean over the re-selection epochs measured by the oracle
+            row[column] = float(np.mean([r[column] for r in recalls])) if recalls else None
+        rows.append(row)
+    frame = pd.DataFrame(rows).astype({"k": "Int64", "seed": "Int64"})
+    pool = next((read_parquet_metadata(p)["n_pool"] for paths in runs["selections"].values() for p in paths), None)
+    _write_table(frame, table_out, markdown_out, {"config": config, "n_pool": pool, "n_test": metrics["n_examples"]})
+    with atomic_path(config_out) as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    log.info("comparison (pool %s, %s test problems):\n%s", pool, metrics["n_examples"], frame.to_string(index=False))
+
+
+def quality_table(sweep_paths: list[str], table_out: str, markdown_out: str, figure_out: str) -> None:
+    """Recall per checkpoint, method, policy and budget: mean and std over seeds; and the recall-vs-budget figure."""
+    frame = pd.concat([pq.read_table(p).to_pandas() for p in sweep_paths], ignore_index=True)
+    keys = ["checkpoint", "method", "policy", "budget", "csp", "beta", "k"]
+    agg = frame.groupby(keys, sort=False, dropna=False).agg(
+        seeds=("Rs", "size"),
+        Rs=("Rs", "mean"),
+        Rs_std=("Rs", "std"),
+        Rinf=("Rinf", "mean"),
+        Rinf_std=("Rinf", "std"),
+        Rs_drawn=("Rs_drawn", "mean"),
+        Rinf_drawn=("Rinf_drawn", "mean"),
+        n_gradients=("n_gradients", "mean"),
+    ).reset_index()
+    agg = agg.sort_values(["checkpoint", "method", "policy", "budget"], kind="stable").astype({"k": "Int64", "n_gradients": "Int64"})
+    _write_table(agg, table_out, markdown_out, {"sweeps": sweep_paths})
+    recall_vs_budget_figure(agg, figure_out)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str) -> None:
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
+    plt = _pyplot()
+    checkpoints = list(dict.fromkeys(agg.checkpoint))
+    fig, axes = plt.subplots(len(checkpoints), 2, figsize=(11, 3.6 * len(checkpoints)), squeeze=False, constrained_layout=True)
+    budgeted = agg[agg.method.isin(["clusterucb", "random_draw"])]
+    for row, checkpoint in enumerate(checkpoints):
+        part = budgeted[budgeted.checkpoint == checkpoint]
+        baselines = agg[(agg.checkpoint == checkpoint) & (agg.method == "random")]
+        for col, metric in enumerate(("Rs", "Rinf")):
+            ax = axes[row][col]
+            for (method, policy), line in part.groupby(["method", "policy"], sort=False, dropna=False):
+                label = method if method != "clusterucb" else f"clusterucb/{policy}"
+                line = line.groupby("budget")[[metric, f"{metric}_std"]].mean().reset_index()
+                style = "--" if method == "random_draw" else "-"
+                ax.errorbar(line.budget.astype(float), line[metric], yerr=line[f"{metric}_std"].fillna(0), label=label, linestyle=style, marker="o", capsize=3)
+            if len(baselines):
+                ax.axhline(float(baselines[metric].mean()), color="grey", linestyle=":", label="random subset")
+            ax.set_title(f"{metric} at {checkpoint}")
+            ax.set_xlabel("budget (fraction of the pool)")
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+        axes[row][1].legend(fontsize=7, loc="lower right")
+    _save(fig, out)
+
+
+def cluster_influence_figure(scores_path: str, assignments_path: str, out: str) -> None:
+    """Influence distribution per cluster at the warmup checkpoint, clusters sorted by mean influence."""
+    plt = _pyplot()
+    scores = pq.read_table(scores_path, columns=["example_id", "score"]).to_pandas()
+    clusters = pq.read_table(assignments_path, columns=["example_id", "cluster"]).to_pandas()
+    frame = scores.merge(clusters, on="example_id").dropna(subset=["score"])
+    order = frame.groupby("cluster").score.mean().sort_values(ascending=False).index
+    data = [frame.score[frame.cluster == c].to_numpy() for c in order]
+    k = int(read_parquet_metadata(assignments_path)["k"])
+    fig, ax = plt.subplots(figsize=(max(8, 0.18 * len(order)), 4))
+    ax.boxplot(data, showfliers=False)
+    ax.set_xticks(range(1, len(order) + 1), [str(c) for c in order], rotation=90, fontsize=6)
+    ax.set_xlabel(f"cluster (k={k}), by mean influence")
+    ax.set_ylabel("influence at the warmup checkpoint")
+    ax.set_title("Influence distribution per cluster")
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, out)
+
+
+def cumulative_reward_figure(draw_paths: list[str], out: str) -> None:
+    """Cumulative influence of the drawn samples, per budgeted run and re-selection epoch."""
+    plt = _pyplot()
+    frames = []
+    for path in draw_paths:
+        meta = read_parquet_metadata(path)
+        frame = pq.read_table(path, columns=["draw", "score"]).to_pandas()
+        frame["run"], frame["epoch"] = meta["run"], int(meta["epoch"])
+        frames.append(frame)
+    data = pd.concat(frames, ignore_index=True)
+    epochs = sorted(data.epoch.unique())
+    fig, axes = plt.subplots(1, len(epochs), figsize=(5.5 * len(epochs), 4), squeeze=False, constrained_layout=True)
+    for ax, epoch in zip(axes[0], epochs):
+        for run, part in data[data.epoch == epoch].groupby("run", sort=True):
+            ax.plot(part.draw, part.score.fillna(0).cumsum(), label=run, linestyle="--" if run.startswith("random_draw") else "-")
+        ax.set_title(f"re-selection at epoch {epoch}")
+        ax.set_xlabel("draw")
+        ax.set_ylabel("cumulative influence of drawn samples")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    _save(fig, out)
+
+
+def arm_pulls_figure(arms_paths: list[str], run: str, out: str) -> None:
+    """Pulls per cluster against the cluster's true mean influence (oracle), one panel per epoch."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(arms_paths), figsize=(5.5 * len(arms_paths), 4), squeeze=False, constrained_layout=True)
+    for ax, path in zip(axes[0], arms_paths):
+        arms = pq.read_table(path).to_pandas()
+        epoch = Path(path).parent.name
+        ax.scatter(arms.oracle_mean, arms.pulls / arms["size"], s=10 + 90 * arms["size"] / arms["size"].max(), alpha=0.6)
+        corr = np.corrcoef(arms.oracle_mean, arms.pulls / arms["size"])[0, 1] if len(arms) > 2 else float("nan")
+        ax.set_title(f"{run}, {epoch} (corr {corr:.2f})")
+        ax.set_xlabel("true mean influence of the cluster (oracle)")
+        ax.set_ylabel("share of the cluster drawn")
+        ax.grid(alpha=0.3)
+    _save(fig, out)

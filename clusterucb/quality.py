@@ -1,0 +1,150 @@
+"""Selection quality: recall against the full-budget selection, and budgeted selection simulated on known scores.
+
+With every sample's score at a checkpoint known (an oracle full pass), a
+budgeted method can be replayed by looking its rewards up instead of
+computing gradients: the draws and the selection are exactly those the
+method makes at that checkpoint, so sweeps over policy, budget, cold start,
+beta and k cost no gradient at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from clusterucb.bandit import make_policy
+from clusterucb.selection import ClusterUCB, clusters_from_labels, n_selected, plan_budget, top_k
+
+BUDGETED = ("clusterucb", "random_draw")
+
+
+def recall_metrics(selected: np.ndarray, drawn: np.ndarray, scores: np.ndarray, k: int) -> dict[str, float]:
+    """Rs, Rinf and their variants (spec §9.1) for a selection against the full top-k by ``scores``.
+
+    R_s   = |S ∩ T*| / k;                 R_inf = sum_S s / sum_T* s
+    R_inf_clipped uses max(s, 0); the ``drawn`` variants measure the drawn set D
+    before the top-k: R_s_drawn = |D ∩ T*| / k, R_inf_drawn = sum_(D ∩ T*) s / sum_T* s.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    truth = top_k(scores, k)
+    true_set = set(truth.tolist())
+    selected = np.asarray(selected, dtype=np.int64)
+    drawn_hits = np.array(sorted(true_set & set(np.asarray(drawn).tolist())), dtype=np.int64)
+    mass = scores[truth].sum()
+    clipped = np.clip(scores, 0.0, None)
+    clipped_mass = clipped[truth].sum()
+    return {
+        "Rs": len(true_set & set(selected.tolist())) / k,
+        "Rinf": float(np.nansum(scores[selected]) / mass) if mass else float("nan"),
+        "Rinf_clipped": float(np.nansum(clipped[selected]) / clipped_mass) if clipped_mass else float("nan"),
+        "Rs_drawn": len(drawn_hits) / k,
+        "Rinf_drawn": float(scores[drawn_hits].sum() / mass) if mass else float("nan"),
+    }
+
+
+@dataclass(frozen=True)
+class BudgetedSpec:
+    """One budgeted selection: ClusterUCB with a policy, or uniform draws (random_draw)."""
+
+    method: str = "clusterucb"
+    policy: str = "ucb_beta"
+    budget: float = 0.2
+    csp: float = 0.05
+    beta: float = 1.0
+    ucb_p: float = 0.25
+    draw_batch: int = 1
+    faithful: bool = False
+    seed: int = 0
+
+
+def budgeted_selection(spec: BudgetedSpec, labels: np.ndarray, top_p: float, reward_fn, rng: np.random.Generator):
+    """Run a budgeted method over the pool; returns the ClusterUCB result (draws, arm state) and the selected indices.
+
+    ``labels`` gives each pool index its cluster (negative: not clusterable).
+    random_draw spends the same budget uniformly over the clusterable pool
+    (one arm, no cold start), then keeps the top-k of what it drew.
+    """
+    if spec.method == "clusterucb":
+        members, _ = clusters_from_labels(labels)
+        csp, policy_name = spec.csp, spec.policy
+    elif spec.method == "random_draw":
+        members = [np.flatnonzero(np.asarray(labels) >= 0)]
+        csp, policy_name = 0.0, "random_cluster"
+    else:
+        raise ValueError(f"{spec.method!r} is not a budgeted method ({', '.join(BUDGETED)})")
+    policy = make_policy(policy_name, len(members), rng, beta=spec.beta, ucb_p=spec.ucb_p, faithful=spec.faithful)
+    bandit = ClusterUCB(members, policy, reward_fn, rng, spec.draw_batch)
+    result = bandit.run(plan_budget([len(m) for m in members], len(labels), spec.budget, csp))
+    scores = np.array([d.score for d in result.draws])
+    indices = np.array([d.index for d in result.draws], dtype=np.int64)
+    selected = indices[top_k(scores, n_selected(len(labels), top_p))]
+    return result, selected
+
+
+def simulate(spec: BudgetedSpec, labels: np.ndarray, scores: np.ndarray, top_p: float, rng: np.random.Generator | None = None) -> dict:
+    """Replay a budgeted method with rewards looked up in ``scores``; its recall and cost."""
+    rng = rng if rng is not None else np.random.default_rng(spec.seed)
+    scores = np.asarray(scores, dtype=np.float64)
+    result, selected = budgeted_selection(spec, labels, top_p, lambda idx: scores[idx], rng)
+    drawn = np.array([d.index for d in result.draws], dtype=np.int64)
+    k = n_selected(len(labels), top_p)
+    return {**recall_metrics(selected, drawn, scores, k), "n_gradients": len(drawn), "cumulative_reward": float(np.nansum(scores[drawn]))}
+
+
+def random_subset_recall(scores: np.ndarray, top_p: float, seed: int) -> dict:
+    """The Random baseline: a uniform top-p subset, no gradients."""
+    k = n_selected(len(scores), top_p)
+    selected = np.random.default_rng(seed).choice(len(scores), size=k, replace=False)
+    return {**recall_metrics(selected, np.array([], dtype=np.int64), scores, k), "n_gradients": 0, "cumulative_reward": 0.0}
+
+
+def full_recall(scores: np.ndarray, top_p: float) -> dict:
+    """Full matching (Dynamic / LESS at one checkpoint): every gradient, recall 1 by definition."""
+    k = n_selected(len(scores), top_p)
+    selected = top_k(scores, k)
+    return {**recall_metrics(selected, np.arange(len(scores)), scores, k), "n_gradients": len(scores), "cumulative_reward": float(np.nansum(scores))}
+
+
+def expand_grid(grid: dict, ks: list[int]) -> list[tuple[BudgetedSpec, int]]:
+    """Every (spec, k) of a sweep grid; random_draw points ignore the clustering parameters (deduplicated)."""
+    def values(key, default):
+        return list(grid.get(key) or default)
+
+    points: dict[tuple, tuple[BudgetedSpec, int]] = {}
+    for method in values("method", ["clusterucb"]):
+        if method not in BUDGETED:
+            raise ValueError(f"{method!r} is not a budgeted method ({', '.join(BUDGETED)})")
+        clustered = method == "clusterucb"
+        for policy, budget, csp, beta, ucb_p, k, seed in itertools.product(
+            values("policy", ["ucb_beta"]) if clustered else [None],
+            values("budget", [0.2]),
+            values("csp", [0.05]) if clustered else [0.0],
+            values("beta", [1.0]) if clustered else [1.0],
+            values("ucb_p", [0.25]) if clustered else [0.25],
+            (values("k", ks) if clustered else ks[:1]),
+            values("seed", [0]),
+        ):
+            spec = BudgetedSpec(method=method, policy=policy or "random_cluster", budget=budget, csp=csp, beta=beta, ucb_p=ucb_p, seed=seed)
+            points[(spec, k)] = (spec, k)
+    return list(points.values())
+
+
+def planted_pool(n_clusters: int = 60, n_pool: int = 6000, n_hot: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic pool with planted high-influence clusters: (labels, scores).
+
+    Cluster sizes vary (Dirichlet); most clusters have scores around 0 with
+    cluster-specific means in [-0.1, 0.1]; ``n_hot`` clusters hold most of the
+    high-influence samples (means 0.3-0.5). Scores are cosine-like, in [-1, 1].
+    """
+    rng = np.random.default_rng(seed)
+    sizes = np.maximum(1, np.round(rng.dirichlet(np.full(n_clusters, 2.0)) * n_pool)).astype(int)
+    labels = np.repeat(np.arange(n_clusters), sizes)
+    means = rng.uniform(-0.1, 0.1, n_clusters)
+    spreads = rng.uniform(0.03, 0.08, n_clusters)
+    hot = rng.choice(n_clusters, size=n_hot, replace=False)
+    means[hot] = rng.uniform(0.3, 0.5, n_hot)
+    scores = np.clip(rng.normal(means[labels], spreads[labels]), -1, 1)
+    order = rng.permutation(len(labels))
+    return labels[order], scores[order]

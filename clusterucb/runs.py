@@ -1,0 +1,117 @@
+"""Runs: a selection method with its parameters, trained for every epoch.
+
+A run is named after its method and the parameters it changes from the
+config's defaults (``clusterucb``, ``clusterucb__policy-ucb1``,
+``random_draw__budget-0.1``), so a sweep shares every artefact that does not
+depend on what it varies: the warmup gradient pass, the clusters (per k), and
+the epoch-1 full-matching selection and training of every Dynamic-family run.
+
+| method      | epoch 1                      | epoch e >= 2                                   | per-sample gradients      |
+|-------------|------------------------------|------------------------------------------------|---------------------------|
+| clusterucb  | full matching at the warmup  | ClusterUCB at its own epoch e-1 checkpoint      | N + (E-1) * budget * N    |
+| random_draw | full matching at the warmup  | budget * N uniform draws, top-k of them         | N + (E-1) * budget * N    |
+| dynamic     | full matching at the warmup  | full matching at its own epoch e-1 checkpoint   | E * N                     |
+| less        | LESS (warmup checkpoints, LR-weighted), the same selection every epoch | | C * N             |
+| random      | a uniform random subset, the same every epoch |                               | 0                         |
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+METHODS = ("clusterucb", "random_draw", "dynamic", "less", "random")
+BUDGETED = ("clusterucb", "random_draw")
+DYNAMIC_FAMILY = ("clusterucb", "random_draw", "dynamic")
+SHARED_EPOCH1 = "full_matching"  # the epoch-1 run every Dynamic-family run starts from
+
+# Parameters a method depends on (and so may vary in a sweep).
+RUN_KEYS = {
+    "clusterucb": ("policy", "budget", "csp", "beta", "ucb_p", "draw_batch", "faithful", "k", "seed"),
+    "random_draw": ("budget", "draw_batch", "seed"),
+    "dynamic": (),
+    "less": (),
+    "random": ("seed",),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    method: str
+    params: dict = field(hash=False)
+
+    def checkpoint(self, epoch: int) -> str:
+        """Relative checkpoint (and selection) directory of ``epoch`` under results/."""
+        if epoch < 1:
+            raise ValueError(f"epochs start at 1, got {epoch}")
+        if epoch == 1 and self.method in DYNAMIC_FAMILY:
+            return f"runs/{SHARED_EPOCH1}/epoch-1"
+        return f"runs/{self.name}/epoch-{epoch}"
+
+
+def _format(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def run_name(method: str, overrides: dict) -> str:
+    return method + "".join(f"__{key}-{_format(overrides[key])}" for key in sorted(overrides))
+
+
+def defaults_from_config(selection: dict, cluster_k: int, seed: int) -> dict:
+    return {
+        "policy": selection["policy"],
+        "budget": selection["budget"],
+        "csp": selection["csp"],
+        "beta": selection["beta"],
+        "ucb_p": selection["ucb_p"],
+        "draw_batch": selection["draw_batch"],
+        "faithful": selection["faithful"],
+        "k": cluster_k,
+        "seed": seed,
+    }
+
+
+def make_run(method: str, overrides: dict, defaults: dict) -> Run:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    unknown = sorted(set(overrides) - set(RUN_KEYS[method]))
+    if unknown:
+        raise ValueError(f"method {method!r} does not depend on {unknown}; it takes {list(RUN_KEYS[method]) or 'no parameter'}")
+    params = {key: overrides.get(key, defaults[key]) for key in RUN_KEYS[method]}
+    if method == "clusterucb":
+        # A policy's result does not depend on another policy's parameter: leave it out,
+        # so changing it reruns nothing here.
+        if params["policy"] != "ucb_beta":
+            params.pop("beta")
+        if params["policy"] not in ("ucb_threshhard", "ucb_threshnormal"):
+            params.pop("ucb_p")
+    # An override equal to the default, or one the run does not use, names the default run.
+    overrides = {k: v for k, v in overrides.items() if k in params and v != defaults[k]}
+    return Run(run_name(method, overrides), method, params)
+
+
+def expand_runs(methods: list[str], sweep: list[dict], defaults: dict) -> dict[str, Run]:
+    """The runs of ``methods`` (default parameters) plus every point of every sweep grid.
+
+    A grid maps ``method`` and parameter names to a value or a list of values;
+    its points are the Cartesian product.
+    """
+    runs: dict[str, Run] = {}
+    for method in methods:
+        run = make_run(method, {}, defaults)
+        runs[run.name] = run
+    for grid in sweep:
+        if "method" not in grid:
+            raise ValueError(f"a sweep grid needs a 'method' key: {grid}")
+        keys = sorted(grid)
+        values = [grid[k] if isinstance(grid[k], list) else [grid[k]] for k in keys]
+        for combination in itertools.product(*values):
+            point = dict(zip(keys, combination))
+            run = make_run(point.pop("method"), point, defaults)
+            runs[run.name] = run
+    return runs

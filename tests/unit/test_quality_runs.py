@@ -1,0 +1,86 @@
+"""Recall metrics, budgeted selection replayed on known scores, and the run naming of sweeps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clusterucb.quality import BudgetedSpec, expand_grid, full_recall, planted_pool, random_subset_recall, recall_metrics, simulate
+from clusterucb.runs import SHARED_EPOCH1, defaults_from_config, expand_runs, make_run
+
+
+def test_recall_metrics_by_hand():
+    scores = np.array([0.9, 0.8, 0.7, 0.1, 0.0, -0.5])
+    # k = 2: T* = {0, 1}, mass 1.7
+    m = recall_metrics(selected=np.array([0, 2]), drawn=np.array([0, 2, 5]), scores=scores, k=2)
+    assert m["Rs"] == 0.5
+    assert m["Rinf"] == pytest.approx((0.9 + 0.7) / 1.7)
+    assert m["Rs_drawn"] == 0.5 and m["Rinf_drawn"] == pytest.approx(0.9 / 1.7)
+    clipped = recall_metrics(np.array([0, 5]), np.array([0, 5]), scores, 2)
+    assert clipped["Rinf"] == pytest.approx((0.9 - 0.5) / 1.7) and clipped["Rinf_clipped"] == pytest.approx(0.9 / 1.7)
+
+
+def test_planted_pool_clusterucb_at_20_percent_reaches_rinf_09():
+    labels, scores = planted_pool(seed=0)
+    results = [simulate(BudgetedSpec(method="clusterucb", budget=0.2, csp=0.05, seed=s), labels, scores, top_p=0.05) for s in range(3)]
+    for result in results:
+        assert result["Rinf"] >= 0.9, result
+        assert result["n_gradients"] <= 0.2 * len(labels) + labels.max() + 1  # the cold start rounds up per cluster
+    uniform = simulate(BudgetedSpec(method="random_draw", budget=0.2, seed=0), labels, scores, top_p=0.05)
+    assert uniform["Rs"] < min(r["Rs"] for r in results)
+    assert full_recall(scores, 0.05)["Rs"] == 1.0
+    assert random_subset_recall(scores, 0.05, 0)["Rs"] < 0.2
+
+
+def test_simulation_is_deterministic_and_budget_monotone():
+    labels, scores = planted_pool(n_clusters=30, n_pool=2000, seed=3)
+    spec = BudgetedSpec(method="clusterucb", policy="ucb_threshhard", budget=0.2, seed=5)
+    assert simulate(spec, labels, scores, 0.05) == simulate(spec, labels, scores, 0.05)
+    low = simulate(BudgetedSpec(method="random_draw", budget=0.1, seed=1), labels, scores, 0.05)
+    high = simulate(BudgetedSpec(method="random_draw", budget=0.5, seed=1), labels, scores, 0.05)
+    assert low["n_gradients"] == int(len(labels) * 0.1) and high["n_gradients"] == int(len(labels) * 0.5)
+    assert high["Rs_drawn"] > low["Rs_drawn"]
+
+
+def test_expand_grid_deduplicates_parameters_random_draw_ignores():
+    grid = {"method": ["clusterucb", "random_draw"], "policy": ["ucb_beta", "ucb1"], "budget": [0.1, 0.2], "k": [], "seed": [0, 1]}
+    points = expand_grid(grid, ks=[50])
+    clustered = [p for p in points if p[0].method == "clusterucb"]
+    uniform = [p for p in points if p[0].method == "random_draw"]
+    assert len(clustered) == 2 * 2 * 2 and len(uniform) == 2 * 2
+    assert {k for _, k in points} == {50}
+    with pytest.raises(ValueError, match="budgeted"):
+        expand_grid({"method": ["dynamic"]}, ks=[5])
+
+
+DEFAULTS = defaults_from_config(
+    {"policy": "ucb_beta", "budget": 0.2, "csp": 0.05, "beta": 1.0, "ucb_p": 0.25, "draw_batch": 1, "faithful": False}, cluster_k=50, seed=42
+)
+
+
+def test_runs_are_named_by_what_they_change():
+    runs = expand_runs(
+        ["clusterucb", "random", "dynamic"],
+        [{"method": ["clusterucb", "random_draw"], "budget": [0.1, 0.2, 0.3]}, {"method": "clusterucb", "policy": ["ucb1", "ucb_beta"]}],
+        DEFAULTS,
+    )
+    assert sorted(runs) == sorted(
+        ["clusterucb", "random", "dynamic", "clusterucb__budget-0.1", "clusterucb__budget-0.3", "random_draw",
+         "random_draw__budget-0.1", "random_draw__budget-0.3", "clusterucb__policy-ucb1"]
+    )
+    run = runs["clusterucb__budget-0.1"]
+    assert run.params["budget"] == 0.1 and run.params["policy"] == "ucb_beta" and run.params["k"] == 50
+    assert "ucb_p" not in run.params and "beta" not in runs["clusterucb__policy-ucb1"].params  # unused by the policy
+    assert make_run("clusterucb", {"policy": "ucb1", "beta": 3.0}, DEFAULTS).name == "clusterucb__policy-ucb1"
+    assert run.checkpoint(1) == f"runs/{SHARED_EPOCH1}/epoch-1"  # Dynamic-family runs share epoch 1
+    assert run.checkpoint(3) == "runs/clusterucb__budget-0.1/epoch-3"
+    assert runs["random"].checkpoint(1) == "runs/random/epoch-1"
+
+
+def test_runs_refuse_parameters_their_method_does_not_use():
+    with pytest.raises(ValueError, match="does not depend on"):
+        make_run("dynamic", {"budget": 0.1}, DEFAULTS)
+    with pytest.raises(ValueError, match="unknown method"):
+        make_run("clusterucb_v2", {}, DEFAULTS)
+    with pytest.raises(ValueError, match="'method'"):
+        expand_runs([], [{"budget": [0.1]}], DEFAULTS)
