@@ -26,6 +26,11 @@ def recall_metrics(selected: np.ndarray, drawn: np.ndarray, scores: np.ndarray, 
     R_s   = |S ∩ T*| / k;                 R_inf = sum_S s / sum_T* s
     R_inf_clipped uses max(s, 0); the ``drawn`` variants measure the drawn set D
     before the top-k: R_s_drawn = |D ∩ T*| / k, R_inf_drawn = sum_(D ∩ T*) s / sum_T* s.
+
+    R_inf assumes positive top-k scores; when most scores are negative (a shared
+    component of the Adam features can make them so) it leaves [0, 1]. So we also
+    report R_inf_excess = (sum_S s - k mean(s)) / (sum_T* s - k mean(s)): the share of
+    the top-k's influence *above a random selection's* that S captures (random ~ 0, full = 1).
     """
     scores = np.asarray(scores, dtype=np.float64)
     truth = top_k(scores, k)
@@ -35,10 +40,13 @@ def recall_metrics(selected: np.ndarray, drawn: np.ndarray, scores: np.ndarray, 
     mass = scores[truth].sum()
     clipped = np.clip(scores, 0.0, None)
     clipped_mass = clipped[truth].sum()
+    baseline = k * np.nanmean(scores)
+    excess = mass - baseline
     return {
         "Rs": len(true_set & set(selected.tolist())) / k,
         "Rinf": float(np.nansum(scores[selected]) / mass) if mass else float("nan"),
         "Rinf_clipped": float(np.nansum(clipped[selected]) / clipped_mass) if clipped_mass else float("nan"),
+        "Rinf_excess": float((np.nansum(scores[selected]) - baseline) / excess) if excess > 0 else float("nan"),
         "Rs_drawn": len(drawn_hits) / k,
         "Rinf_drawn": float(scores[drawn_hits].sum() / mass) if mass else float("nan"),
     }
@@ -116,18 +124,18 @@ def expand_grid(grid: dict, ks: list[int]) -> list[tuple[BudgetedSpec, int]]:
     for method in values("method", ["clusterucb"]):
         if method not in BUDGETED:
             raise ValueError(f"{method!r} is not a budgeted method ({', '.join(BUDGETED)})")
-        clustered = method == "clusterucb"
-        for policy, budget, csp, beta, ucb_p, k, seed in itertools.product(
-            values("policy", ["ucb_beta"]) if clustered else [None],
-            values("budget", [0.2]),
-            values("csp", [0.05]) if clustered else [0.0],
-            values("beta", [1.0]) if clustered else [1.0],
-            values("ucb_p", [0.25]) if clustered else [0.25],
-            (values("k", ks) if clustered else ks[:1]),
-            values("seed", [0]),
-        ):
-            spec = BudgetedSpec(method=method, policy=policy or "random_cluster", budget=budget, csp=csp, beta=beta, ucb_p=ucb_p, seed=seed)
-            points[(spec, k)] = (spec, k)
+        if method == "random_draw":  # one arm, no cold start, no policy parameters
+            for budget, seed in itertools.product(values("budget", [0.2]), values("seed", [0])):
+                spec = BudgetedSpec(method=method, policy="random_cluster", budget=budget, csp=0.0, seed=seed)
+                points[(spec, ks[0])] = (spec, ks[0])
+            continue
+        for policy in values("policy", ["ucb_beta"]):
+            # A policy does not depend on another policy's parameter: sweep only its own.
+            betas = values("beta", [1.0]) if policy == "ucb_beta" else [1.0]
+            ucb_ps = values("ucb_p", [0.25]) if policy in ("ucb_threshhard", "ucb_threshnormal") else [0.25]
+            for budget, csp, beta, ucb_p, k, seed in itertools.product(values("budget", [0.2]), values("csp", [0.05]), betas, ucb_ps, values("k", ks), values("seed", [0])):
+                spec = BudgetedSpec(method=method, policy=policy, budget=budget, csp=csp, beta=beta, ucb_p=ucb_p, seed=seed)
+                points[(spec, k)] = (spec, k)
     return list(points.values())
 
 

@@ -17,7 +17,7 @@ from clusterucb.io import atomic_path, read_parquet_metadata, write_parquet
 log = logging.getLogger(__name__)
 
 RUN_COLUMNS = ("policy", "budget", "csp", "beta", "k", "seed")
-RECALL_COLUMNS = ("Rs", "Rinf", "Rs_drawn", "Rinf_drawn")
+RECALL_COLUMNS = ("Rs", "Rinf", "Rinf_excess", "Rs_drawn", "Rinf_drawn")
 
 
 def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
@@ -73,13 +73,15 @@ def compare(metrics_paths: list[str], runs: dict, table_out: str, markdown_out: 
 def quality_table(sweep_paths: list[str], table_out: str, markdown_out: str, figure_out: str) -> None:
     """Recall per checkpoint, method, policy and budget: mean and std over seeds; and the recall-vs-budget figure."""
     frame = pd.concat([pq.read_table(p).to_pandas() for p in sweep_paths], ignore_index=True)
-    keys = ["checkpoint", "method", "policy", "budget", "csp", "beta", "k"]
+    keys = ["checkpoint", "method", "policy", "budget", "csp", "beta", "ucb_p", "k"]
     agg = frame.groupby(keys, sort=False, dropna=False).agg(
         seeds=("Rs", "size"),
         Rs=("Rs", "mean"),
         Rs_std=("Rs", "std"),
         Rinf=("Rinf", "mean"),
         Rinf_std=("Rinf", "std"),
+        Rinf_excess=("Rinf_excess", "mean"),
+        Rinf_excess_std=("Rinf_excess", "std"),
         Rs_drawn=("Rs_drawn", "mean"),
         Rinf_drawn=("Rinf_drawn", "mean"),
         n_gradients=("n_gradients", "mean"),
@@ -107,12 +109,13 @@ def _save(fig, out: str) -> None:
 def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
     plt = _pyplot()
     checkpoints = list(dict.fromkeys(agg.checkpoint))
-    fig, axes = plt.subplots(len(checkpoints), 2, figsize=(11, 3.6 * len(checkpoints)), squeeze=False, constrained_layout=True)
+    metrics = ("Rs", "Rinf", "Rinf_excess")
+    fig, axes = plt.subplots(len(checkpoints), len(metrics), figsize=(16, 3.6 * len(checkpoints)), squeeze=False, constrained_layout=True)
     budgeted = agg[agg.method.isin(["clusterucb", "random_draw"])]
     for row, checkpoint in enumerate(checkpoints):
         part = budgeted[budgeted.checkpoint == checkpoint]
         baselines = agg[(agg.checkpoint == checkpoint) & (agg.method == "random")]
-        for col, metric in enumerate(("Rs", "Rinf")):
+        for col, metric in enumerate(metrics):
             ax = axes[row][col]
             for (method, policy), line in part.groupby(["method", "policy"], sort=False, dropna=False):
                 label = method if method != "clusterucb" else f"clusterucb/{policy}"
@@ -125,7 +128,7 @@ def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
             ax.set_xlabel("budget (fraction of the pool)")
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
-        axes[row][1].legend(fontsize=7, loc="lower right")
+        axes[row][0].legend(fontsize=7, loc="upper left")
     _save(fig, out)
 
 

@@ -271,7 +271,20 @@ def quality_sweep(scores_path: str, assignment_paths: list[str], grid: dict, top
     rows = []
     for spec, k in expand_grid(grid, sorted(labels_by_k)):
         result = simulate(spec, labels_by_k[k], scores, top_p)
-        rows.append({"method": spec.method, "policy": spec.policy if spec.method == "clusterucb" else None, "budget": spec.budget, "csp": spec.csp if spec.method == "clusterucb" else None, "beta": spec.beta if spec.method == "clusterucb" else None, "k": k if spec.method == "clusterucb" else None, "seed": spec.seed, **result})
+        clustered = spec.method == "clusterucb"
+        rows.append(
+            {
+                "method": spec.method,
+                "policy": spec.policy if clustered else None,
+                "budget": spec.budget,
+                "csp": spec.csp if clustered else None,
+                "beta": spec.beta if clustered and spec.policy == "ucb_beta" else None,
+                "ucb_p": spec.ucb_p if clustered and spec.policy in ("ucb_threshhard", "ucb_threshnormal") else None,
+                "k": k if clustered else None,
+                "seed": spec.seed,
+                **result,
+            }
+        )
     for s in sorted(set(grid.get("seed") or [seed])):
         rows.append({"method": "random", "seed": s, **random_subset_recall(scores, top_p, s)})
     rows.append({"method": "full", "seed": None, **full_recall(scores, top_p)})

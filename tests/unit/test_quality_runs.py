@@ -16,6 +16,11 @@ def test_recall_metrics_by_hand():
     assert m["Rs"] == 0.5
     assert m["Rinf"] == pytest.approx((0.9 + 0.7) / 1.7)
     assert m["Rs_drawn"] == 0.5 and m["Rinf_drawn"] == pytest.approx(0.9 / 1.7)
+    assert m["Rinf_excess"] == pytest.approx((1.6 - 2 * scores.mean()) / (1.7 - 2 * scores.mean()))
+    negative = scores - 1.0  # every score negative: Rinf leaves [0, 1], the excess share does not
+    worse = recall_metrics(np.array([4, 5]), np.array([4, 5]), negative, 2)
+    assert worse["Rinf"] > 1 and worse["Rinf_excess"] < 0
+    assert recall_metrics(np.array([0, 1]), np.array([0, 1]), negative, 2)["Rinf_excess"] == pytest.approx(1.0)
     clipped = recall_metrics(np.array([0, 5]), np.array([0, 5]), scores, 2)
     assert clipped["Rinf"] == pytest.approx((0.9 - 0.5) / 1.7) and clipped["Rinf_clipped"] == pytest.approx(0.9 / 1.7)
 
@@ -43,11 +48,12 @@ def test_simulation_is_deterministic_and_budget_monotone():
 
 
 def test_expand_grid_deduplicates_parameters_random_draw_ignores():
-    grid = {"method": ["clusterucb", "random_draw"], "policy": ["ucb_beta", "ucb1"], "budget": [0.1, 0.2], "k": [], "seed": [0, 1]}
+    grid = {"method": ["clusterucb", "random_draw"], "policy": ["ucb_beta", "ucb1"], "budget": [0.1, 0.2], "beta": [0.5, 1.0], "k": [], "seed": [0, 1]}
     points = expand_grid(grid, ks=[50])
     clustered = [p for p in points if p[0].method == "clusterucb"]
     uniform = [p for p in points if p[0].method == "random_draw"]
-    assert len(clustered) == 2 * 2 * 2 and len(uniform) == 2 * 2
+    # ucb_beta: 2 betas x 2 budgets x 2 seeds; ucb1 ignores beta: 2 x 2
+    assert len(clustered) == 8 + 4 and len(uniform) == 2 * 2
     assert {k for _, k in points} == {50}
     with pytest.raises(ValueError, match="budgeted"):
         expand_grid({"method": ["dynamic"]}, ks=[5])
