@@ -30,12 +30,12 @@ rule compare_methods:
     input:
         unpack(get_compare_inputs),
     output:
-        table=report(
-            "results/report/comparison.parquet",
+        table="results/report/comparison.parquet",
+        markdown=report(
+            "results/report/comparison.md",
             caption="../report/comparison.rst",
             category="Results",
         ),
-        markdown="results/report/comparison.md",
         config="results/report/config.yaml",
     log:
         "logs/compare_methods.log",

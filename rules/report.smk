@@ -28,7 +28,11 @@ rule quality_table:
     input:
         get_quality_tables(),
     output:
-        markdown="results/report/quality.md",
+        markdown=report(
+            "results/report/quality.md",
+            caption="../report/quality.rst",
+            category="Selection quality",
+        ),
         table="results/report/quality.parquet",
         figure=report(
             "results/report/figures/recall_vs_budget.png",

@@ -127,6 +127,12 @@ def test_tiny_dag_writes_the_comparison_table(tiny_run):
     assert meta["proj_dim"] == str(config["gradients"]["proj_dim"]) and meta["model"] == "results/model/base"
 
 
+def test_html_report_builds(tiny_run, datasets):
+    run(tiny_run, datasets, "--report", str(tiny_run / "report.html"))
+    html = (tiny_run / "report.html").read_text(errors="replace")
+    assert "recall_vs_budget.png" in html and "comparison.md" in html
+
+
 def test_lint_is_clean(datasets):
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(REPO / "Snakefile"), "--config", f"datasets_dir={datasets}"],
