@@ -11,9 +11,12 @@ over its own target tokens, exactly as a batch-1 ``model(**batch).loss``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +57,13 @@ class PerSampleLoraGradients:
         self.shapes = [tuple(m.weight.shape) for m in self.modules]
         self.dim = sum(o * i for o, i in self.shapes)
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(grads, losses)``: (B, dim) fp32 per-sample gradients and (B,) per-sample mean losses.
+    def module_grads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[Iterator[tuple[int, torch.Tensor]], torch.Tensor, torch.Tensor]:
+        """One forward/backward for the batch; returns ``(blocks, losses, bad)``.
 
-        Samples without a target token get NaN rows (the caller records them as failures).
+        ``blocks`` lazily yields ``(offset, grads)`` per LoRA factor, grads (B, n_k) fp32
+        in flattening order, so a caller can transform and project one module at a
+        time without holding the (B, dim) flat gradient. ``losses`` (B,) are the
+        per-sample mean losses; ``bad`` (B,) marks samples without a target token.
         """
         captured: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.modules]
 
@@ -81,22 +87,35 @@ class PerSampleLoraGradients:
         token_loss = F.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
         )
+        del logits
         n_target = (shift_labels != IGNORE_INDEX).sum(1)
         losses = token_loss.sum(1) / n_target.clamp(min=1)
-        outputs = [calls[0][1] for calls in captured]
-        output_grads = torch.autograd.grad(losses.sum(), outputs)
-
+        output_grads = torch.autograd.grad(losses.sum(), [calls[0][1] for calls in captured])
+        inputs = [calls[0][0].detach() for calls in captured]
+        del captured
         mask = attention_mask.to(torch.float32)[:, :, None]
-        per_sample = []
-        for (inp, _), grad_out in zip((calls[0] for calls in captured), output_grads):
-            x = inp.detach().float() * mask  # padded positions carry no gradient; zero their inputs too
-            per_sample.append(torch.einsum("bto,bti->boi", grad_out.float(), x).flatten(1))
-        grads = torch.cat(per_sample, dim=1)
         bad = n_target == 0
-        if bad.any():
-            grads[bad] = float("nan")
-            losses = losses.masked_fill(bad, float("nan"))
-        return grads, losses.detach()
+
+        def blocks() -> Iterator[tuple[int, torch.Tensor]]:
+            offset = 0
+            for k, (inp, grad_out) in enumerate(zip(inputs, output_grads)):
+                x = inp.float() * mask  # padded positions carry no gradient; zero their inputs too
+                grads = torch.einsum("bto,bti->boi", grad_out.float(), x).flatten(1)
+                inputs[k] = None  # free activations as we go
+                yield offset, grads
+                offset += grads.shape[1]
+
+        return blocks(), losses.detach().masked_fill(bad, float("nan")), bad
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(grads, losses)``: (B, dim) fp32 per-sample gradients and (B,) per-sample mean losses.
+
+        Samples without a target token get NaN rows (the caller records them as failures).
+        """
+        blocks, losses, bad = self.module_grads(input_ids, attention_mask, labels)
+        grads = torch.cat([g for _, g in blocks], dim=1)
+        grads[bad] = float("nan")
+        return grads, losses
 
 
 @dataclass
@@ -122,11 +141,26 @@ class AdamPreconditioner:
     def __init__(self, state: AdamState, eps_inside_sqrt: bool = True):
         self.state = state
         self.eps_inside_sqrt = eps_inside_sqrt
+        self._device_state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """m and v on ``device``, moved once per checkpoint (not per sample, as the official code does)."""
+        key = str(device)
+        if key not in self._device_state:
+            self._device_state[key] = (self.state.exp_avg.to(device), self.state.exp_avg_sq.to(device))
+        return self._device_state[key]
 
     def __call__(self, grads: torch.Tensor) -> torch.Tensor:
+        return self.block(grads, 0)
+
+    def block(self, grads: torch.Tensor, offset: int) -> torch.Tensor:
+        """Gamma for gradient coordinates ``offset : offset + grads.shape[1]`` (one LoRA module)."""
         s = self.state
-        m = s.exp_avg.to(grads.device)
-        v = s.exp_avg_sq.to(grads.device)
+        stop = offset + grads.shape[1]
+        if stop > s.exp_avg.numel():
+            raise ValueError(f"block {offset}:{stop} is outside the {s.exp_avg.numel()} optimizer-state dims")
+        m = self._on(grads.device)[0][offset:stop]
+        v = self._on(grads.device)[1][offset:stop]
         m_new = s.beta1 * m + (1 - s.beta1) * grads
         v_new = s.beta2 * v + (1 - s.beta2) * grads * grads
         if self.eps_inside_sqrt:
@@ -185,10 +219,14 @@ class GradientFeaturizer:
         self.max_batch_tokens = max_batch_tokens
 
     def _features(self, examples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        grads, losses = self.grads(*pad_batch(examples, self.pad_id, self.device))
-        if self.preconditioner is not None:
-            grads = self.preconditioner(grads)
-        projected = self.projector.project(grads)
+        """Per module: materialise the per-sample gradients, precondition, project, accumulate."""
+        blocks, losses, bad = self.grads.module_grads(*pad_batch(examples, self.pad_id, self.device))
+        projected = torch.zeros(len(examples), self.projector.proj_dim, device=self.device)
+        for offset, grads in blocks:
+            if self.preconditioner is not None:
+                grads = self.preconditioner.block(grads, offset)
+            projected += self.projector.project_block(grads, offset)
+        projected[bad] = float("nan")
         return F.normalize(projected, dim=1), losses
 
     def _run(self, examples: Sequence[dict], indices: list[int], out: FeatureResult) -> None:
@@ -225,3 +263,44 @@ class GradientFeaturizer:
         if out.failures:
             log.warning("%d of %d samples failed and are excluded: %s", len(out.failures), n, sorted(set(out.failures.values())))
         return out
+
+
+def featurize_resumable(featurizer: GradientFeaturizer, examples: Sequence[dict], scratch_dir: str | Path | None, key: str, chunk_size: int = 512, desc: str = "gradients") -> FeatureResult:
+    """``featurizer.featurize`` in chunks whose results are kept in ``scratch_dir``, so a
+    killed job resumes at the first unfinished chunk instead of starting over.
+
+    ``key`` identifies everything the features depend on (model, checkpoint,
+    projector, examples); parts written under another key are recomputed.
+    """
+    if scratch_dir is None:
+        return featurizer.featurize(examples, desc=desc)
+    from safetensors import safe_open
+
+    from clusterucb.io import save_safetensors
+
+    scratch = Path(scratch_dir)
+    n = len(examples)
+    out = FeatureResult(torch.full((n, featurizer.projector.proj_dim), float("nan")), torch.full((n,), float("nan")), {})
+    reused = 0
+    for part_index, start in enumerate(range(0, n, chunk_size)):
+        stop = min(start + chunk_size, n)
+        part = scratch / f"part-{part_index:05d}.safetensors"
+        ids = [e["example_id"] for e in examples[start:stop]]
+        digest = hashlib.sha256(json.dumps([key, ids]).encode()).hexdigest()
+        if part.exists():
+            with safe_open(str(part), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                if meta.get("key") == digest:
+                    out.features[start:stop] = handle.get_tensor("features")
+                    out.losses[start:stop] = handle.get_tensor("losses")
+                    out.failures.update({start + int(i): r for i, r in json.loads(meta["failures"]).items()})
+                    reused += stop - start
+                    continue
+        result = featurizer.featurize(examples[start:stop], desc=f"{desc} part {part_index}")
+        save_safetensors({"features": result.features, "losses": result.losses}, part, {"key": digest, "failures": json.dumps(result.failures)})
+        out.features[start:stop] = result.features
+        out.losses[start:stop] = result.losses
+        out.failures.update({start + i: r for i, r in result.failures.items()})
+    if reused:
+        log.info("resumed: %d of %d samples taken from finished parts in %s", reused, n, scratch)
+    return out

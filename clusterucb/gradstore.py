@@ -9,7 +9,9 @@ the reader refuses a shard whose checksum or metadata does not match.
 
 from __future__ import annotations
 
+import json
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +26,36 @@ FEATURES = "features"
 # Metadata that must agree between shards, and with what a reader expects.
 IDENTITY_KEYS = ("model", "checkpoint", "grad_type", "projector", "proj_dim", "proj_seed", "grad_dim", "eps_inside_sqrt", "max_length", "dtype")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# safetensors dtype -> (numpy dtype to map the bytes as, torch dtype of the view)
+_MAPPABLE = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16), "BF16": (np.uint16, torch.bfloat16)}
+
+
+def mmap_tensor(path: str | Path, name: str = FEATURES) -> torch.Tensor:
+    """A zero-copy, memory-mapped view of one tensor of a safetensors file.
+
+    Pages are read on access, so a store larger than RAM can be streamed
+    through chunk by chunk. bfloat16 is mapped as uint16 and viewed as bfloat16.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
+    if name not in header:
+        raise KeyError(f"{path}: no tensor {name!r}")
+    info = header[name]
+    if info["dtype"] not in _MAPPABLE:
+        raise ValueError(f"{path}: cannot memory-map dtype {info['dtype']}")
+    np_dtype, torch_dtype = _MAPPABLE[info["dtype"]]
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end == begin:  # numpy cannot map zero bytes
+        return torch.empty(shape, dtype=torch_dtype)
+    array = np.memmap(path, dtype=np_dtype, mode="r", offset=8 + header_size + begin, shape=shape)
+    with warnings.catch_warnings():  # a read-only map: torch warns it cannot write to it (we never do)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).view(torch_dtype)
 
 
 def index_schema():
@@ -137,21 +169,28 @@ class GradientStore:
         failed = self.index[self.index.status != "ok"]
         return dict(zip(failed.example_id, failed.reason))
 
-    def load(self) -> tuple[list[str], torch.Tensor]:
-        """All successful rows as float32, in manifest order."""
-        from safetensors import safe_open
+    def shard_features(self) -> list[tuple[list[str], torch.Tensor]]:
+        """Per shard, its successful ids and a memory-mapped (rows, dim) view in the stored dtype.
 
+        Nothing is read until used: consumers stream over the shards (and over
+        row chunks of each) instead of loading the store.
+        """
         ok = self.index[self.index.status == "ok"]
-        out = torch.empty(len(ok), self.proj_dim, dtype=torch.float32)
-        position = 0
         paths = {int(s["shard"]): self.path.parent / s["path"] for s in self.shards}
+        out = []
         for shard_id, group in ok.groupby("shard", sort=True):
-            path = paths[int(shard_id)]
-            with safe_open(str(path), framework="pt") as handle:
-                rows = torch.as_tensor(group.row.to_numpy().copy(), dtype=torch.long)
-                block = handle.get_tensor(FEATURES)[rows].float()
-            out[position : position + len(group)] = block
-            position += len(group)
-        ids = ok.sort_values("shard", kind="stable").example_id.tolist()
-        return ids, out
+            rows = group.row.to_numpy()
+            features = mmap_tensor(paths[int(shard_id)])
+            if len(rows) != features.shape[0] or not (rows == np.arange(len(rows))).all():
+                raise ValueError(f"{paths[int(shard_id)]}: rows in the manifest do not match the shard")
+            out.append((group.example_id.tolist(), features))
+        return out
+
+    def load(self) -> tuple[list[str], torch.Tensor]:
+        """All successful rows as one float32 tensor in manifest order (a copy; small stores only)."""
+        parts = self.shard_features()
+        ids = [i for part_ids, _ in parts for i in part_ids]
+        if not parts:
+            return ids, torch.empty(0, self.proj_dim)
+        return ids, torch.cat([features.float() for _, features in parts])
 

@@ -6,11 +6,17 @@ stop when no assignment changes, and returned labels that are consistent with
 the returned centroids. The assignment step is a chunked GEMM (``torch``
 backend, the fast one on CPU) or a KeOps reduction (``pykeops``, the paper's
 choice; worth it on GPU only).
+
+The features can be one tensor or a list of row blocks (e.g. memory-mapped
+shards in fp16/bf16): every pass streams over blocks of ``chunk`` rows,
+converting them to float32 on the compute device, so the store never has to
+be loaded into memory as a whole.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,12 +36,37 @@ class KMeansResult:
     reseeded: int  # empty clusters re-seeded during the iterations
 
 
-def _assign_torch(x: torch.Tensor, c: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    labels = torch.empty(len(x), dtype=torch.int64, device=x.device)
-    best = torch.empty(len(x), dtype=x.dtype, device=x.device)
-    for start in range(0, len(x), chunk):
-        sims = x[start : start + chunk] @ c.T
-        best[start : start + chunk], labels[start : start + chunk] = sims.max(dim=1)
+class RowBlocks:
+    """Rows of one or several 2-D tensors, read block by block as unit-norm float32 on ``device``."""
+
+    def __init__(self, x: torch.Tensor | Sequence[torch.Tensor], device: torch.device, chunk: int = 16384):
+        self.parts = [x] if isinstance(x, torch.Tensor) else list(x)
+        if not self.parts or any(p.ndim != 2 for p in self.parts) or len({p.shape[1] for p in self.parts}) != 1:
+            raise ValueError("expected one or more (rows, D) matrices with the same D")
+        self.device, self.chunk = device, chunk
+        self.n = sum(p.shape[0] for p in self.parts)
+        self.dim = self.parts[0].shape[1]
+
+    def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        start = 0
+        for part in self.parts:
+            for lo in range(0, part.shape[0], self.chunk):
+                block = part[lo : lo + self.chunk].to(self.device, torch.float32)
+                if not torch.isfinite(block).all():
+                    raise ValueError("features contain NaN or inf; failed samples must be excluded before clustering")
+                yield start + lo, F.normalize(block, dim=1)
+            start += part.shape[0]
+
+    def row(self, index: int) -> torch.Tensor:
+        for part in self.parts:
+            if index < part.shape[0]:
+                return F.normalize(part[index].to(self.device, torch.float32), dim=0)
+            index -= part.shape[0]
+        raise IndexError(index)
+
+
+def _assign_torch(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    best, labels = (x @ c.T).max(dim=1)
     return labels, best
 
 
@@ -57,67 +88,82 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def kmeans_plusplus(x: torch.Tensor, k: int, rng: np.random.Generator) -> torch.Tensor:
+def kmeans_plusplus(rows: RowBlocks, k: int, rng: np.random.Generator) -> torch.Tensor:
     """k-means++ seeding with cosine distance 1 - cos (proportional to squared Euclidean on the sphere)."""
-    n = len(x)
-    first = int(rng.integers(n))
-    centroids = [x[first]]
-    dist = (1.0 - x @ x[first]).clamp_(min=0).double()
+    chosen = [rows.row(int(rng.integers(rows.n)))]
+    dist = torch.empty(rows.n, dtype=torch.float64)
+    for start, block in rows.blocks():
+        dist[start : start + len(block)] = (1.0 - block @ chosen[0]).clamp_(min=0).double().cpu()
     for _ in range(1, k):
         total = float(dist.sum())
         if total <= 0:  # every point coincides with a centroid: pick uniformly
-            index = int(rng.integers(n))
+            index = int(rng.integers(rows.n))
         else:
-            probs = (dist / total).cpu().numpy()
-            index = int(rng.choice(n, p=probs / probs.sum()))
-        centroids.append(x[index])
-        dist = torch.minimum(dist, (1.0 - x @ x[index]).clamp_(min=0).double())
-    return torch.stack(centroids)
+            probs = (dist / total).numpy()
+            index = int(rng.choice(rows.n, p=probs / probs.sum()))
+        chosen.append(rows.row(index))
+        for start, block in rows.blocks():
+            piece = (1.0 - block @ chosen[-1]).clamp_(min=0).double().cpu()
+            dist[start : start + len(block)] = torch.minimum(dist[start : start + len(block)], piece)
+    return torch.stack(chosen)
 
 
 def spherical_kmeans(
-    x: torch.Tensor,
+    x: torch.Tensor | Sequence[torch.Tensor],
     k: int,
     seed: int,
     max_iter: int = 20,
     init: str = "k-means++",
     backend: str = "torch",
+    device: str | torch.device | None = None,
+    chunk: int = 16384,
 ) -> KMeansResult:
-    """Cluster unit-norm rows of ``x`` into ``k`` cosine clusters."""
-    if x.ndim != 2 or len(x) == 0:
-        raise ValueError(f"expected a non-empty (N, D) matrix, got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("features contain NaN or inf; failed samples must be excluded before clustering")
-    if not 1 <= k <= len(x):
-        raise ValueError(f"k={k} must be between 1 and the number of points ({len(x)})")
-    x = F.normalize(x.float(), dim=1)
-    assign = _assign_keops if resolve_backend(backend, x.device) == "pykeops" else _assign_torch
+    """Cluster the unit-norm rows of ``x`` (a tensor or a list of row blocks) into ``k`` cosine clusters."""
+    first = x if isinstance(x, torch.Tensor) else (x[0] if len(x) else None)
+    device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+    if first is None or (isinstance(x, torch.Tensor) and len(x) == 0):
+        raise ValueError("expected a non-empty (N, D) matrix")
+    rows = RowBlocks(x, device, chunk)
+    if not 1 <= k <= rows.n:
+        raise ValueError(f"k={k} must be between 1 and the number of points ({rows.n})")
+    assign = _assign_keops if resolve_backend(backend, device) == "pykeops" else _assign_torch
     rng = np.random.default_rng(seed)
     if init == "k-means++":
-        centroids = kmeans_plusplus(x, k, rng)
+        centroids = kmeans_plusplus(rows, k, rng)
     elif init == "random":  # the official code's uniform init
-        centroids = x[torch.as_tensor(rng.choice(len(x), size=k, replace=False))].clone()
+        centroids = torch.stack([rows.row(int(i)) for i in rng.choice(rows.n, size=k, replace=False)])
     else:
         raise ValueError(f"unknown init {init!r} (k-means++ or random)")
 
-    labels, best = assign(x, centroids)
+    labels = torch.empty(rows.n, dtype=torch.int64)
+    best = torch.empty(rows.n, dtype=torch.float32)
+
+    def e_step(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Assign every row; also return per-cluster sums of the rows (the next M-step)."""
+        sums = torch.zeros_like(c)
+        for start, block in rows.blocks():
+            block_labels, block_best = assign(block, c)
+            labels[start : start + len(block)] = block_labels.cpu()
+            best[start : start + len(block)] = block_best.cpu()
+            sums.index_add_(0, block_labels, block)
+        return sums, torch.bincount(labels, minlength=k)
+
+    sums, counts = e_step(centroids)
     reseeded, converged, it = 0, False, 0
     for it in range(1, max_iter + 1):
-        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
-        counts = torch.bincount(labels, minlength=k)
+        previous = labels.clone()
         empty = torch.nonzero(counts == 0).flatten().tolist()
         if empty:
             # Re-seed each empty cluster with the point that fits its centroid worst.
             worst = torch.argsort(best)[: len(empty)]
             for cluster, point in zip(empty, worst.tolist()):
-                sums[cluster] = x[point]
+                sums[cluster] = rows.row(point)
             reseeded += len(empty)
         centroids = F.normalize(sums, dim=1)
-        new_labels, best = assign(x, centroids)
-        changed = int((new_labels != labels).sum())
-        labels = new_labels
+        sums, counts = e_step(centroids)
+        changed = int((labels != previous).sum())
         if changed == 0 and not empty:
             converged = True
             break
     log.info("k-means: K=%d, %d iterations, converged=%s, %d empty clusters re-seeded, mean cos %.4f", k, it, converged, reseeded, float(best.mean()))
-    return KMeansResult(labels, centroids, best, it, converged, reseeded)
+    return KMeansResult(labels, centroids.cpu(), best, it, converged, reseeded)

@@ -20,25 +20,54 @@ class LoraSpec:
     r: int = 128
     alpha: int = 512
     dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    target_modules: tuple[str, ...] | None = ("q_proj", "k_proj", "v_proj", "o_proj")  # None: detect
     seed: int = 0  # initialisation of the A matrices
 
     @classmethod
     def from_dict(cls, d: dict) -> LoraSpec:
         d = dict(d)
-        d["target_modules"] = tuple(d.get("target_modules", cls.target_modules))
+        targets = d.get("target_modules", cls.target_modules)
+        d["target_modules"] = tuple(targets) if targets else None
         return cls(**d)
 
 
+def _is_linear(module) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return type(module).__name__ == "Conv1D"  # transformers' GPT-2 style linear layer
+
+
+def attention_targets(model) -> list[str]:
+    """LoRA targets for every linear projection inside the attention blocks (q, k, v, o; fused qkv too).
+
+    A leaf name also used outside attention (GPT-2's ``c_proj``) is qualified by its
+    parent (``attn.c_proj``) so that peft's suffix matching stays inside attention.
+    """
+    attention, elsewhere = set(), set()
+    for name, module in model.named_modules():
+        if not _is_linear(module) or "." not in name:
+            continue
+        parts = name.split(".")
+        if any("attn" in p.lower() or "attention" in p.lower() for p in parts[:-1]):
+            attention.add((parts[-2], parts[-1]))
+        else:
+            elsewhere.add(parts[-1])
+    targets = sorted({leaf if leaf not in elsewhere else f"{parent}.{leaf}" for parent, leaf in attention})
+    if not targets:
+        raise ValueError(f"no linear layer inside an attention block of {type(model).__name__}; set lora.target_modules")
+    return targets
+
+
 def attach_lora(model, spec: LoraSpec):
-    """A fresh, trainable LoRA adapter on ``model`` (seeded init)."""
+    """A fresh, trainable LoRA adapter on ``model`` (seeded init); targets detected when not given."""
     from peft import LoraConfig, get_peft_model
 
+    targets = list(spec.target_modules) if spec.target_modules else attention_targets(model)
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
+        target_modules=targets,
         task_type="CAUSAL_LM",
         bias="none",
     )

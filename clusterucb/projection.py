@@ -1,10 +1,19 @@
 """Random projections of per-sample gradients (TRAK-style ``Projector.project(grads)``).
 
-The Rademacher projector never draws from a device RNG: entry (i, j) of the
-p x d sign matrix is a bit of an integer hash of (seed, i, j), computed with
-int64 tensor arithmetic. The same seed therefore gives the same matrix on CPU
-and GPU, for any batch size and any block size, and features are comparable
-across machines (unlike fast_jl, whose matrix depends on the GPU's SM count).
+Neither projector draws from a device RNG: every random entry is an integer
+hash of (seed, row, column) computed with int64 tensor arithmetic, so the same
+seed gives the same projection on CPU and GPU, for any batch size and any
+blocking, and features stay comparable across machines (unlike fast_jl, whose
+matrix depends on the GPU's SM count).
+
+Projections are linear, so a gradient can be projected piece by piece:
+``project_block(grads[:, a:b], a)`` is the contribution of coordinates a..b,
+and the sum over pieces equals ``project(grads)``. The featurizer uses this to
+project one LoRA module at a time without materialising the flat gradient.
+
+- ``rademacher``: dense ±1/sqrt(d) (the LESS / TRAK projection), p·d work per sample.
+- ``sjlt``: sparse JL / CountSketch, c nonzeros ±1/sqrt(c) per input coordinate,
+  O(c·p) per sample (Kane & Nelson; GraSS uses it for gradients).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from abc import ABC, abstractmethod
 import torch
 
 _MASK32 = 0xFFFFFFFF
+PROJECTORS = ("rademacher", "sjlt")
 
 
 def _fmix32(x: torch.Tensor) -> torch.Tensor:
@@ -26,32 +36,82 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _seed_key(seed: int, stream: int = 0) -> int:
+    key = torch.tensor([(seed & _MASK32) ^ (stream * 0x632BE5AB & _MASK32)], dtype=torch.int64)
+    return int(_fmix32(key)[0]) ^ ((seed >> 32) & _MASK32)
+
+
+def _row_keys(seed_key: int, row_start: int, row_stop: int, device) -> torch.Tensor:
+    rows = torch.arange(row_start, row_stop, device=device, dtype=torch.int64)
+    return _fmix32((rows * 0x9E3779B1 + seed_key) & _MASK32)
+
+
 def rademacher_block(seed: int, row_start: int, row_stop: int, proj_dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Rows ``row_start:row_stop`` of the seeded ±1 matrix, shape (rows, proj_dim).
 
     One 32-bit hash of (seed, row, column // 32) gives the signs of 32 columns.
     """
     device = torch.device(device or "cpu")
-    seed_key = int(_fmix32(torch.tensor([seed & _MASK32], dtype=torch.int64))[0]) ^ ((seed >> 32) & _MASK32)
-    rows = torch.arange(row_start, row_stop, device=device, dtype=torch.int64)
+    row_key = _row_keys(_seed_key(seed), row_start, row_stop, device)
     words = torch.arange((proj_dim + 31) // 32, device=device, dtype=torch.int64)
-    row_key = _fmix32((rows * 0x9E3779B1 + seed_key) & _MASK32)
     word_key = (words * 0x7FEB352D) & _MASK32
     hashes = _fmix32(((row_key[:, None] ^ word_key[None, :]) + 0x68E31DA4) & _MASK32)
     shifts = torch.arange(32, device=device, dtype=torch.int64)
-    bits = ((hashes[:, :, None] >> shifts) & 1).view(len(rows), -1)[:, :proj_dim]
+    bits = ((hashes[:, :, None] >> shifts) & 1).view(len(row_key), -1)[:, :proj_dim]
     return bits.to(dtype).mul_(-2).add_(1)
 
 
-class Projector(ABC):
-    """Maps (n, grad_dim) gradients to (n, proj_dim) features."""
+def sjlt_block(seed: int, row_start: int, row_stop: int, proj_dim: int, c: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buckets (c, rows) in [0, proj_dim) and signs (c, rows) in {-1, +1} of input coordinates row_start..row_stop."""
+    device = torch.device(device or "cpu")
+    buckets, signs = [], []
+    for r in range(c):
+        key = _row_keys(_seed_key(seed, stream=r + 1), row_start, row_stop, device)
+        mixed = _fmix32((key * 0x2C1B3C6D + 0x297A2D39) & _MASK32)
+        buckets.append(mixed % proj_dim)
+        signs.append(1 - 2 * ((key >> 31) & 1))
+    return torch.stack(buckets), torch.stack(signs).to(torch.float32)
 
+
+class Projector(ABC):
+    """Maps (n, grad_dim) gradients to (n, proj_dim) features; linear, so blocks can be projected separately."""
+
+    name: str
     grad_dim: int
     proj_dim: int
     seed: int
 
+    def __init__(self, grad_dim: int, proj_dim: int, seed: int, cache_bytes: int = 2 << 30):
+        if grad_dim <= 0 or proj_dim <= 0:
+            raise ValueError(f"grad_dim and proj_dim must be positive, got {grad_dim}, {proj_dim}")
+        self.grad_dim, self.proj_dim, self.seed = int(grad_dim), int(proj_dim), int(seed)
+        self.cache_bytes = int(cache_bytes)
+        self._cache: dict[tuple, object] = {}
+        self._cached_bytes = 0
+
+    def _cached(self, key: tuple, nbytes: int, make):
+        """Generated randomness for ``key``, kept while the cache stays under ``cache_bytes``."""
+        value = self._cache.get(key)
+        if value is None:
+            value = make()
+            if self._cached_bytes + nbytes <= self.cache_bytes:
+                self._cache[key] = value
+                self._cached_bytes += nbytes
+        return value
+
     @abstractmethod
-    def project(self, grads: torch.Tensor) -> torch.Tensor: ...
+    def project_block(self, grads: torch.Tensor, start: int) -> torch.Tensor:
+        """(n, proj_dim) contribution of gradient coordinates ``start : start + grads.shape[1]``."""
+
+    @torch.no_grad()
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        if grads.ndim != 2 or grads.shape[1] != self.grad_dim:
+            raise ValueError(f"expected (n, {self.grad_dim}) gradients, got {tuple(grads.shape)}")
+        return self.project_block(grads, 0)
+
+    def _check_block(self, grads: torch.Tensor, start: int) -> None:
+        if grads.ndim != 2 or start < 0 or start + grads.shape[1] > self.grad_dim:
+            raise ValueError(f"block {start}:{start + grads.shape[1]} is outside the {self.grad_dim} gradient dims")
 
     def describe(self) -> dict:
         return {"projector": self.name, "grad_dim": self.grad_dim, "proj_dim": self.proj_dim, "proj_seed": self.seed}
@@ -60,45 +120,83 @@ class Projector(ABC):
 class RademacherProjector(Projector):
     """Dense ±1/sqrt(d) projection, generated block-wise from a seed.
 
-    Blocks of ``block_rows`` rows are generated on the gradients' device; they
-    are kept for reuse while their total size stays under ``cache_bytes`` (the
-    whole matrix for LoRA-sized gradients of small models), and regenerated per
-    call otherwise, so a P x d matrix is never required to fit in memory.
+    Blocks of ``block_rows`` rows are generated on the gradients' device and
+    kept while their total stays under ``cache_bytes`` (the whole matrix for
+    LoRA-sized gradients of small models); past that they are regenerated per
+    call, so a p x d matrix never has to fit in memory.
     """
 
     name = "rademacher"
 
     def __init__(self, grad_dim: int, proj_dim: int, seed: int, block_rows: int = 1024, cache_bytes: int = 2 << 30):
-        if grad_dim <= 0 or proj_dim <= 0:
-            raise ValueError(f"grad_dim and proj_dim must be positive, got {grad_dim}, {proj_dim}")
-        self.grad_dim, self.proj_dim, self.seed = int(grad_dim), int(proj_dim), int(seed)
+        super().__init__(grad_dim, proj_dim, seed, cache_bytes)
         self.block_rows = int(block_rows)
-        self.cache_bytes = int(cache_bytes)
-        self._cache: dict[tuple[int, str], torch.Tensor] = {}
         self._scale = 1.0 / math.sqrt(self.proj_dim)
 
-    def _block(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        key = (start, str(device))
-        block = self._cache.get(key)
-        if block is None:
-            block = rademacher_block(self.seed, start, stop, self.proj_dim, device=device)
-            if (len(self._cache) + 1) * self.block_rows * self.proj_dim * 4 <= self.cache_bytes:
-                self._cache[key] = block
-        return block
-
     @torch.no_grad()
-    def project(self, grads: torch.Tensor) -> torch.Tensor:
-        if grads.ndim != 2 or grads.shape[1] != self.grad_dim:
-            raise ValueError(f"expected (n, {self.grad_dim}) gradients, got {tuple(grads.shape)}")
+    def project_block(self, grads: torch.Tensor, start: int) -> torch.Tensor:
+        self._check_block(grads, start)
         grads = grads.float()
         out = torch.zeros(grads.shape[0], self.proj_dim, device=grads.device, dtype=torch.float32)
-        for start in range(0, self.grad_dim, self.block_rows):
-            stop = min(start + self.block_rows, self.grad_dim)
-            out.addmm_(grads[:, start:stop], self._block(start, stop, grads.device))
+        stop = start + grads.shape[1]
+        # Blocks aligned to multiples of block_rows, so pieces of any size share the cache.
+        first = (start // self.block_rows) * self.block_rows
+        for block_start in range(first, stop, self.block_rows):
+            block_stop = min(block_start + self.block_rows, self.grad_dim)
+            block = self._cached(
+                (block_start, str(grads.device)),
+                (block_stop - block_start) * self.proj_dim * 4,
+                lambda: rademacher_block(self.seed, block_start, block_stop, self.proj_dim, device=grads.device),
+            )
+            lo, hi = max(start, block_start), min(stop, block_stop)
+            out.addmm_(grads[:, lo - start : hi - start], block[lo - block_start : hi - block_start])
         return out.mul_(self._scale)
 
 
-def make_projector(kind: str, grad_dim: int, proj_dim: int, seed: int) -> Projector:
+class SJLTProjector(Projector):
+    """Sparse JL / CountSketch: coordinate i adds ±g_i/sqrt(c) to c hashed output buckets.
+
+    O(c·p) per sample instead of O(p·d); ``c`` = 1 is CountSketch. Buckets and
+    signs are cached per block like the Rademacher blocks.
+    """
+
+    name = "sjlt"
+
+    def __init__(self, grad_dim: int, proj_dim: int, seed: int, c: int = 1, block_rows: int = 1 << 20, cache_bytes: int = 2 << 30):
+        super().__init__(grad_dim, proj_dim, seed, cache_bytes)
+        if c < 1:
+            raise ValueError(f"sjlt needs c >= 1 nonzeros per column, got {c}")
+        self.c = int(c)
+        self.block_rows = int(block_rows)
+        self._scale = 1.0 / math.sqrt(self.c)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "sjlt_c": self.c}
+
+    @torch.no_grad()
+    def project_block(self, grads: torch.Tensor, start: int) -> torch.Tensor:
+        self._check_block(grads, start)
+        grads = grads.float()
+        out = torch.zeros(grads.shape[0], self.proj_dim, device=grads.device, dtype=torch.float32)
+        stop = start + grads.shape[1]
+        first = (start // self.block_rows) * self.block_rows
+        for block_start in range(first, stop, self.block_rows):
+            block_stop = min(block_start + self.block_rows, self.grad_dim)
+            buckets, signs = self._cached(
+                (block_start, str(grads.device)),
+                (block_stop - block_start) * self.c * 12,
+                lambda: sjlt_block(self.seed, block_start, block_stop, self.proj_dim, self.c, device=grads.device),
+            )
+            lo, hi = max(start, block_start), min(stop, block_stop)
+            piece = grads[:, lo - start : hi - start]
+            for r in range(self.c):
+                out.index_add_(1, buckets[r, lo - block_start : hi - block_start], piece * signs[r, lo - block_start : hi - block_start])
+        return out.mul_(self._scale)
+
+
+def make_projector(kind: str, grad_dim: int, proj_dim: int, seed: int, sjlt_c: int = 1) -> Projector:
     if kind == "rademacher":
         return RademacherProjector(grad_dim, proj_dim, seed)
-    raise ValueError(f"unknown projector {kind!r} (known: rademacher)")
+    if kind == "sjlt":
+        return SJLTProjector(grad_dim, proj_dim, seed, c=sjlt_c)
+    raise ValueError(f"unknown projector {kind!r} (known: {', '.join(PROJECTORS)})")

@@ -267,10 +267,12 @@ def get_grad_params(wildcards=None):
         "projector",
         "proj_dim",
         "proj_seed",
+        "sjlt_c",
         "dtype",
         "adam_eps_inside_sqrt",
         "max_batch_size",
         "max_batch_tokens",
+        "resume_chunk",
     )
     return {k: config["gradients"][k] for k in keys}
 

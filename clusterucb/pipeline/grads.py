@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer
+from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer, featurize_resumable
 from clusterucb.gradstore import merge_manifest, write_shard
+from clusterucb.io import file_sha256
 from clusterucb.lora import adam_state_for, load_optimizer_state
 from clusterucb.pipeline.data import read_tokens, token_meta
 from clusterucb.pipeline.model import device, load_checkpoint
@@ -25,10 +28,12 @@ class GradParams:
     projector: str = "rademacher"
     proj_dim: int = 8192
     proj_seed: int = 0
+    sjlt_c: int = 1
     dtype: str = "float32"
     adam_eps_inside_sqrt: bool = True
     max_batch_size: int = 8
     max_batch_tokens: int = 4096
+    resume_chunk: int = 512
 
     @classmethod
     def from_dict(cls, d: dict) -> GradParams:
@@ -49,13 +54,13 @@ def make_featurizer(model_dir: str, checkpoint_dir: str, grad_type: str, params:
     elif grad_type != "sgd":
         raise ValueError(f"unknown gradient type {grad_type!r} (adam or sgd)")
     n_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    projector = make_projector(params.projector, n_params, params.proj_dim, params.proj_seed)
+    projector = make_projector(params.projector, n_params, params.proj_dim, params.proj_seed, params.sjlt_c)
     featurizer = GradientFeaturizer(peft_model, tokenizer.pad_token_id, projector, preconditioner, dev, params.max_batch_size, params.max_batch_tokens)
     meta = {
         "model": model_dir,
         "checkpoint": str(checkpoint_dir),
         "grad_type": grad_type,
-        "projector": params.projector,
+        "projector": params.projector if params.projector != "sjlt" else f"sjlt(c={params.sjlt_c})",
         "proj_dim": params.proj_dim,
         "proj_seed": params.proj_seed,
         "grad_dim": n_params,
@@ -71,16 +76,23 @@ def shard_bounds(n: int, shard: int, n_shards: int) -> tuple[int, int]:
     return shard * n // n_shards, (shard + 1) * n // n_shards
 
 
-def grads_pool_shard(model_dir: str, checkpoint_dir: str, pool_tokens: str, shard: int, n_shards: int, tensors_out: str, index_out: str, params: dict) -> None:
-    """Adam-preconditioned features of the pool rows in ``shard`` (contiguous slice of the tokenized pool)."""
+def grads_pool_shard(model_dir: str, checkpoint_dir: str, pool_tokens: str, shard: int, n_shards: int, tensors_out: str, index_out: str, params: dict, scratch: str | None = None) -> None:
+    """Adam-preconditioned features of the pool rows in ``shard`` (contiguous slice of the tokenized pool).
+
+    Finished chunks of ``resume_chunk`` samples are kept in ``scratch`` (outside the
+    declared outputs): a killed job resumes where it stopped.
+    """
     grad_params = GradParams.from_dict(params)
     examples = read_tokens(pool_tokens)
     start, stop = shard_bounds(len(examples), shard, n_shards)
     examples = examples[start:stop]
     featurizer, meta = make_featurizer(model_dir, checkpoint_dir, "adam", grad_params)
     meta["max_length"] = _max_length(pool_tokens)
-    result = featurizer.featurize(examples, desc=f"shard {shard}")
+    key = json.dumps([meta, file_sha256(Path(checkpoint_dir) / "adapter" / "adapter_model.safetensors"), asdict(grad_params)], sort_keys=True)
+    result = featurize_resumable(featurizer, examples, scratch, key, grad_params.resume_chunk, desc=f"shard {shard}")
     write_shard(tensors_out, index_out, shard, [e["example_id"] for e in examples], result.features, result.losses, result.failures, meta)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
     log.info("shard %d: %d examples (rows %d-%d), %d failed", shard, len(examples), start, stop, len(result.failures))
 
 

@@ -16,6 +16,7 @@ from clusterucb.kmeans import spherical_kmeans
 from clusterucb.matching import influence_scores, subtask_scores
 from clusterucb.pipeline.data import read_tokens
 from clusterucb.pipeline.grads import GradParams, make_featurizer
+from clusterucb.pipeline.model import device
 from clusterucb.quality import BudgetedSpec, budgeted_selection, expand_grid, full_recall, random_subset_recall, recall_metrics, simulate
 from clusterucb.selection import n_selected, random_subset, top_k
 
@@ -80,11 +81,13 @@ def _assignments(path: str) -> dict[str, int]:
 
 
 def cluster(manifest: str, assignments_out: str, centroids_out: str, k: int, max_iter: int, init: str, backend: str, seed: int) -> None:
+    """k-means streamed over the memory-mapped shards of the warmup features."""
     store = GradientStore(manifest)
-    ids, features = store.load()
+    parts = store.shard_features()
+    ids = [i for part_ids, _ in parts for i in part_ids]
     if store.failures():
         log.warning("%d pool samples have no warmup gradient and are left out of the clusters", len(store.failures()))
-    result = spherical_kmeans(features, k, seed, max_iter=max_iter, init=init, backend=backend)
+    result = spherical_kmeans([features for _, features in parts], k, seed, max_iter=max_iter, init=init, backend=backend, device=device())
     counts = np.bincount(result.labels.numpy(), minlength=k)
     meta = {"k": k, "seed": seed, "init": init, "backend": backend, "n_iter": result.n_iter, "converged": result.converged, "reseeded": result.reseeded, "empty_clusters": int((counts == 0).sum()), "features": store.meta}
     table = pa.table(
@@ -107,11 +110,14 @@ def scores_schema():
 
 
 def full_scores(manifest: str, val_tensors: str, val_index: str, val_tokens: str, out: str) -> None:
-    """Influence of every pool sample at one checkpoint (spec §4), failed samples as NaN."""
+    """Influence of every pool sample at one checkpoint (spec §4), streamed shard by shard; failed samples as NaN."""
     store = GradientStore(manifest)
-    ids, features = store.load()
     val, subtask, names = _val_features(val_tensors, val_index, val_tokens)
-    per_subtask = subtask_scores(features, val, subtask).numpy()
+    ids, blocks = [], []
+    for part_ids, features in store.shard_features():
+        ids += part_ids
+        blocks.append(subtask_scores(features, val, subtask).numpy())
+    per_subtask = np.concatenate(blocks) if blocks else np.empty((0, len(names)), dtype=np.float32)
     failed = list(store.failures())
     scores = np.concatenate([per_subtask.max(axis=1), np.full(len(failed), np.nan)])
     rows = list(per_subtask) + [np.full(len(names), np.nan)] * len(failed)

@@ -98,3 +98,36 @@ def test_length_batches_respect_limits_and_cover_everything():
     for batch in batches:
         assert len(batch) <= 3
         assert len(batch) == 1 or max(lengths[i] for i in batch) * len(batch) <= 120
+
+
+def test_killed_shard_resumes_without_recomputing_finished_samples(tmp_path):
+    from clusterucb.gradients import featurize_resumable
+
+    model = tiny_lora_llama()
+    examples = ragged_examples(10, seed=8)
+    dim = PerSampleLoraGradients(model).dim
+    featurizer = GradientFeaturizer(model, 0, RademacherProjector(dim, 32, seed=0), max_batch_size=4)
+    reference = featurizer.featurize(examples)
+
+    computed = []
+    original = featurizer.featurize
+
+    def dying(batch, desc=""):
+        if len(computed) == 2:
+            raise KeyboardInterrupt("killed during the third part")
+        computed.append([e["example_id"] for e in batch])
+        return original(batch, desc)
+
+    featurizer.featurize = dying
+    with pytest.raises(KeyboardInterrupt):
+        featurize_resumable(featurizer, examples, tmp_path, key="k1", chunk_size=3)
+    assert len(list(tmp_path.glob("part-*.safetensors"))) == 2
+
+    computed.clear()
+    featurizer.featurize = lambda batch, desc="": (computed.append([e["example_id"] for e in batch]), original(batch, desc))[1]
+    resumed = featurize_resumable(featurizer, examples, tmp_path, key="k1", chunk_size=3)
+    assert computed == [["ex6", "ex7", "ex8"], ["ex9"]]  # parts 0 and 1 were not recomputed
+    assert torch.allclose(resumed.features, reference.features, atol=1e-6)
+    computed.clear()
+    featurize_resumable(featurizer, examples, tmp_path, key="another checkpoint", chunk_size=3)
+    assert len(computed) == 4  # parts written for another key are never reused

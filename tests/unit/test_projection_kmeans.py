@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from clusterucb.kmeans import spherical_kmeans
-from clusterucb.projection import RademacherProjector, rademacher_block
+from clusterucb.projection import RademacherProjector, SJLTProjector, make_projector, rademacher_block, sjlt_block
 
 
 def test_projector_is_deterministic_across_calls_instances_blocks_and_batches():
@@ -49,6 +49,32 @@ def test_projection_preserves_inner_products_within_jl_error():
     assert float((projected.norm(dim=1) - 1).abs().max()) < 0.15
 
 
+@pytest.mark.parametrize("c", [1, 4])
+def test_sjlt_is_deterministic_blockwise_and_preserves_inner_products(c):
+    dim, proj_dim = 6000, 2048
+    x = F.normalize(torch.randn(40, dim, generator=torch.Generator().manual_seed(6)), dim=1)
+    projector = SJLTProjector(dim, proj_dim, seed=4, c=c, block_rows=1000)
+    full = projector.project(x)
+    pieces = projector.project_block(x[:, :2500], 0) + projector.project_block(x[:, 2500:], 2500)
+    assert torch.allclose(full, pieces, atol=1e-5)
+    assert torch.allclose(full, SJLTProjector(dim, proj_dim, seed=4, c=c, block_rows=333, cache_bytes=0).project(x), atol=1e-5)
+    error = (full @ full.T - x @ x.T).abs()
+    assert float(error.max()) < 5 * math.sqrt(2 / proj_dim)
+    buckets, signs = sjlt_block(4, 0, dim, proj_dim, c)
+    assert buckets.shape == (c, dim) and int(buckets.min()) >= 0 and int(buckets.max()) < proj_dim
+    assert set(signs.unique().tolist()) == {-1.0, 1.0}
+    # Pinned: the basis must not change silently between versions.
+    assert sjlt_block(0, 0, 4, 1024, 1)[0].tolist() == [[176, 498, 416, 763]]
+
+
+def test_projectors_refuse_out_of_range_blocks_and_unknown_kinds():
+    projector = make_projector("sjlt", 100, 16, seed=0)
+    with pytest.raises(ValueError, match="outside"):
+        projector.project_block(torch.zeros(2, 10), 95)
+    with pytest.raises(ValueError, match="unknown projector"):
+        make_projector("fast_jl", 100, 16, seed=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_projector_is_identical_on_cpu_and_gpu():
     grads = torch.randn(4, 2000)
@@ -56,6 +82,11 @@ def test_projector_is_identical_on_cpu_and_gpu():
     gpu = RademacherProjector(2000, 128, seed=5).project(grads.cuda()).cpu()
     assert torch.allclose(cpu, gpu, atol=1e-4)
     assert torch.equal(rademacher_block(5, 0, 64, 128), rademacher_block(5, 0, 64, 128, device="cuda").cpu())
+    for batch in (1, 3, 4):  # any batch size
+        gpu_rows = RademacherProjector(2000, 128, seed=5).project(grads[:batch].cuda()).cpu()
+        assert torch.allclose(cpu[:batch], gpu_rows, atol=1e-4)
+    cpu_sjlt = SJLTProjector(2000, 128, seed=5).project(grads)
+    assert torch.allclose(cpu_sjlt, SJLTProjector(2000, 128, seed=5).project(grads.cuda()).cpu(), atol=1e-4)
 
 
 def separable_sphere(n_per: int = 60, k: int = 4, dim: int = 32, noise: float = 0.15, seed: int = 0):

