@@ -6,11 +6,10 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from clusterucb.data import gsm8k
-from clusterucb.data.tokenize import IGNORE_INDEX, encode_prompt_completion
-from clusterucb.gradients import length_batches, pad_batch
+from clusterucb.data.tokenize import encode_prompt_completion
+from clusterucb.gradients import length_batches, pad_batch, token_losses
 from clusterucb.logsetup import progress
 
 log = logging.getLogger(__name__)
@@ -88,10 +87,7 @@ def target_loss(model, tokenizer, rows: list[dict], max_length: int, batch_size:
     total_nll, total_tokens, per_example = 0.0, 0, []
     for batch in length_batches([len(e["input_ids"]) for e in examples], batch_size, 10**9):
         input_ids, attention_mask, labels = pad_batch([examples[i] for i in batch], tokenizer.pad_token_id, device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        shift = labels[:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shift, ignore_index=IGNORE_INDEX, reduction="none")
-        n = (shift != IGNORE_INDEX).sum(1)
+        nll, n = token_losses(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
         total_nll += float(nll.sum())
         total_tokens += int(n.sum())
         per_example.extend((nll.sum(1) / n.clamp(min=1)).tolist())

@@ -32,6 +32,18 @@ def lora_parameter_names(model) -> list[str]:
     return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy per position (B, T) and target tokens per sample (B,).
+
+    The labels are shifted left instead of the logits, so the (B*T, V) view of the
+    logits needs no copy and the loss takes PyTorch's fast contiguous path.
+    """
+    batch, length, vocab = logits.shape
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    loss = F.cross_entropy(logits.reshape(-1, vocab).float(), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    return loss.view(batch, length), (shifted != IGNORE_INDEX).sum(1)
+
+
 class PerSampleLoraGradients:
     """Per-sample gradients of every trainable parameter of a LoRA model, one forward/backward per batch.
 
@@ -83,12 +95,8 @@ class PerSampleLoraGradients:
             if len(calls) != 1:
                 raise RuntimeError(f"{self.names[k]} was called {len(calls)} times in one forward; expected once")
 
-        shift_labels = labels[:, 1:]
-        token_loss = F.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
-        )
+        token_loss, n_target = token_losses(logits, labels)
         del logits
-        n_target = (shift_labels != IGNORE_INDEX).sum(1)
         losses = token_loss.sum(1) / n_target.clamp(min=1)
         output_grads = torch.autograd.grad(losses.sum(), [calls[0][1] for calls in captured])
         inputs = [calls[0][0].detach() for calls in captured]

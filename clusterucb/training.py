@@ -17,10 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from clusterucb.data.tokenize import IGNORE_INDEX
-from clusterucb.gradients import pad_batch
+from clusterucb.gradients import pad_batch, token_losses
 from clusterucb.io import atomic_path, config_hash
 from clusterucb.lora import OptimizerCheckpoint, load_optimizer_state, optimizer_checkpoint, restore_optimizer, save_optimizer_state
 from clusterucb.logsetup import progress
@@ -66,10 +64,7 @@ def linear_schedule(step: int, total_steps: int, warmup_steps: int) -> float:
 
 def per_example_losses(model, examples: list[dict], pad_id: int, device) -> torch.Tensor:
     input_ids, attention_mask, labels = pad_batch(examples, pad_id, device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    shift_labels = labels[:, 1:]
-    token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
-    n_target = (shift_labels != IGNORE_INDEX).sum(1)
+    token_loss, n_target = token_losses(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
     if (n_target == 0).any():
         raise ValueError("an example without target tokens reached training (tokenization should have dropped it)")
     return token_loss.sum(1) / n_target
