@@ -1,14 +1,15 @@
 """Per-sample gradient features three ways, on the same model and the same real pool samples.
 
     python benchmarks/gradients.py                          # the tiny default model (random init), < 2 min
-    python benchmarks/gradients.py --model smollm2 --rank 128 --samples 32 --less-samples 2
+    python benchmarks/gradients.py --model smollm2 --rank 128 --samples 32
 
 (a) the LESS way: batch size 1, ``loss.backward()``, flatten every LoRA gradient,
-    Adam transform, dense Rademacher projection to ``--proj-dim`` (trak's
-    BasicProjector when the ``traker`` package is installed, else ours, uncached);
+    Adam transform, dense Rademacher projection to ``--proj-dim`` every 16 samples
+    as LESS's collect_grads (trak's BasicProjector when the ``traker`` package is
+    installed, else ours, uncached);
 (b) the floor: plain batched LoRA training forward + backward on the same tokens;
 (c) ours with default settings (batched hooks, per-module Adam + projection, sjlt).
-Exactness: ours with (a)'s dense projector, against (a)'s features (cosine).
+Exactness: ours with (a)'s dense projector (same calls), against (a)'s features (cosine).
 Projector quality (when the LoRA is small enough to keep exact gradients): top-5 %
 overlap of projected scores with exact unprojected scores, for rademacher and
 sjlt at d = 8192 and 1024. The last line is
@@ -103,17 +104,32 @@ class DenseProjector:
         return self.impl.project(grads, model_id=0) if self.trak else self.impl.project(grads)
 
 
-def less_way(model, examples, adam: AdamPreconditioner, projector: DenseProjector) -> tuple[torch.Tensor, float]:
-    rows, start = [], time.perf_counter()
-    for example in examples:
+def less_way(model, examples, adam: AdamPreconditioner, projector: DenseProjector, interval: int, ride_along: torch.Tensor | None = None):
+    """LESS's collect_grads: batch-1 backward, flatten, Adam transform, project every ``interval`` samples.
+
+    ``ride_along`` rows (the exactness check's) are projected in the same calls: a
+    dense pass regenerates the whole p x d matrix (minutes at the paper's LoRA size
+    on CPU), while the extra rows only add their matmul to (a)'s time.
+    """
+    rows, pending, start = [], [], time.perf_counter()
+    extra = [] if ride_along is None else list(ride_along.split(interval))
+    for i, example in enumerate(examples):
         model.zero_grad(set_to_none=True)
         out = model(input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]]))
         out.loss.backward()
-        flat = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-        rows.append(projector.project(adam(flat[None])))
+        pending.append(adam(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])[None]))
+        if len(pending) == interval or i == len(examples) - 1:
+            chunk = torch.cat(pending + ([extra.pop(0)] if extra else []))
+            rows.append(projector.project(chunk))
+            pending = []
     model.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
-    return F.normalize(torch.cat(rows), dim=1), len(examples) / seconds
+    projected = torch.cat(rows)
+    if ride_along is None:
+        return F.normalize(projected, dim=1), None, len(examples) / seconds
+    mine = torch.cat([r[min(interval, len(examples) - k * interval):] for k, r in enumerate(rows)])
+    theirs = torch.cat([r[: min(interval, len(examples) - k * interval)] for k, r in enumerate(rows)])
+    return F.normalize(theirs, dim=1), F.normalize(mine, dim=1), len(examples) / seconds
 
 
 def floor(model, examples, pad_id: int, batch_size: int) -> float:
@@ -133,18 +149,14 @@ def ours_with(model, examples, adam, projector, pad_id: int, batch_size: int) ->
     return result.features, len(examples) / (time.perf_counter() - start)
 
 
-def ours_exact(model, examples, adam, dense: DenseProjector, pad_id: int, batch_size: int) -> torch.Tensor:
-    """Our batched per-sample gradients and Adam transform, projected with (a)'s own projector."""
+def ours_gamma(model, examples, adam, pad_id: int, batch_size: int) -> torch.Tensor:
+    """Our batched per-sample gradients and Adam transform, unprojected (for (a)'s projector)."""
     per_sample = PerSampleLoraGradients(model)
-    out = torch.empty(len(examples), 0)
-    rows = []
+    out = torch.empty(len(examples), per_sample.dim)
     for batch in length_batches([len(e["input_ids"]) for e in examples], batch_size, 10**9):
         grads, _ = per_sample(*pad_batch([examples[i] for i in batch], pad_id, "cpu"))
-        rows.append((batch, dense.project(adam(grads))))
-    out = torch.empty(len(examples), rows[0][1].shape[1])
-    for batch, projected in rows:
-        out[batch] = projected
-    return F.normalize(out, dim=1)
+        out[batch] = adam(grads)
+    return out
 
 
 def projector_quality(model, examples, val_examples, adam, pad_id: int, dims=(8192, 1024), top=0.05) -> list[dict]:
@@ -179,7 +191,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="tiny (default), smollm2, or a local HF model directory / .gguf")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank on q, k, v, o (alpha = 4 * rank, as the paper)")
     parser.add_argument("--samples", type=int, default=256, help="pool samples for (b) and (c)")
-    parser.add_argument("--less-samples", type=int, default=8, help="samples for (a) and the exactness check (it is slow)")
+    parser.add_argument("--less-samples", type=int, default=16, help="samples for (a) and the exactness check (it is slow)")
+    parser.add_argument("--less-interval", type=int, default=16, help="(a) projects every this many samples (LESS's project_interval)")
     parser.add_argument("--quality-samples", type=int, default=1000, help="pool samples for the projector-quality table")
     parser.add_argument("--proj-dim", type=int, default=8192)
     parser.add_argument("--max-length", type=int, default=256)
@@ -212,20 +225,20 @@ def main() -> None:
     print(f"model: {described}; LoRA r={args.rank} on {grad_dim:,} parameters; {len(examples)} real pool samples, "
           f"mean {tokens / len(examples):.0f} tokens (max {args.max_length}); proj_dim {args.proj_dim}; {args.threads} threads")
 
-    dense = DenseProjector(grad_dim, args.proj_dim, seed=0)
-    less_examples = examples[: args.less_samples]
-    less_features, less_rate = less_way(model, less_examples, adam, dense)
     floor_rate = floor(model, examples, pad_id, args.batch_size)
+    print(f"(b) floor, batched LoRA forward+backward (batch {args.batch_size}): {floor_rate:.3f} samples/s", flush=True)
     default = make_projector("sjlt", grad_dim, args.proj_dim, seed=0)
     ours_with(model, examples[: args.batch_size], adam, default, pad_id, args.batch_size)  # warm caches
     _, ours_rate = ours_with(model, examples, adam, default, pad_id, args.batch_size)
-    exact = ours_exact(model, less_examples, adam, dense, pad_id, args.batch_size)
+    print(f"(c) ours, defaults (batched hooks, per-module Adam + sjlt projection): {ours_rate:.3f} samples/s", flush=True)
+    dense = DenseProjector(grad_dim, args.proj_dim, seed=0)
+    less_examples = examples[: args.less_samples]
+    gamma = ours_gamma(model, less_examples, adam, pad_id, args.batch_size)
+    less_features, exact, less_rate = less_way(model, less_examples, adam, dense, args.less_interval, ride_along=gamma)
+    print(f"(a) LESS way, batch 1, projected every {args.less_interval} with {dense.name}: {less_rate:.3f} samples/s "
+          f"({len(less_examples)} samples)", flush=True)
     cosine_min = float((exact * less_features).sum(1).min())
-
-    print(f"(a) LESS way, batch 1 + {dense.name}: {less_rate:.3f} samples/s ({len(less_examples)} samples)")
-    print(f"(b) floor, batched LoRA forward+backward (batch {args.batch_size}): {floor_rate:.3f} samples/s")
-    print(f"(c) ours, defaults (batched hooks, per-module Adam + sjlt projection): {ours_rate:.3f} samples/s")
-    print(f"exactness: ours with (a)'s projector vs (a): min cosine {cosine_min:.6f} over {len(less_examples)} samples")
+    print(f"exactness: ours with (a)'s projector vs (a): min cosine {cosine_min:.6f} over {len(less_examples)} samples", flush=True)
 
     if args.quality == "yes" or (args.quality == "auto" and grad_dim <= 2_000_000):
         rows = gsm8k.read_gsm8k(datasets / "gsm8k" / "train.jsonl.gz")[:16]

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class GradParams:
     """Settings that define a feature space (all recorded in the shards' metadata)."""
 
-    projector: str = "rademacher"
+    projector: str = "sjlt"
     proj_dim: int = 8192
     proj_seed: int = 0
     sjlt_c: int = 1
