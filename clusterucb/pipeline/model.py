@@ -40,6 +40,12 @@ def build_builtin_model(pool_path: str, out_dir: str, sizes: dict, pretrain_para
 def convert_gguf(gguf_path: str, out_dir: str) -> None:
     """Dequantise a GGUF model once into a Hugging Face directory (fp32 safetensors)."""
     model, tokenizer = load_base_model(gguf_path)
+    # transformers dequantises GGUF weights on load but keeps the quantizer marker,
+    # which makes save_pretrained refuse; the tensors are plain floats by now.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     with atomic_dir(out_dir, last=WEIGHTS) as tmp:
         tokenizer.save_pretrained(str(tmp))
         model.save_pretrained(str(tmp), safe_serialization=True)
