@@ -26,6 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 
 POLICIES = ("ucb_beta", "ucb1", "ucb_threshhard", "ucb_threshnormal", "random_cluster")
+_POLICY_PARAMS = {"ucb_beta": ("beta",), "ucb1": (), "ucb_threshhard": ("ucb_p",), "ucb_threshnormal": ("ucb_p",), "random_cluster": ()}
+
+
+def policy_params(name: str) -> tuple[str, ...]:
+    """The parameters policy ``name`` reads (a result never depends on another policy's)."""
+    if name not in _POLICY_PARAMS:
+        raise ValueError(f"unknown bandit policy {name!r} (known: {', '.join(POLICIES)})")
+    return _POLICY_PARAMS[name]
 
 
 @dataclass
@@ -142,13 +150,22 @@ class BanditPolicy(ABC):
             return int(tied[0])
         return int(self.rng.choice(tied))
 
-    def select(self, state: ArmState) -> int:
+    @staticmethod
+    def _valid_arms(state: ArmState) -> np.ndarray:
         valid = np.flatnonzero(state.valid)
         if len(valid) == 0:
             raise RuntimeError("every arm is exhausted")
+        return valid
+
+    def select(self, state: ArmState) -> int:
+        valid = self._valid_arms(state)
         unplayed = valid[state.counts[valid] == 0]
         if len(unplayed):  # play every arm once first
             return self._argmax(np.zeros(len(state.counts)), unplayed)
+        return self._best(state, valid)
+
+    def _best(self, state: ArmState, valid: np.ndarray) -> int:
+        """The valid arm with the highest index (every valid arm has been played)."""
         return self._argmax(self.index(state), valid)
 
     def update(self, state: ArmState, arm: int, rewards: np.ndarray) -> None:
@@ -195,13 +212,7 @@ class _Threshold(BanditPolicy):
         for reward in state.record(arm, rewards):
             self.quantile.insert(float(reward), arm)
 
-    def select(self, state: ArmState) -> int:
-        valid = np.flatnonzero(state.valid)
-        if len(valid) == 0:
-            raise RuntimeError("every arm is exhausted")
-        unplayed = valid[state.counts[valid] == 0]
-        if len(unplayed):
-            return self._argmax(np.zeros(len(state.counts)), unplayed)
+    def _best(self, state: ArmState, valid: np.ndarray) -> int:
         values = self.index(state)
         if not (values[valid] > 0).any():  # official fallback: the valid arm with the best reward so far
             return self._argmax(state.maxes, valid)
@@ -244,10 +255,7 @@ class RandomCluster(BanditPolicy):
         return float("nan")
 
     def select(self, state: ArmState) -> int:
-        valid = np.flatnonzero(state.valid)
-        if len(valid) == 0:
-            raise RuntimeError("every arm is exhausted")
-        return int(self.rng.choice(valid))
+        return int(self.rng.choice(self._valid_arms(state)))
 
 
 def make_policy(name: str, n_arms: int, rng: np.random.Generator, beta: float = 1.0, ucb_p: float = 0.25, faithful: bool = False) -> BanditPolicy:

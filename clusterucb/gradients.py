@@ -167,8 +167,8 @@ class AdamPreconditioner:
         stop = offset + grads.shape[1]
         if stop > s.exp_avg.numel():
             raise ValueError(f"block {offset}:{stop} is outside the {s.exp_avg.numel()} optimizer-state dims")
-        m = self._on(grads.device)[0][offset:stop]
-        v = self._on(grads.device)[1][offset:stop]
+        m_all, v_all = self._on(grads.device)
+        m, v = m_all[offset:stop], v_all[offset:stop]
         m_new = s.beta1 * m + (1 - s.beta1) * grads
         v_new = s.beta2 * v + (1 - s.beta2) * grads * grads
         if self.eps_inside_sqrt:

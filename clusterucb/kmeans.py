@@ -16,6 +16,7 @@ be loaded into memory as a whole.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -90,21 +91,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def kmeans_plusplus(rows: RowBlocks, k: int, rng: np.random.Generator) -> torch.Tensor:
     """k-means++ seeding with cosine distance 1 - cos (proportional to squared Euclidean on the sphere)."""
-    chosen = [rows.row(int(rng.integers(rows.n)))]
-    dist = torch.empty(rows.n, dtype=torch.float64)
-    for start, block in rows.blocks():
-        dist[start : start + len(block)] = (1.0 - block @ chosen[0]).clamp_(min=0).double().cpu()
-    for _ in range(1, k):
+    chosen: list[torch.Tensor] = []
+    dist = torch.full((rows.n,), math.inf, dtype=torch.float64)  # distance to the nearest chosen centroid
+    index = int(rng.integers(rows.n))
+    while True:
+        chosen.append(rows.row(index))
+        if len(chosen) == k:
+            break
+        for start, block in rows.blocks():
+            piece = (1.0 - block @ chosen[-1]).clamp_(min=0).double().cpu()
+            dist[start : start + len(block)] = torch.minimum(dist[start : start + len(block)], piece)
         total = float(dist.sum())
         if total <= 0:  # every point coincides with a centroid: pick uniformly
             index = int(rng.integers(rows.n))
         else:
             probs = (dist / total).numpy()
             index = int(rng.choice(rows.n, p=probs / probs.sum()))
-        chosen.append(rows.row(index))
-        for start, block in rows.blocks():
-            piece = (1.0 - block @ chosen[-1]).clamp_(min=0).double().cpu()
-            dist[start : start + len(block)] = torch.minimum(dist[start : start + len(block)], piece)
     return torch.stack(chosen)
 
 
@@ -119,11 +121,11 @@ def spherical_kmeans(
     chunk: int = 16384,
 ) -> KMeansResult:
     """Cluster the unit-norm rows of ``x`` (a tensor or a list of row blocks) into ``k`` cosine clusters."""
-    first = x if isinstance(x, torch.Tensor) else (x[0] if len(x) else None)
-    device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
-    if first is None or (isinstance(x, torch.Tensor) and len(x) == 0):
+    parts = [x] if isinstance(x, torch.Tensor) else list(x)
+    device = torch.device(device) if device is not None else (parts[0].device if parts else torch.device("cpu"))
+    rows = RowBlocks(parts, device, chunk)
+    if rows.n == 0:
         raise ValueError("expected a non-empty (N, D) matrix")
-    rows = RowBlocks(x, device, chunk)
     if not 1 <= k <= rows.n:
         raise ValueError(f"k={k} must be between 1 and the number of points ({rows.n})")
     assign = _assign_keops if resolve_backend(backend, device) == "pykeops" else _assign_torch

@@ -81,10 +81,11 @@ class Projector(ABC):
     proj_dim: int
     seed: int
 
-    def __init__(self, grad_dim: int, proj_dim: int, seed: int, cache_bytes: int = 2 << 30):
+    def __init__(self, grad_dim: int, proj_dim: int, seed: int, block_rows: int, scale: float, cache_bytes: int = 2 << 30):
         if grad_dim <= 0 or proj_dim <= 0:
             raise ValueError(f"grad_dim and proj_dim must be positive, got {grad_dim}, {proj_dim}")
         self.grad_dim, self.proj_dim, self.seed = int(grad_dim), int(proj_dim), int(seed)
+        self.block_rows, self._scale = int(block_rows), float(scale)
         self.cache_bytes = int(cache_bytes)
         self._cache: dict[tuple, object] = {}
         self._cached_bytes = 0
@@ -100,18 +101,42 @@ class Projector(ABC):
         return value
 
     @abstractmethod
+    def _make_block(self, block_start: int, block_stop: int, device) -> object:
+        """The randomness of input coordinates ``block_start:block_stop``."""
+
+    @abstractmethod
+    def _block_bytes(self, rows: int) -> int:
+        """Memory of one generated block of ``rows`` input coordinates (for the cache budget)."""
+
+    @abstractmethod
+    def _accumulate(self, out: torch.Tensor, piece: torch.Tensor, block, lo: int, hi: int) -> None:
+        """Add the projection of ``piece`` (n, hi - lo), block rows ``lo:hi``, to ``out`` (unscaled)."""
+
+    @torch.no_grad()
     def project_block(self, grads: torch.Tensor, start: int) -> torch.Tensor:
         """(n, proj_dim) contribution of gradient coordinates ``start : start + grads.shape[1]``."""
+        if grads.ndim != 2 or start < 0 or start + grads.shape[1] > self.grad_dim:
+            raise ValueError(f"block {start}:{start + grads.shape[1]} is outside the {self.grad_dim} gradient dims")
+        grads = grads.float()
+        out = torch.zeros(grads.shape[0], self.proj_dim, device=grads.device, dtype=torch.float32)
+        stop = start + grads.shape[1]
+        # Blocks aligned to multiples of block_rows, so pieces of any size share the cache.
+        for block_start in range((start // self.block_rows) * self.block_rows, stop, self.block_rows):
+            block_stop = min(block_start + self.block_rows, self.grad_dim)
+            block = self._cached(
+                (block_start, str(grads.device)),
+                self._block_bytes(block_stop - block_start),
+                lambda: self._make_block(block_start, block_stop, grads.device),
+            )
+            lo, hi = max(start, block_start), min(stop, block_stop)
+            self._accumulate(out, grads[:, lo - start : hi - start], block, lo - block_start, hi - block_start)
+        return out.mul_(self._scale)
 
     @torch.no_grad()
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         if grads.ndim != 2 or grads.shape[1] != self.grad_dim:
             raise ValueError(f"expected (n, {self.grad_dim}) gradients, got {tuple(grads.shape)}")
         return self.project_block(grads, 0)
-
-    def _check_block(self, grads: torch.Tensor, start: int) -> None:
-        if grads.ndim != 2 or start < 0 or start + grads.shape[1] > self.grad_dim:
-            raise ValueError(f"block {start}:{start + grads.shape[1]} is outside the {self.grad_dim} gradient dims")
 
     def describe(self) -> dict:
         return {"projector": self.name, "grad_dim": self.grad_dim, "proj_dim": self.proj_dim, "proj_seed": self.seed}
@@ -129,28 +154,16 @@ class RademacherProjector(Projector):
     name = "rademacher"
 
     def __init__(self, grad_dim: int, proj_dim: int, seed: int, block_rows: int = 1024, cache_bytes: int = 2 << 30):
-        super().__init__(grad_dim, proj_dim, seed, cache_bytes)
-        self.block_rows = int(block_rows)
-        self._scale = 1.0 / math.sqrt(self.proj_dim)
+        super().__init__(grad_dim, proj_dim, seed, block_rows, 1.0 / math.sqrt(proj_dim), cache_bytes)
 
-    @torch.no_grad()
-    def project_block(self, grads: torch.Tensor, start: int) -> torch.Tensor:
-        self._check_block(grads, start)
-        grads = grads.float()
-        out = torch.zeros(grads.shape[0], self.proj_dim, device=grads.device, dtype=torch.float32)
-        stop = start + grads.shape[1]
-        # Blocks aligned to multiples of block_rows, so pieces of any size share the cache.
-        first = (start // self.block_rows) * self.block_rows
-        for block_start in range(first, stop, self.block_rows):
-            block_stop = min(block_start + self.block_rows, self.grad_dim)
-            block = self._cached(
-                (block_start, str(grads.device)),
-                (block_stop - block_start) * self.proj_dim * 4,
-                lambda: rademacher_block(self.seed, block_start, block_stop, self.proj_dim, device=grads.device),
-            )
-            lo, hi = max(start, block_start), min(stop, block_stop)
-            out.addmm_(grads[:, lo - start : hi - start], block[lo - block_start : hi - block_start])
-        return out.mul_(self._scale)
+    def _make_block(self, block_start: int, block_stop: int, device) -> torch.Tensor:
+        return rademacher_block(self.seed, block_start, block_stop, self.proj_dim, device=device)
+
+    def _block_bytes(self, rows: int) -> int:
+        return rows * self.proj_dim * 4
+
+    def _accumulate(self, out: torch.Tensor, piece: torch.Tensor, block: torch.Tensor, lo: int, hi: int) -> None:
+        out.addmm_(piece, block[lo:hi])
 
 
 class SJLTProjector(Projector):
@@ -163,35 +176,24 @@ class SJLTProjector(Projector):
     name = "sjlt"
 
     def __init__(self, grad_dim: int, proj_dim: int, seed: int, c: int = 1, block_rows: int = 1 << 20, cache_bytes: int = 2 << 30):
-        super().__init__(grad_dim, proj_dim, seed, cache_bytes)
         if c < 1:
             raise ValueError(f"sjlt needs c >= 1 nonzeros per column, got {c}")
+        super().__init__(grad_dim, proj_dim, seed, block_rows, 1.0 / math.sqrt(c), cache_bytes)
         self.c = int(c)
-        self.block_rows = int(block_rows)
-        self._scale = 1.0 / math.sqrt(self.c)
 
     def describe(self) -> dict:
         return {**super().describe(), "sjlt_c": self.c}
 
-    @torch.no_grad()
-    def project_block(self, grads: torch.Tensor, start: int) -> torch.Tensor:
-        self._check_block(grads, start)
-        grads = grads.float()
-        out = torch.zeros(grads.shape[0], self.proj_dim, device=grads.device, dtype=torch.float32)
-        stop = start + grads.shape[1]
-        first = (start // self.block_rows) * self.block_rows
-        for block_start in range(first, stop, self.block_rows):
-            block_stop = min(block_start + self.block_rows, self.grad_dim)
-            buckets, signs = self._cached(
-                (block_start, str(grads.device)),
-                (block_stop - block_start) * self.c * 12,
-                lambda: sjlt_block(self.seed, block_start, block_stop, self.proj_dim, self.c, device=grads.device),
-            )
-            lo, hi = max(start, block_start), min(stop, block_stop)
-            piece = grads[:, lo - start : hi - start]
-            for r in range(self.c):
-                out.index_add_(1, buckets[r, lo - block_start : hi - block_start], piece * signs[r, lo - block_start : hi - block_start])
-        return out.mul_(self._scale)
+    def _make_block(self, block_start: int, block_stop: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return sjlt_block(self.seed, block_start, block_stop, self.proj_dim, self.c, device=device)
+
+    def _block_bytes(self, rows: int) -> int:
+        return rows * self.c * 12  # int64 bucket + float32 sign per nonzero
+
+    def _accumulate(self, out: torch.Tensor, piece: torch.Tensor, block: tuple[torch.Tensor, torch.Tensor], lo: int, hi: int) -> None:
+        buckets, signs = block
+        for r in range(self.c):
+            out.index_add_(1, buckets[r, lo:hi], piece * signs[r, lo:hi])
 
 
 def make_projector(kind: str, grad_dim: int, proj_dim: int, seed: int, sjlt_c: int = 1) -> Projector:

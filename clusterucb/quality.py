@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clusterucb.bandit import make_policy
+from clusterucb.bandit import make_policy, policy_params
+from clusterucb.runs import BUDGETED
 from clusterucb.selection import ClusterUCB, clusters_from_labels, n_selected, plan_budget, top_k
-
-BUDGETED = ("clusterucb", "random_draw")
 
 
 def recall_metrics(selected: np.ndarray, drawn: np.ndarray, scores: np.ndarray, k: int) -> dict[str, float]:
@@ -131,8 +130,8 @@ def expand_grid(grid: dict, ks: list[int]) -> list[tuple[BudgetedSpec, int]]:
             continue
         for policy in values("policy", ["ucb_beta"]):
             # A policy does not depend on another policy's parameter: sweep only its own.
-            betas = values("beta", [1.0]) if policy == "ucb_beta" else [1.0]
-            ucb_ps = values("ucb_p", [0.25]) if policy in ("ucb_threshhard", "ucb_threshnormal") else [0.25]
+            betas = values("beta", [1.0]) if "beta" in policy_params(policy) else [1.0]
+            ucb_ps = values("ucb_p", [0.25]) if "ucb_p" in policy_params(policy) else [0.25]
             for budget, csp, beta, ucb_p, k, seed in itertools.product(values("budget", [0.2]), values("csp", [0.05]), betas, ucb_ps, values("k", ks), values("seed", [0])):
                 spec = BudgetedSpec(method=method, policy=policy, budget=budget, csp=csp, beta=beta, ucb_p=ucb_p, seed=seed)
                 points[(spec, k)] = (spec, k)

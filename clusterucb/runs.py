@@ -20,6 +20,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from clusterucb.bandit import policy_params
+
 METHODS = ("clusterucb", "random_draw", "dynamic", "less", "random")
 BUDGETED = ("clusterucb", "random_draw")
 DYNAMIC_FAMILY = ("clusterucb", "random_draw", "dynamic")
@@ -86,10 +88,9 @@ def make_run(method: str, overrides: dict, defaults: dict) -> Run:
     if method == "clusterucb":
         # A policy's result does not depend on another policy's parameter: leave it out,
         # so changing it reruns nothing here.
-        if params["policy"] != "ucb_beta":
-            params.pop("beta")
-        if params["policy"] not in ("ucb_threshhard", "ucb_threshnormal"):
-            params.pop("ucb_p")
+        for key in ("beta", "ucb_p"):
+            if key not in policy_params(params["policy"]):
+                params.pop(key)
     # An override equal to the default, or one the run does not use, names the default run.
     overrides = {k: v for k, v in overrides.items() if k in params and v != defaults[k]}
     return Run(run_name(method, overrides), method, params)

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from clusterucb.bandit import policy_params
 from clusterucb.gradstore import GradientStore
 from clusterucb.io import read_parquet_metadata, save_safetensors, write_json, write_parquet
 from clusterucb.kmeans import spherical_kmeans
@@ -284,8 +285,8 @@ def quality_sweep(scores_path: str, assignment_paths: list[str], grid: dict, top
                 "policy": spec.policy if clustered else None,
                 "budget": spec.budget,
                 "csp": spec.csp if clustered else None,
-                "beta": spec.beta if clustered and spec.policy == "ucb_beta" else None,
-                "ucb_p": spec.ucb_p if clustered and spec.policy in ("ucb_threshhard", "ucb_threshnormal") else None,
+                "beta": spec.beta if clustered and "beta" in policy_params(spec.policy) else None,
+                "ucb_p": spec.ucb_p if clustered and "ucb_p" in policy_params(spec.policy) else None,
                 "k": k if clustered else None,
                 "seed": spec.seed,
                 **result,
