@@ -104,32 +104,30 @@ class DenseProjector:
         return self.impl.project(grads, model_id=0) if self.trak else self.impl.project(grads)
 
 
-def less_way(model, examples, adam: AdamPreconditioner, projector: DenseProjector, interval: int, ride_along: torch.Tensor | None = None):
+def less_way(model, examples, adam: AdamPreconditioner, projector: DenseProjector, interval: int, ours: torch.Tensor):
     """LESS's collect_grads: batch-1 backward, flatten, Adam transform, project every ``interval`` samples.
 
-    ``ride_along`` rows (the exactness check's) are projected in the same calls: a
-    dense pass regenerates the whole p x d matrix (minutes at the paper's LoRA size
-    on CPU), while the extra rows only add their matmul to (a)'s time.
+    Returns (a)'s features, ``ours`` (unprojected, one row per example) projected
+    by the same calls, and (a)'s samples/s. A dense pass regenerates the whole
+    p x d matrix (half an hour at the paper's LoRA size on CPU), so ours ride along
+    in (a)'s calls: they add only their matmul to (a)'s time.
     """
-    rows, pending, start = [], [], time.perf_counter()
-    extra = [] if ride_along is None else list(ride_along.split(interval))
+    ours_chunks = list(ours.split(interval))
+    theirs, mine, pending = [], [], []
+    start = time.perf_counter()
     for i, example in enumerate(examples):
         model.zero_grad(set_to_none=True)
         out = model(input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]]))
         out.loss.backward()
         pending.append(adam(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])[None]))
         if len(pending) == interval or i == len(examples) - 1:
-            chunk = torch.cat(pending + ([extra.pop(0)] if extra else []))
-            rows.append(projector.project(chunk))
+            projected = projector.project(torch.cat([*pending, ours_chunks.pop(0)]))
+            theirs.append(projected[: len(pending)])
+            mine.append(projected[len(pending) :])
             pending = []
     model.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
-    projected = torch.cat(rows)
-    if ride_along is None:
-        return F.normalize(projected, dim=1), None, len(examples) / seconds
-    mine = torch.cat([r[min(interval, len(examples) - k * interval):] for k, r in enumerate(rows)])
-    theirs = torch.cat([r[: min(interval, len(examples) - k * interval)] for k, r in enumerate(rows)])
-    return F.normalize(theirs, dim=1), F.normalize(mine, dim=1), len(examples) / seconds
+    return F.normalize(torch.cat(theirs), dim=1), F.normalize(torch.cat(mine), dim=1), len(examples) / seconds
 
 
 def floor(model, examples, pad_id: int, batch_size: int) -> float:
@@ -149,36 +147,27 @@ def ours_with(model, examples, adam, projector, pad_id: int, batch_size: int) ->
     return result.features, len(examples) / (time.perf_counter() - start)
 
 
-def ours_gamma(model, examples, adam, pad_id: int, batch_size: int) -> torch.Tensor:
-    """Our batched per-sample gradients and Adam transform, unprojected (for (a)'s projector)."""
+def ours_gamma(model, examples, adam: AdamPreconditioner | None, pad_id: int, batch_size: int) -> torch.Tensor:
+    """Our batched per-sample gradients, Adam-transformed when ``adam`` is given, unprojected."""
     per_sample = PerSampleLoraGradients(model)
     out = torch.empty(len(examples), per_sample.dim)
     for batch in length_batches([len(e["input_ids"]) for e in examples], batch_size, 10**9):
         grads, _ = per_sample(*pad_batch([examples[i] for i in batch], pad_id, "cpu"))
-        out[batch] = adam(grads)
+        out[batch] = adam(grads) if adam is not None else grads
     return out
 
 
 def projector_quality(model, examples, val_examples, adam, pad_id: int, dims=(8192, 1024), top=0.05) -> list[dict]:
     """Top-5 % overlap of projected scores with exact (unprojected) cosine scores."""
-    per_sample = PerSampleLoraGradients(model)
-    gammas, vals = [], []
-    for batch in length_batches([len(e["input_ids"]) for e in examples], 8, 10**9):
-        grads, _ = per_sample(*pad_batch([examples[i] for i in batch], pad_id, "cpu"))
-        gammas.append((batch, adam(grads)))
-    gamma = torch.empty(len(examples), per_sample.dim)
-    for batch, g in gammas:
-        gamma[batch] = g
-    for batch in length_batches([len(e["input_ids"]) for e in val_examples], 8, 10**9):
-        vals.append(per_sample(*pad_batch([val_examples[i] for i in batch], pad_id, "cpu"))[0])
-    val = torch.cat(vals)
+    gamma = ours_gamma(model, examples, adam, pad_id, 8)
+    val = ours_gamma(model, val_examples, None, pad_id, 8)
     exact = (F.normalize(gamma, dim=1) @ F.normalize(val, dim=1).mean(0)).numpy()
     k = max(1, int(top * len(examples)))
     truth = set(np.argsort(-exact)[:k].tolist())
     rows = []
     for dim in dims:
         for kind in ("rademacher", "sjlt"):
-            projector = make_projector(kind, per_sample.dim, dim, seed=0)
+            projector = make_projector(kind, gamma.shape[1], dim, seed=0)
             scores = (F.normalize(projector.project(gamma), dim=1) @ F.normalize(projector.project(val), dim=1).mean(0)).numpy()
             overlap = len(truth & set(np.argsort(-scores)[:k].tolist())) / k
             rank = float(np.corrcoef(np.argsort(np.argsort(exact)), np.argsort(np.argsort(scores)))[0, 1])
@@ -234,7 +223,7 @@ def main() -> None:
     dense = DenseProjector(grad_dim, args.proj_dim, seed=0)
     less_examples = examples[: args.less_samples]
     gamma = ours_gamma(model, less_examples, adam, pad_id, args.batch_size)
-    less_features, exact, less_rate = less_way(model, less_examples, adam, dense, args.less_interval, ride_along=gamma)
+    less_features, exact, less_rate = less_way(model, less_examples, adam, dense, args.less_interval, gamma)
     print(f"(a) LESS way, batch 1, projected every {args.less_interval} with {dense.name}: {less_rate:.3f} samples/s "
           f"({len(less_examples)} samples)", flush=True)
     cosine_min = float((exact * less_features).sum(1).min())

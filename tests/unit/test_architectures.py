@@ -9,7 +9,7 @@ import torch
 
 from clusterucb.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, pad_batch
 from clusterucb.lora import LoraSpec, attach_lora, attention_targets
-from clusterucb.projection import SJLTProjector
+from clusterucb.projection import make_projector
 
 from tinymodels import loop_gradients, ragged_examples
 
@@ -72,14 +72,16 @@ def test_batched_per_sample_gradients_equal_batch1_loop(arch):
     assert float(rel.max()) < 1e-5, (arch, rel)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
-def test_fused_featurizer_matches_adam_then_project_of_loop_gradients(arch):
+@pytest.mark.parametrize("projector_kind", ["rademacher", "sjlt"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
+def test_fused_featurizer_matches_adam_then_project_of_loop_gradients(arch, projector_kind):
+    """Per-module Adam + projection inside the batched pass = flat Adam then project of the batch-1 loop."""
     model = lora_model(arch)
     examples = ragged_examples(5, seed=12)
     dim = PerSampleLoraGradients(model).dim
     g = torch.Generator().manual_seed(1)
     state = AdamState(torch.randn(dim, generator=g) * 1e-3, torch.rand(dim, generator=g) * 1e-5, 0.9, 0.999, 1e-8)
-    projector = SJLTProjector(dim, 256, seed=3)
-    fused = GradientFeaturizer(model, 0, projector, AdamPreconditioner(state), max_batch_size=4).featurize(examples)
+    projector = make_projector(projector_kind, dim, 256, seed=3)
+    fused = GradientFeaturizer(model, 0, projector, AdamPreconditioner(state), max_batch_size=3).featurize(examples)
     expected = torch.nn.functional.normalize(projector.project(AdamPreconditioner(state)(loop_gradients(model, examples))), dim=1)
     assert float((fused.features * expected).sum(1).min()) > 1 - 1e-5
