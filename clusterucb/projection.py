@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 
 import torch
 
@@ -71,6 +72,23 @@ def sjlt_block(seed: int, row_start: int, row_stop: int, proj_dim: int, c: int, 
         buckets.append(mixed % proj_dim)
         signs.append(1 - 2 * ((key >> 31) & 1))
     return torch.stack(buckets), torch.stack(signs).to(torch.float32)
+
+
+@contextmanager
+def _deterministic_scatter(device: torch.device, enabled: bool):
+    """CUDA's index_add_ sums colliding buckets with atomics, in a run-dependent order;
+    PyTorch's deterministic mode switches it to a sorted, fixed-order sum, so the same
+    config gives the same features and the same selection (benchmarks/gradients.py
+    prints what it costs on a GPU)."""
+    if not enabled or device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False, warn_only=warn_only)
 
 
 class Projector(ABC):
@@ -170,16 +188,19 @@ class SJLTProjector(Projector):
     """Sparse JL / CountSketch: coordinate i adds ±g_i/sqrt(c) to c hashed output buckets.
 
     O(c·p) per sample instead of O(p·d); ``c`` = 1 is CountSketch. Buckets and
-    signs are cached per block like the Rademacher blocks.
+    signs are cached per block like the Rademacher blocks. On a GPU the bucket sums
+    run in a fixed order unless ``deterministic`` is False (atomics: faster, but the
+    last bits of a feature change from run to run).
     """
 
     name = "sjlt"
 
-    def __init__(self, grad_dim: int, proj_dim: int, seed: int, c: int = 1, block_rows: int = 1 << 20, cache_bytes: int = 2 << 30):
+    def __init__(self, grad_dim: int, proj_dim: int, seed: int, c: int = 1, block_rows: int = 1 << 20, cache_bytes: int = 2 << 30, deterministic: bool = True):
         if c < 1:
             raise ValueError(f"sjlt needs c >= 1 nonzeros per column, got {c}")
         super().__init__(grad_dim, proj_dim, seed, block_rows, 1.0 / math.sqrt(c), cache_bytes)
         self.c = int(c)
+        self.deterministic = bool(deterministic)
 
     def describe(self) -> dict:
         return {**super().describe(), "sjlt_c": self.c}
@@ -192,8 +213,9 @@ class SJLTProjector(Projector):
 
     def _accumulate(self, out: torch.Tensor, piece: torch.Tensor, block: tuple[torch.Tensor, torch.Tensor], lo: int, hi: int) -> None:
         buckets, signs = block
-        for r in range(self.c):
-            out.index_add_(1, buckets[r, lo:hi], piece * signs[r, lo:hi])
+        with _deterministic_scatter(out.device, self.deterministic):
+            for r in range(self.c):
+                out.index_add_(1, buckets[r, lo:hi], piece * signs[r, lo:hi])
 
 
 def make_projector(kind: str, grad_dim: int, proj_dim: int, seed: int, sjlt_c: int = 1) -> Projector:
