@@ -271,3 +271,74 @@ def test_killed_run_resumes_with_rerun_incomplete_and_selects_the_same(tiny_run,
     a = pq.read_table(workdir / "results/runs/clusterucb/epoch-2/draws.parquet").to_pandas()
     b = pq.read_table(tiny_run / "results/runs/clusterucb/epoch-2/draws.parquet").to_pandas()
     assert a.example_id.tolist() == b.example_id.tolist()
+
+
+# Conda package names whose import name differs.
+IMPORT_NAMES = {"pytorch": "torch", "pytorch-cpu": "torch", "matplotlib-base": "matplotlib", "pyyaml": "yaml"}
+
+BLOCKER = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class NotInEnv(MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"{name} is not in {ENV}")
+
+sys.meta_path.insert(0, NotInEnv())
+sys.path[:0] = [REPO, REPO + "/workflow_scripts"]
+"""
+
+
+def env_modules(env_file: Path) -> set[str]:
+    deps = []
+    for dep in yaml.safe_load(env_file.read_text())["dependencies"]:
+        deps += dep.get("pip", []) if isinstance(dep, dict) else [dep]
+    names = {re.split(r"[\s<>=!]", dep.strip())[0] for dep in deps}
+    return {IMPORT_NAMES.get(name, name.replace("-", "_")) for name in names}
+
+
+def third_party_imports() -> set[str]:
+    """Top-level packages imported anywhere in the library or the scripts (lazy imports included)."""
+    import ast
+
+    names = set()
+    for source in [*(REPO / "clusterucb").rglob("*.py"), *(REPO / "workflow_scripts").glob("*.py")]:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"clusterucb", "_common"}
+
+
+def test_each_rule_script_imports_only_what_its_conda_env_declares():
+    """What CI can check of ``--sdm conda`` without building the envs: a rule's script and the
+    clusterucb modules it imports load with every package its env lacks made unimportable."""
+    import ast
+
+    used = third_party_imports()
+    assert {"torch", "transformers", "peft"} <= used
+    checked = set()
+    for name, body in rule_blocks().items():
+        env = re.search(r"conda:\s*\n\s*\"\.\./(envs/[\w.]+)\"", body)
+        script = re.search(r"script:\s*\n\s*\"\.\./(workflow_scripts/\w+\.py)\"", body)
+        if not script:
+            continue
+        assert env, f"rule {name} runs a script but declares no conda env"
+        blocked = used - env_modules(REPO / env.group(1))
+        tree = ast.parse((REPO / script.group(1)).read_text())
+        imports = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
+        code = f"REPO = {str(REPO)!r}\nBLOCKED = {sorted(blocked)!r}\nENV = {env.group(1)!r}\n{BLOCKER}\n" + "\n".join(imports)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"rule {name} ({env.group(1)}): {proc.stderr[-2000:]}"
+        checked.add(env.group(1))
+    assert checked == {"envs/cpu.yaml", "envs/torch.yaml"}
+
+
+def test_pyproject_declares_every_package_the_code_imports():
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = {IMPORT_NAMES.get(n, n.replace("-", "_")) for n in (re.split(r"[\s<>=!\[]", d.strip())[0].lower() for d in deps)}
+    assert third_party_imports() <= declared, third_party_imports() - declared
