@@ -7,11 +7,11 @@ import warnings
 import pytest
 import torch
 
-from clusterucb.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, pad_batch
+from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients, pad_batch
 from clusterucb.lora import LoraSpec, attach_lora, attention_targets
 from clusterucb.projection import make_projector
 
-from tinymodels import loop_gradients, ragged_examples
+from tinymodels import loop_gradients, ragged_examples, random_adam_state
 
 VOCAB = 97
 
@@ -79,8 +79,7 @@ def test_fused_featurizer_matches_adam_then_project_of_loop_gradients(arch, proj
     model = lora_model(arch)
     examples = ragged_examples(5, seed=12)
     dim = PerSampleLoraGradients(model).dim
-    g = torch.Generator().manual_seed(1)
-    state = AdamState(torch.randn(dim, generator=g) * 1e-3, torch.rand(dim, generator=g) * 1e-5, 0.9, 0.999, 1e-8)
+    state = random_adam_state(dim)
     projector = make_projector(projector_kind, dim, 256, seed=3)
     fused = GradientFeaturizer(model, 0, projector, AdamPreconditioner(state), max_batch_size=3).featurize(examples)
     expected = torch.nn.functional.normalize(projector.project(AdamPreconditioner(state)(loop_gradients(model, examples))), dim=1)

@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clusterucb.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, pad_batch
+from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients, pad_batch
 from clusterucb.kmeans import spherical_kmeans
 from clusterucb.projection import SJLTProjector, make_projector
 from clusterucb.training import TrainSpec, plan_steps, train_lora
 
 from test_architectures import lora_model
 from test_projection_kmeans import separable_sphere
-from tinymodels import ragged_examples, tiny_lora_llama
+from tinymodels import ragged_examples, random_adam_state, tiny_lora_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -50,8 +50,7 @@ def test_featurizer_on_gpu_matches_cpu_and_repeats_bit_for_bit(projector_kind):
     model = tiny_lora_llama()
     examples = ragged_examples(12, seed=5)
     dim = PerSampleLoraGradients(model).dim
-    g = torch.Generator().manual_seed(1)
-    state = AdamState(torch.randn(dim, generator=g) * 1e-3, torch.rand(dim, generator=g) * 1e-5, 0.9, 0.999, 1e-8)
+    state = random_adam_state(dim)
     projector = make_projector(projector_kind, dim, 512, seed=3)
     cpu = GradientFeaturizer(model, 0, projector, AdamPreconditioner(state), max_batch_size=4).featurize(examples)
     model = model.cuda()

@@ -28,6 +28,14 @@ def tiny_lora_llama(seed: int = 0, r: int = 4):
     return peft_model.eval()
 
 
+def random_adam_state(dim: int, seed: int = 1):
+    """Plausible AdamW moments (m ~ 1e-3, v ~ 1e-5) for a LoRA of ``dim`` parameters."""
+    from clusterucb.gradients import AdamState
+
+    g = torch.Generator().manual_seed(seed)
+    return AdamState(torch.randn(dim, generator=g) * 1e-3, torch.rand(dim, generator=g) * 1e-5, 0.9, 0.999, 1e-8)
+
+
 def ragged_examples(n: int, seed: int = 1) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     examples = []
