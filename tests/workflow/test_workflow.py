@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -300,8 +301,6 @@ def env_modules(env_file: Path) -> set[str]:
 
 def third_party_imports() -> set[str]:
     """Top-level packages imported anywhere in the library or the scripts (lazy imports included)."""
-    import ast
-
     names = set()
     for source in [*(REPO / "clusterucb").rglob("*.py"), *(REPO / "workflow_scripts").glob("*.py")]:
         for node in ast.walk(ast.parse(source.read_text())):
@@ -315,8 +314,6 @@ def third_party_imports() -> set[str]:
 def test_each_rule_script_imports_only_what_its_conda_env_declares():
     """What CI can check of ``--sdm conda`` without building the envs: a rule's script and the
     clusterucb modules it imports load with every package its env lacks made unimportable."""
-    import ast
-
     used = third_party_imports()
     assert {"torch", "transformers", "peft"} <= used
     checked = set()
