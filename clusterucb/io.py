@@ -63,6 +63,19 @@ def atomic_dir(path: str | os.PathLike, last: str | None = None) -> Iterator[Pat
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def scratch_dir_for(output: str | os.PathLike, results: str | os.PathLike = "results") -> Path:
+    """The job's own resumable-state directory: ``results/scratch/`` + ``output`` without its suffix.
+
+    Keyed by the job's first output (unique per job), never by its directory: the
+    shards of one pool share a directory and run concurrently, and one shard
+    clearing its finished scratch must not delete another's.
+    """
+    rel = Path(os.path.relpath(output, results))
+    if rel.parts[0] == os.pardir:
+        raise ValueError(f"output {output} is not under {results}")
+    return Path(results) / "scratch" / rel.with_suffix("")
+
+
 def config_hash(obj: Any) -> str:
     """Short sha256 of the canonical JSON of ``obj`` (a result's provenance key)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()

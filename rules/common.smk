@@ -44,6 +44,7 @@ def coerce_cli_values(value, schema):
 
 
 sys.path.insert(0, workflow.basedir)  # the clusterucb package, installed or not
+from clusterucb.io import scratch_dir_for  # noqa: E402
 from clusterucb.runs import BUDGETED, SHARED_EPOCH1, defaults_from_config, expand_runs  # noqa: E402
 
 with open(workflow.source_path("../config.schema.yaml")) as schema_file:
@@ -299,10 +300,8 @@ def get_eval_adapter(wildcards):
 
 
 def get_scratch(wildcards, output):
-    """Resumable in-job state lives beside, not inside, the declared outputs."""
-    return os.path.join(
-        "results", "scratch", os.path.relpath(os.path.dirname(output[0]), "results")
-    )
+    """Resumable in-job state: beside, not inside, the declared outputs; one folder per job."""
+    return str(scratch_dir_for(output[0]))
 
 
 def get_quality_grid(wildcards=None):

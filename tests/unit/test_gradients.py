@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from tinymodels import loop_gradients, ragged_examples, tiny_lora_llama
 
 from clusterucb.data.tokenize import IGNORE_INDEX
 from clusterucb.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, length_batches, pad_batch
 from clusterucb.projection import RademacherProjector
 
-from tinymodels import loop_gradients, ragged_examples, tiny_lora_llama
 
 def test_batched_per_sample_gradients_equal_batch1_loop():
     model = tiny_lora_llama()
@@ -118,3 +118,54 @@ def test_killed_shard_resumes_without_recomputing_finished_samples(tmp_path):
     computed.clear()
     featurize_resumable(featurizer, examples, tmp_path, key="another checkpoint", chunk_size=3)
     assert len(computed) == 4  # parts written for another key are never reused
+
+
+def test_scratch_dirs_are_one_per_job_even_when_outputs_share_a_folder(tmp_path):
+    from clusterucb.io import scratch_dir_for
+
+    results = tmp_path / "results"
+    outputs = [results / f"grads/warmup/pool/shard-{i}.safetensors" for i in range(12)]
+    outputs += [results / "runs/a/epoch-1/adapter/adapter_model.safetensors", results / "warmup/adapter/adapter_model.safetensors"]
+    dirs = [scratch_dir_for(o, results) for o in outputs]
+    assert dirs[1] == results / "scratch/grads/warmup/pool/shard-1"
+    for a in dirs:  # disjoint: no job's folder is, or holds, another's
+        assert sum(a == b or a in b.parents or b in a.parents for b in dirs) == 1
+    with pytest.raises(ValueError, match="not under"):
+        scratch_dir_for(tmp_path / "elsewhere/x.parquet", results)
+
+
+def test_a_shard_that_finishes_keeps_a_concurrent_shards_finished_parts(tmp_path):
+    """Two shards of one pool run at once; the first to finish clears only its own scratch
+    (a shared folder made the other's next write fail and lost its resume state)."""
+    import shutil
+
+    from clusterucb.gradients import featurize_resumable
+    from clusterucb.io import scratch_dir_for
+
+    model = tiny_lora_llama()
+    dim = PerSampleLoraGradients(model).dim
+    featurizer = GradientFeaturizer(model, 0, RademacherProjector(dim, 16, seed=0), max_batch_size=4)
+    results = tmp_path / "results"
+    shard0, shard1 = ragged_examples(6, seed=3), ragged_examples(6, seed=4)
+    scratch0, scratch1 = (scratch_dir_for(results / f"grads/warmup/pool/shard-{i}.safetensors", results) for i in (0, 1))
+
+    computed = []
+    original = featurizer.featurize
+
+    def dying(batch, desc=""):
+        if computed:
+            raise KeyboardInterrupt("shard 1 killed in its second part")
+        computed.append(batch)
+        return original(batch, desc)
+
+    featurizer.featurize = dying
+    with pytest.raises(KeyboardInterrupt):
+        featurize_resumable(featurizer, shard1, scratch1, key="shard 1", chunk_size=3)
+    featurizer.featurize = original
+    featurize_resumable(featurizer, shard0, scratch0, key="shard 0", chunk_size=3)
+    shutil.rmtree(scratch0)  # what grads_pool_shard does once its outputs are written
+
+    computed.clear()
+    featurizer.featurize = lambda batch, desc="": (computed.append(batch), original(batch, desc))[1]
+    featurize_resumable(featurizer, shard1, scratch1, key="shard 1", chunk_size=3)
+    assert [len(b) for b in computed] == [3]  # only the unfinished part is recomputed
