@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-from tinymodels import loop_gradients, ragged_examples, tiny_lora_llama
 
 from clusterucb.data.tokenize import IGNORE_INDEX
 from clusterucb.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, length_batches, pad_batch
 from clusterucb.projection import RademacherProjector
+
+from tinymodels import loop_gradients, ragged_examples, tiny_lora_llama
 
 
 def test_batched_per_sample_gradients_equal_batch1_loop():
