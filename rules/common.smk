@@ -44,8 +44,10 @@ def coerce_cli_values(value, schema):
 
 
 sys.path.insert(0, workflow.basedir)  # the clusterucb package, installed or not
+from clusterucb import paths  # noqa: E402
 from clusterucb.io import scratch_dir_for  # noqa: E402
 from clusterucb.runs import BUDGETED, SHARED_EPOCH1, defaults_from_config, expand_runs  # noqa: E402
+from clusterucb.tasks import get_task, resolve_settings, task_names  # noqa: E402
 
 with open(workflow.source_path("../config.schema.yaml")) as schema_file:
     coerce_cli_values(config, yaml.safe_load(schema_file))
@@ -55,6 +57,9 @@ BUILTIN_MODEL = "builtin-tiny"
 EPOCHS = int(config["train"]["epochs"])
 N_SHARDS = int(config["gradients"]["n_shards"])
 SELECTION = config["selection"]
+TARGET = config["target"]
+TASKS = list(TARGET["tasks"])
+DECONTAMINATE = list(config["data"]["decontaminate_against"] or task_names())
 try:
     RUNS = expand_runs(
         SELECTION["methods"],
@@ -68,12 +73,44 @@ QUALITY = config["quality"]
 LESS_CKPTS = [f"less/ckpt-{i}" for i in range(1, config["less"]["warmup_epochs"] + 1)]
 
 
+def resolved_task_settings():
+    """Every target's settings: the task's defaults (the paper's) with the config's overrides."""
+    unknown = sorted(set(TARGET["settings"]) - set(task_names()))
+    if unknown:
+        raise WorkflowError(f"config key 'target.settings': unknown task(s) {unknown}")
+    missing = sorted(set(TASKS) - set(DECONTAMINATE))
+    if missing:
+        raise WorkflowError(
+            f"config key 'data.decontaminate_against' lacks the target task(s) {missing}: the pool would keep their test questions"
+        )
+    settings = {}
+    for task in TASKS:
+        try:
+            settings[task] = resolve_settings(get_task(task), TARGET["settings"].get(task))
+        except ValueError as err:
+            raise WorkflowError(f"config key 'target.settings.{task}': {err}")
+    return settings
+
+
+TASK_SETTINGS = resolved_task_settings()
+
+
+def alternatives(names):
+    return "|".join(sorted(names, key=len, reverse=True))
+
+
+TASK_PATTERN = alternatives([*task_names(), paths.ALL_TASKS])
+RUN_PATTERN = r"[A-Za-z0-9_.\-]+"
+
+
 wildcard_constraints:
     epoch=r"\d+",
     shard=r"\d+",
     k=r"\d+",
-    run=r"[A-Za-z0-9_.\-]+",
-    ckpt=r"warmup|less/ckpt-\d+|runs/[A-Za-z0-9_.\-]+/epoch-\d+",
+    task=TASK_PATTERN,
+    run=RUN_PATTERN,
+    ckpt=rf"warmup|less/ckpt-\d+|runs/({TASK_PATTERN})/{RUN_PATTERN}/epoch-\d+",
+    qckpt=rf"warmup|less/ckpt-\d+|runs/{RUN_PATTERN}/epoch-\d+",
 
 
 # ---------------------------------------------------------------- base model
@@ -87,7 +124,7 @@ def model_is_built():
 def get_base_model():
     """The file that stands for the base model: built weights, or the user's model directory."""
     if model_is_built():
-        return "results/model/base/model.safetensors"
+        return paths.BASE_WEIGHTS
     if not os.path.isdir(config["model"]):
         raise WorkflowError(
             f"config key 'model': {config['model']!r} is not '{BUILTIN_MODEL}', a .gguf file or an existing model directory"
@@ -110,29 +147,42 @@ def datasets_path(relative):
     return os.path.join(config["datasets_dir"], relative)
 
 
+def expand_pattern(pattern, what):
+    """A staged file, or the sorted matches of a glob pattern (none is an error naming the pattern)."""
+    path = datasets_path(pattern)
+    if not any(ch in pattern for ch in "*?["):
+        return [path]
+    matches = sorted(glob.glob(path))
+    if not matches:
+        raise WorkflowError(f"{what}: no file matches {path} (is datasets_dir set right?)")
+    return matches
+
+
 def get_source_files(wildcards=None):
     """Every staged file the pool reads (glob patterns expanded), so a missing one is reported by name."""
-    files = []
-    for name, source in config["data"]["sources"].items():
-        for pattern in source["files"]:
-            path = datasets_path(pattern)
-            if any(ch in pattern for ch in "*?["):
-                matches = sorted(glob.glob(path))
-                if not matches:
-                    raise WorkflowError(
-                        f"data.sources.{name}: no file matches {path} (is datasets_dir set right?)"
-                    )
-                files.extend(matches)
-            else:
-                files.append(path)
-    return files
+    return [
+        f
+        for name, source in config["data"]["sources"].items()
+        for pattern in source["files"]
+        for f in expand_pattern(pattern, f"data.sources.{name}")
+    ]
 
 
-def get_gsm8k_files(wildcards=None):
+def get_task_files(wildcards):
+    """The staged files a target task reads, by role (its module's data_files())."""
+    task = get_task(wildcards.task)
     return {
-        "train": datasets_path("gsm8k/train.jsonl.gz"),
-        "test": datasets_path("gsm8k/test.jsonl"),
+        role: expand_pattern(pattern, f"target task {task.name}")
+        for role, pattern in task.data_files().items()
     }
+
+
+def get_decontamination_files(wildcards=None):
+    return [paths.TARGET_DECONTAM.format(task=task) for task in DECONTAMINATE]
+
+
+def get_target_settings(wildcards):
+    return TASK_SETTINGS[wildcards.task].as_dict()
 
 
 # ---------------------------------------------------------------- runs and checkpoints
@@ -144,57 +194,49 @@ def get_run(wildcards):
     return RUNS[wildcards.run]
 
 
-def checkpoint_files(ckpt):
-    """Adapter and optimizer state of a checkpoint ('warmup', 'less/ckpt-<i>' or 'runs/<run>/epoch-<e>')."""
+def val_grads(ckpt, task):
     return {
-        "adapter": f"results/{ckpt}/adapter/adapter_model.safetensors",
-        "adapter_config": f"results/{ckpt}/adapter/adapter_config.json",
-        "optimizer": f"results/{ckpt}/optimizer.safetensors",
-    }
-
-
-def val_grads(ckpt):
-    return {
-        "val_tensors": f"results/grads/{ckpt}/val.safetensors",
-        "val_index": f"results/grads/{ckpt}/val.parquet",
+        "val_tensors": paths.VAL_GRADS.format(ckpt=ckpt, task=task),
+        "val_index": paths.VAL_GRADS_INDEX.format(ckpt=ckpt, task=task),
+        "val_tokens": paths.TARGET_VAL_TOKENS.format(task=task),
     }
 
 
 def assignments(k):
-    return f"results/cluster/k-{k}/assignments.parquet"
+    return paths.ASSIGNMENTS.format(k=k)
+
+
+def run_k(run):
+    return run.params.get("k", config["cluster"]["k"])
 
 
 def get_checkpoint(wildcards):
-    return checkpoint_files(wildcards.ckpt)
+    return paths.checkpoint_files(wildcards.ckpt)
 
 
-def get_pool_shards(wildcards):
+def pool_shards(ckpt):
     return {
-        "tensors": expand(
-            "results/grads/{ckpt}/pool/shard-{shard}.safetensors",
-            ckpt=wildcards.ckpt,
-            shard=range(N_SHARDS),
-        ),
-        "indexes": expand(
-            "results/grads/{ckpt}/pool/shard-{shard}.parquet",
-            ckpt=wildcards.ckpt,
-            shard=range(N_SHARDS),
-        ),
+        "tensors": [paths.POOL_SHARD.format(ckpt=ckpt, shard=s) for s in range(N_SHARDS)],
+        "indexes": [paths.POOL_SHARD_INDEX.format(ckpt=ckpt, shard=s) for s in range(N_SHARDS)],
     }
 
 
+def get_pool_shards(wildcards):
+    return pool_shards(wildcards.ckpt)
+
+
 def get_pool_shard_tensors(wildcards):
-    return get_pool_shards(wildcards)["tensors"]
+    return pool_shards(wildcards.ckpt)["tensors"]
 
 
 def get_warmup_shards(wildcards=None):
-    return expand("results/grads/warmup/pool/shard-{shard}.safetensors", shard=range(N_SHARDS))
+    return pool_shards("warmup")["tensors"]
 
 
 def get_full_scores_inputs(wildcards):
     return {
-        "manifest": f"results/grads/{wildcards.ckpt}/pool/manifest.parquet",
-        **val_grads(wildcards.ckpt),
+        "manifest": paths.POOL_MANIFEST.format(ckpt=wildcards.ckpt),
+        **val_grads(wildcards.ckpt, wildcards.task),
     }
 
 
@@ -203,18 +245,20 @@ def get_top_scores_input(wildcards):
     if wildcards.run == SHARED_EPOCH1:
         if int(wildcards.epoch) != 1:
             raise WorkflowError(f"{SHARED_EPOCH1} has only epoch 1")
-        return "results/grads/warmup/scores.parquet"
-    return f"results/grads/{RUNS['dynamic'].checkpoint(int(wildcards.epoch) - 1)}/scores.parquet"
+        ckpt = "warmup"
+    else:
+        ckpt = RUNS["dynamic"].checkpoint(wildcards.task, int(wildcards.epoch) - 1)
+    return paths.SCORES.format(ckpt=ckpt, task=wildcards.task)
 
 
 def get_budgeted_inputs(wildcards):
     """The previous epoch's checkpoint of the run, its validation gradients there, and the run's clusters."""
     run = get_run(wildcards)
-    previous = run.checkpoint(int(wildcards.epoch) - 1)
+    previous = run.checkpoint(wildcards.task, int(wildcards.epoch) - 1)
     return {
-        **checkpoint_files(previous),
-        **val_grads(previous),
-        "assignments": assignments(run.params.get("k", config["cluster"]["k"])),
+        **paths.checkpoint_files(previous),
+        **val_grads(previous, wildcards.task),
+        "assignments": assignments(run_k(run)),
     }
 
 
@@ -227,23 +271,21 @@ def get_random_seed(wildcards):
     return RUNS[wildcards.run].params["seed"] if wildcards.run in RUNS else config["seed"]
 
 
-def get_less_scores(wildcards=None):
-    return expand("results/grads/{ckpt}/scores.parquet", ckpt=LESS_CKPTS)
+def get_less_scores(wildcards):
+    return [paths.SCORES.format(ckpt=ckpt, task=wildcards.task) for ckpt in LESS_CKPTS]
 
 
 def get_less_outputs(kind):
-    return expand(f"results/{{ckpt}}/{kind}", ckpt=LESS_CKPTS)
+    return [getattr(paths, kind).format(ckpt=ckpt) for ckpt in LESS_CKPTS]
 
 
 def get_train_inputs(wildcards):
     """The epoch's selection, plus the previous epoch's adapter and optimizer state after epoch 1."""
-    inputs = {
-        "selection": f"results/runs/{wildcards.run}/epoch-{wildcards.epoch}/selection.parquet"
-    }
+    inputs = {"selection": paths.SELECTION.format(**wildcards)}
     epoch = int(wildcards.epoch)
     if epoch > 1:
-        previous = get_run(wildcards).checkpoint(epoch - 1)
-        inputs.update({f"prev_{k}": v for k, v in checkpoint_files(previous).items()})
+        previous = get_run(wildcards).checkpoint(wildcards.task, epoch - 1)
+        inputs.update({f"prev_{k}": v for k, v in paths.checkpoint_files(previous).items()})
     return inputs
 
 
@@ -252,10 +294,12 @@ def get_recall_inputs(wildcards):
     run = get_run(wildcards)
     epoch = int(wildcards.epoch)
     return {
-        "selection": f"results/runs/{run.name}/epoch-{epoch}/selection.parquet",
-        "draws": f"results/runs/{run.name}/epoch-{epoch}/draws.parquet",
-        "scores": f"results/grads/{run.checkpoint(epoch - 1)}/scores.parquet",
-        "assignments": assignments(run.params.get("k", config["cluster"]["k"])),
+        "selection": paths.SELECTION.format(**wildcards),
+        "draws": paths.DRAWS.format(**wildcards),
+        "scores": paths.SCORES.format(
+            ckpt=run.checkpoint(wildcards.task, epoch - 1), task=wildcards.task
+        ),
+        "assignments": assignments(run_k(run)),
     }
 
 
@@ -282,13 +326,14 @@ def get_train_params(wildcards=None):
     return dict(config["train"])
 
 
-def get_eval_params(wildcards=None):
-    target = config["target"]
+def get_eval_params(wildcards):
+    """What the evaluation of a task reads: its settings, the chat template and the target-loss length."""
     return {
-        "n_shot": target["n_shot"],
-        "max_new_tokens": target["max_new_tokens"],
-        "batch_size": target["eval_batch_size"],
+        "settings": TASK_SETTINGS[wildcards.task].as_dict(),
+        "chat_template": config["data"]["chat_template"],
         "max_length": config["data"]["val_max_length"],
+        "batch_size": TARGET["eval_batch_size"],
+        "seed": config["seed"],
     }
 
 
@@ -296,7 +341,7 @@ def get_eval_adapter(wildcards):
     """The last epoch's adapter; the base model is evaluated without one."""
     if wildcards.run == "base":
         return []
-    return checkpoint_files(get_run(wildcards).checkpoint(EPOCHS))["adapter"]
+    return paths.ADAPTER.format(ckpt=get_run(wildcards).checkpoint(wildcards.task, EPOCHS))
 
 
 def get_scratch(wildcards, output):
@@ -308,11 +353,15 @@ def get_quality_grid(wildcards=None):
     return QUALITY["grid"]
 
 
+def quality_ks():
+    return sorted(set(QUALITY["grid"].get("k") or [config["cluster"]["k"]]))
+
+
 def get_quality_inputs(wildcards):
-    ks = sorted(set(QUALITY["grid"].get("k") or [config["cluster"]["k"]]))
+    ckpt = paths.task_checkpoint(wildcards.task, wildcards.qckpt)
     return {
-        "scores": f"results/grads/{wildcards.ckpt}/scores.parquet",
-        "assignments": [assignments(k) for k in ks],
+        "scores": paths.SCORES.format(ckpt=ckpt, task=wildcards.task),
+        "assignments": [assignments(k) for k in quality_ks()],
     }
 
 
@@ -330,66 +379,80 @@ def runtime_heavy(wildcards, attempt):
 # ---------------------------------------------------------------- targets
 
 
-def selection_files(run):
-    return [f"results/{RUNS[run].checkpoint(e)}/selection.parquet" for e in range(1, EPOCHS + 1)]
+def selection_files(task, run):
+    return [
+        f"{paths.checkpoint_dir(RUNS[run].checkpoint(task, e))}/selection.parquet"
+        for e in range(1, EPOCHS + 1)
+    ]
 
 
-def recall_files(run):
+def recall_files(task, run):
     if not SELECTION["oracle"] or RUNS[run].method not in BUDGETED:
         return []
-    return [f"results/runs/{run}/epoch-{e}/recall.json" for e in range(2, EPOCHS + 1)]
+    return [paths.RECALL.format(task=task, run=run, epoch=e) for e in range(2, EPOCHS + 1)]
 
 
-def draws_files(run):
+def draws_files(task, run):
     if RUNS[run].method not in BUDGETED:
         return []
-    return [f"results/runs/{run}/epoch-{e}/draws.parquet" for e in range(2, EPOCHS + 1)]
+    return [paths.DRAWS.format(task=task, run=run, epoch=e) for e in range(2, EPOCHS + 1)]
 
 
 def get_compare_inputs(wildcards=None):
     return {
-        "metrics": expand("results/eval/{run}/metrics.json", run=["base", *RUNS]),
-        "selections": [f for run in RUNS for f in selection_files(run)],
-        "recalls": [f for run in RUNS for f in recall_files(run)],
+        "metrics": [paths.METRICS.format(task=t, run=r) for t in TASKS for r in ["base", *RUNS]],
+        "selections": [f for t in TASKS for run in RUNS for f in selection_files(t, run)],
+        "recalls": [f for t in TASKS for run in RUNS for f in recall_files(t, run)],
     }
 
 
 def get_compare_params(wildcards=None):
     return {
         "runs": {name: {"method": run.method, **run.params} for name, run in RUNS.items()},
-        "selections": {run: selection_files(run) for run in RUNS},
-        "recalls": {run: recall_files(run) for run in RUNS},
+        "selections": {t: {run: selection_files(t, run) for run in RUNS} for t in TASKS},
+        "recalls": {t: {run: recall_files(t, run) for run in RUNS} for t in TASKS},
+        "metrics": {t: get_task(t).metric for t in TASKS},
     }
 
 
 def get_quality_tables(wildcards=None):
-    return expand("results/quality/{ckpt}/sweep.parquet", ckpt=QUALITY["checkpoints"])
+    return [
+        paths.QUALITY_SWEEP.format(task=t, qckpt=c) for t in TASKS for c in QUALITY["checkpoints"]
+    ]
 
 
 def get_all_draws(wildcards=None):
-    return [f for run in BUDGETED_RUNS for f in draws_files(run)]
+    return [f for t in TASKS for run in BUDGETED_RUNS for f in draws_files(t, run)]
+
+
+def get_warmup_scores(wildcards=None):
+    return [paths.SCORES.format(ckpt="warmup", task=t) for t in TASKS]
 
 
 def get_arm_pull_plots():
-    if not SELECTION["oracle"] or EPOCHS < 2:
+    if not SELECTION["oracle"] or EPOCHS < 2 or not BUDGETED_RUNS:
         return []
-    return expand("results/report/figures/arm_pulls/{run}.png", run=BUDGETED_RUNS)
+    return [f"{paths.REPORT}/figures/arm_pulls/{t}.png" for t in TASKS]
 
 
 def get_arm_inputs(wildcards):
-    return [f"results/runs/{wildcards.run}/epoch-{e}/arms.parquet" for e in range(2, EPOCHS + 1)]
+    return [
+        paths.ARMS.format(task=wildcards.task, run=run, epoch=e)
+        for run in BUDGETED_RUNS
+        for e in range(2, EPOCHS + 1)
+    ]
 
 
 def get_final_outputs():
     outputs = [
-        "results/report/comparison.md",
-        "results/report/comparison.parquet",
-        "results/report/config.yaml",
-        "results/report/figures/cluster_influence.png",
+        f"{paths.REPORT}/comparison.md",
+        f"{paths.REPORT}/comparison.parquet",
+        f"{paths.REPORT}/config.yaml",
+        f"{paths.REPORT}/figures/cluster_influence.png",
         *get_arm_pull_plots(),
     ]
     if QUALITY["checkpoints"]:
-        outputs += ["results/report/quality.md", "results/report/figures/recall_vs_budget.png"]
+        outputs += [f"{paths.REPORT}/quality.md", f"{paths.REPORT}/figures/recall_vs_budget.png"]
     if get_all_draws():
-        outputs.append("results/report/figures/cumulative_reward.png")
+        outputs.append(f"{paths.REPORT}/figures/cumulative_reward.png")
     return outputs

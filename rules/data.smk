@@ -1,33 +1,60 @@
-# Staged sources -> target sets, pool table, tokenized pool and validation set.
+# Staged sources -> target tasks' sets, pool table, tokenized pool and validation sets.
 
 
-rule prepare_target:
+rule prepare_validation:
     input:
-        unpack(get_gsm8k_files),
+        unpack(get_task_files),
     output:
-        val="results/data/target/val.parquet",
-        test="results/data/target/test.parquet",
+        paths.TARGET_VAL,
     log:
-        "logs/prepare_target.log",
+        "logs/prepare_validation/{task}.log",
     localrule: True
     conda:
         "../envs/cpu.yaml"
     params:
-        task=config["target"]["task"],
-        n_val=config["target"]["n_val"],
-        n_test=config["target"]["n_test"],
+        settings=get_target_settings,
         seed=config["seed"],
     script:
-        "../workflow_scripts/prepare_target.py"
+        "../workflow_scripts/prepare_validation.py"
+
+
+rule prepare_test:
+    input:
+        unpack(get_task_files),
+    output:
+        paths.TARGET_TEST,
+    log:
+        "logs/prepare_test/{task}.log",
+    localrule: True
+    conda:
+        "../envs/cpu.yaml"
+    params:
+        settings=get_target_settings,
+        seed=config["seed"],
+    script:
+        "../workflow_scripts/prepare_test.py"
+
+
+rule target_decontamination:
+    input:
+        unpack(get_task_files),
+    output:
+        paths.TARGET_DECONTAM,
+    log:
+        "logs/target_decontamination/{task}.log",
+    localrule: True
+    conda:
+        "../envs/cpu.yaml"
+    script:
+        "../workflow_scripts/target_decontamination.py"
 
 
 rule build_pool:
     input:
         sources=get_source_files(),
-        val="results/data/target/val.parquet",
-        test="results/data/target/test.parquet",
+        decontamination=get_decontamination_files(),
     output:
-        "results/data/pool.parquet",
+        paths.POOL,
     log:
         "logs/build_pool.log",
     conda:
@@ -46,10 +73,10 @@ rule build_pool:
 
 rule tokenize_pool:
     input:
-        pool="results/data/pool.parquet",
+        pool=paths.POOL,
         model=get_base_model(),
     output:
-        "results/data/pool_tokens.parquet",
+        paths.POOL_TOKENS,
     log:
         "logs/tokenize_pool.log",
     conda:
@@ -68,16 +95,17 @@ rule tokenize_pool:
 
 rule tokenize_target:
     input:
-        val="results/data/target/val.parquet",
+        val=paths.TARGET_VAL,
         model=get_base_model(),
     output:
-        "results/data/target/val_tokens.parquet",
+        paths.TARGET_VAL_TOKENS,
     log:
-        "logs/tokenize_target.log",
+        "logs/tokenize_target/{task}.log",
     localrule: True
     conda:
         "../envs/torch.yaml"
     params:
         max_length=config["data"]["val_max_length"],
+        chat_template=config["data"]["chat_template"],
     script:
         "../workflow_scripts/tokenize_target.py"

@@ -1,18 +1,18 @@
-# Evaluation of each run's final adapter (and of the base model), and the comparison table.
+# Evaluation of each run's final adapter (and of the base model) on each target task, and the comparison table.
 
 
 rule evaluate:
     input:
         model=get_base_model(),
-        test="results/data/target/test.parquet",
+        test=paths.TARGET_TEST,
         adapter=get_eval_adapter,
     output:
-        metrics="results/eval/{run}/metrics.json",
-        predictions="results/eval/{run}/predictions.parquet",
+        metrics=paths.METRICS,
+        predictions=paths.PREDICTIONS,
     log:
-        "logs/evaluate/{run}.log",
+        "logs/evaluate/{task}/{run}.log",
     benchmark:
-        "results/benchmarks/evaluate/{run}.tsv"
+        "results/benchmarks/evaluate/{task}/{run}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 2
@@ -21,7 +21,7 @@ rule evaluate:
         mem_mb=mem_mb_heavy,
         runtime=runtime_heavy,
     params:
-        eval=get_eval_params(),
+        eval=get_eval_params,
     script:
         "../workflow_scripts/evaluate.py"
 
@@ -30,13 +30,13 @@ rule compare_methods:
     input:
         unpack(get_compare_inputs),
     output:
-        table="results/report/comparison.parquet",
+        table=f"{paths.REPORT}/comparison.parquet",
         markdown=report(
-            "results/report/comparison.md",
+            f"{paths.REPORT}/comparison.md",
             caption="../report/comparison.rst",
             category="Results",
         ),
-        config="results/report/config.yaml",
+        config=f"{paths.REPORT}/config.yaml",
     log:
         "logs/compare_methods.log",
     localrule: True

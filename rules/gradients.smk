@@ -1,15 +1,16 @@
-# Per-sample gradient features at a checkpoint ({ckpt}: warmup, less/ckpt-<i>, runs/<run>/epoch-<e>):
-# pool shards (one job each) + manifest, validation features, and full-pool influence scores.
+# Per-sample gradient features at a checkpoint ({ckpt}: warmup, less/ckpt-<i>, runs/<task>/<run>/epoch-<e>):
+# pool shards (one job each) + manifest, shared by every target; validation features and
+# full-pool influence scores per target task.
 
 
 rule grads_pool_shard:
     input:
         unpack(get_checkpoint),
         model=get_base_model(),
-        pool="results/data/pool_tokens.parquet",
+        pool=paths.POOL_TOKENS,
     output:
-        tensors="results/grads/{ckpt}/pool/shard-{shard}.safetensors",
-        index="results/grads/{ckpt}/pool/shard-{shard}.parquet",
+        tensors=paths.POOL_SHARD,
+        index=paths.POOL_SHARD_INDEX,
     log:
         "logs/grads_pool_shard/{ckpt}/shard-{shard}.log",
     benchmark:
@@ -33,7 +34,7 @@ rule grads_manifest:
     input:
         unpack(get_pool_shards),
     output:
-        "results/grads/{ckpt}/pool/manifest.parquet",
+        paths.POOL_MANIFEST,
     log:
         "logs/grads_manifest/{ckpt}.log",
     localrule: True
@@ -47,14 +48,14 @@ rule grads_val:
     input:
         unpack(get_checkpoint),
         model=get_base_model(),
-        val="results/data/target/val_tokens.parquet",
+        val=paths.TARGET_VAL_TOKENS,
     output:
-        tensors="results/grads/{ckpt}/val.safetensors",
-        index="results/grads/{ckpt}/val.parquet",
+        tensors=paths.VAL_GRADS,
+        index=paths.VAL_GRADS_INDEX,
     log:
-        "logs/grads_val/{ckpt}.log",
+        "logs/grads_val/{ckpt}/{task}.log",
     benchmark:
-        "results/benchmarks/grads_val/{ckpt}.tsv"
+        "results/benchmarks/grads_val/{ckpt}/{task}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 2
@@ -72,13 +73,12 @@ rule full_scores:
     input:
         unpack(get_full_scores_inputs),
         shards=get_pool_shard_tensors,
-        val_tokens="results/data/target/val_tokens.parquet",
     output:
-        "results/grads/{ckpt}/scores.parquet",
+        paths.SCORES,
     log:
-        "logs/full_scores/{ckpt}.log",
+        "logs/full_scores/{ckpt}/{task}.log",
     benchmark:
-        "results/benchmarks/full_scores/{ckpt}.tsv"
+        "results/benchmarks/full_scores/{ckpt}/{task}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 2

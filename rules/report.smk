@@ -5,11 +5,11 @@ rule quality_sweep:
     input:
         unpack(get_quality_inputs),
     output:
-        "results/quality/{ckpt}/sweep.parquet",
+        paths.QUALITY_SWEEP,
     log:
-        "logs/quality_sweep/{ckpt}.log",
+        "logs/quality_sweep/{task}/{qckpt}.log",
     benchmark:
-        "results/benchmarks/quality_sweep/{ckpt}.tsv"
+        "results/benchmarks/quality_sweep/{task}/{qckpt}.tsv"
     conda:
         "../envs/cpu.yaml"
     threads: 1
@@ -29,13 +29,13 @@ rule quality_table:
         get_quality_tables(),
     output:
         markdown=report(
-            "results/report/quality.md",
+            f"{paths.REPORT}/quality.md",
             caption="../report/quality.rst",
             category="Selection quality",
         ),
-        table="results/report/quality.parquet",
+        table=f"{paths.REPORT}/quality.parquet",
         figure=report(
-            "results/report/figures/recall_vs_budget.png",
+            f"{paths.REPORT}/figures/recall_vs_budget.png",
             caption="../report/recall_vs_budget.rst",
             category="Selection quality",
         ),
@@ -50,11 +50,11 @@ rule quality_table:
 
 rule plot_cluster_influence:
     input:
-        scores="results/grads/warmup/scores.parquet",
+        scores=get_warmup_scores(),
         assignments=assignments(config["cluster"]["k"]),
     output:
         report(
-            "results/report/figures/cluster_influence.png",
+            f"{paths.REPORT}/figures/cluster_influence.png",
             caption="../report/cluster_influence.rst",
             category="Selection quality",
         ),
@@ -72,7 +72,7 @@ rule plot_cumulative_reward:
         get_all_draws(),
     output:
         report(
-            "results/report/figures/cumulative_reward.png",
+            f"{paths.REPORT}/figures/cumulative_reward.png",
             caption="../report/cumulative_reward.rst",
             category="Selection quality",
         ),
@@ -90,13 +90,13 @@ rule plot_arm_pulls:
         get_arm_inputs,
     output:
         report(
-            "results/report/figures/arm_pulls/{run}.png",
+            f"{paths.REPORT}/figures/arm_pulls/{{task}}.png",
             caption="../report/arm_pulls.rst",
             category="Selection quality",
-            labels={"run": "{run}"},
+            labels={"task": "{task}"},
         ),
     log:
-        "logs/plot_arm_pulls/{run}.log",
+        "logs/plot_arm_pulls/{task}.log",
     localrule: True
     conda:
         "../envs/cpu.yaml"

@@ -1,16 +1,17 @@
-# Per-epoch selection of every run (see clusterucb/runs.py for the methods), and the oracle's recall.
-# results/runs/full_matching/epoch-1 is the epoch 1 shared by every Dynamic-family run.
+# Per-epoch selection of every run for every target task (see clusterucb/runs.py for the methods),
+# and the oracle's recall. results/runs/<task>/full_matching/epoch-1 is the epoch 1 shared by
+# every Dynamic-family run of a target.
 
 
 rule select_top_scores:
     input:
         scores=get_top_scores_input,
-        pool="results/data/pool_tokens.parquet",
+        pool=paths.POOL_TOKENS,
         assignments=assignments(config["cluster"]["k"]),
     output:
-        selection="results/runs/{run}/epoch-{epoch}/selection.parquet",
+        selection=paths.SELECTION,
     log:
-        "logs/select/{run}/epoch-{epoch}.log",
+        "logs/select/{task}/{run}/epoch-{epoch}.log",
     wildcard_constraints:
         run="full_matching|dynamic",
     localrule: True
@@ -26,15 +27,14 @@ rule select_budgeted:
     input:
         unpack(get_budgeted_inputs),
         model=get_base_model(),
-        pool="results/data/pool_tokens.parquet",
-        val_tokens="results/data/target/val_tokens.parquet",
+        pool=paths.POOL_TOKENS,
     output:
-        selection="results/runs/{run}/epoch-{epoch}/selection.parquet",
-        draws="results/runs/{run}/epoch-{epoch}/draws.parquet",
+        selection=paths.SELECTION,
+        draws=paths.DRAWS,
     log:
-        "logs/select/{run}/epoch-{epoch}.log",
+        "logs/select/{task}/{run}/epoch-{epoch}.log",
     benchmark:
-        "results/benchmarks/select/{run}/epoch-{epoch}.tsv"
+        "results/benchmarks/select/{task}/{run}/epoch-{epoch}.tsv"
     wildcard_constraints:
         run=r"(clusterucb|random_draw)(__[A-Za-z0-9_.\-]+)?",
         epoch=r"[2-9]|[1-9]\d+",
@@ -55,11 +55,11 @@ rule select_budgeted:
 
 rule select_random:
     input:
-        pool="results/data/pool_tokens.parquet",
+        pool=paths.POOL_TOKENS,
     output:
-        selection="results/runs/{run}/epoch-{epoch}/selection.parquet",
+        selection=paths.SELECTION,
     log:
-        "logs/select/{run}/epoch-{epoch}.log",
+        "logs/select/{task}/{run}/epoch-{epoch}.log",
     wildcard_constraints:
         run=r"random(__seed-\d+)?",
     localrule: True
@@ -74,13 +74,13 @@ rule select_random:
 
 rule select_less:
     input:
-        scores=get_less_scores(),
-        train_log="results/less/train_log.parquet",
-        pool="results/data/pool_tokens.parquet",
+        scores=get_less_scores,
+        train_log=paths.LESS_TRAIN_LOG,
+        pool=paths.POOL_TOKENS,
     output:
-        selection="results/runs/{run}/epoch-{epoch}/selection.parquet",
+        selection=paths.SELECTION,
     log:
-        "logs/select/{run}/epoch-{epoch}.log",
+        "logs/select/{task}/{run}/epoch-{epoch}.log",
     wildcard_constraints:
         run="less",
     localrule: True
@@ -96,10 +96,10 @@ rule recall:
     input:
         unpack(get_recall_inputs),
     output:
-        recall="results/runs/{run}/epoch-{epoch}/recall.json",
-        arms="results/runs/{run}/epoch-{epoch}/arms.parquet",
+        recall=paths.RECALL,
+        arms=paths.ARMS,
     log:
-        "logs/recall/{run}/epoch-{epoch}.log",
+        "logs/recall/{task}/{run}/epoch-{epoch}.log",
     localrule: True
     conda:
         "../envs/cpu.yaml"

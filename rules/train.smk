@@ -1,15 +1,16 @@
-# LoRA training: the warmup checkpoint on the pool, LESS's warmup checkpoints, and one epoch per selection.
+# LoRA training: the warmup checkpoint on the pool and LESS's warmup checkpoints (shared by every
+# target), and one epoch per selection (per target).
 
 
 rule warmup_lora:
     input:
         model=get_base_model(),
-        pool="results/data/pool_tokens.parquet",
+        pool=paths.POOL_TOKENS,
     output:
-        adapter="results/warmup/adapter/adapter_model.safetensors",
-        adapter_config="results/warmup/adapter/adapter_config.json",
-        optimizer="results/warmup/optimizer.safetensors",
-        train_log="results/warmup/train_log.parquet",
+        adapter=paths.ADAPTER.format(ckpt="warmup"),
+        adapter_config=paths.ADAPTER_CONFIG.format(ckpt="warmup"),
+        optimizer=paths.OPTIMIZER.format(ckpt="warmup"),
+        train_log=paths.TRAIN_LOG.format(ckpt="warmup"),
     log:
         "logs/warmup_lora.log",
     benchmark:
@@ -34,12 +35,12 @@ rule warmup_lora:
 rule less_warmup:
     input:
         model=get_base_model(),
-        pool="results/data/pool_tokens.parquet",
+        pool=paths.POOL_TOKENS,
     output:
-        adapters=get_less_outputs("adapter/adapter_model.safetensors"),
-        adapter_configs=get_less_outputs("adapter/adapter_config.json"),
-        optimizers=get_less_outputs("optimizer.safetensors"),
-        train_log="results/less/train_log.parquet",
+        adapters=get_less_outputs("ADAPTER"),
+        adapter_configs=get_less_outputs("ADAPTER_CONFIG"),
+        optimizers=get_less_outputs("OPTIMIZER"),
+        train_log=paths.LESS_TRAIN_LOG,
     log:
         "logs/less_warmup.log",
     benchmark:
@@ -65,16 +66,16 @@ rule train_epoch:
     input:
         unpack(get_train_inputs),
         model=get_base_model(),
-        pool="results/data/pool_tokens.parquet",
+        pool=paths.POOL_TOKENS,
     output:
-        adapter="results/runs/{run}/epoch-{epoch}/adapter/adapter_model.safetensors",
-        adapter_config="results/runs/{run}/epoch-{epoch}/adapter/adapter_config.json",
-        optimizer="results/runs/{run}/epoch-{epoch}/optimizer.safetensors",
-        train_log="results/runs/{run}/epoch-{epoch}/train_log.parquet",
+        adapter=paths.ADAPTER.format(ckpt=paths.RUN_CKPT),
+        adapter_config=paths.ADAPTER_CONFIG.format(ckpt=paths.RUN_CKPT),
+        optimizer=paths.OPTIMIZER.format(ckpt=paths.RUN_CKPT),
+        train_log=paths.TRAIN_LOG.format(ckpt=paths.RUN_CKPT),
     log:
-        "logs/train_epoch/{run}/epoch-{epoch}.log",
+        "logs/train_epoch/{task}/{run}/epoch-{epoch}.log",
     benchmark:
-        "results/benchmarks/train_epoch/{run}/epoch-{epoch}.tsv"
+        "results/benchmarks/train_epoch/{task}/{run}/epoch-{epoch}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 2

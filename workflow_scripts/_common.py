@@ -24,3 +24,12 @@ def model_dir(path):
 def checkpoint_dir(adapter_weights):
     """``results/<ckpt>/adapter/adapter_model.safetensors`` -> ``results/<ckpt>``."""
     return str(Path(adapter_weights).parent.parent)
+
+
+def named_inputs(snakemake) -> dict[str, list[str]]:
+    """The rule's named inputs as lists of paths (a single file becomes a one-element list)."""
+    out = {}
+    for name in snakemake.input.keys():
+        value = getattr(snakemake.input, name)
+        out[name] = [value] if isinstance(value, str) else list(value)
+    return out

@@ -7,4 +7,4 @@ from clusterucb.pipeline.evaluate import evaluate  # noqa: E402
 
 i, o, p, w = snakemake.input, snakemake.output, snakemake.params, snakemake.wildcards  # noqa: F821
 adapter_dir = str(Path(i.adapter).parent) if i.adapter else None
-evaluate(model_dir(i.model), adapter_dir, i.test, o.metrics, o.predictions, p.eval, w.run)
+evaluate(w.task, model_dir(i.model), adapter_dir, i.test, o.metrics, o.predictions, p.eval, w.run, snakemake.threads)  # noqa: F821

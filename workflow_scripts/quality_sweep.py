@@ -1,7 +1,7 @@
 from _common import init
 
 init(snakemake)  # noqa: F821
-from clusterucb.pipeline.select import quality_sweep  # noqa: E402
+from clusterucb.pipeline.quality import quality_sweep  # noqa: E402
 
 i, p = snakemake.input, snakemake.params  # noqa: F821
 quality_sweep(i.scores, list(i.assignments), p.grid, p.top_p, p.seed, snakemake.output[0])  # noqa: F821

@@ -4,4 +4,4 @@ init(snakemake)  # noqa: F821
 from clusterucb.pipeline.select import select_random  # noqa: E402
 
 p, w = snakemake.params, snakemake.wildcards  # noqa: F821
-select_random(snakemake.input.pool, snakemake.output.selection, p.top_p, p.seed, w.run, int(w.epoch))  # noqa: F821
+select_random(snakemake.input.pool, snakemake.output.selection, p.top_p, p.seed, w.task, w.run, int(w.epoch))  # noqa: F821

@@ -3,4 +3,5 @@ from _common import init, model_dir
 init(snakemake)  # noqa: F821
 from clusterucb.pipeline.data import tokenize_target  # noqa: E402
 
-tokenize_target(snakemake.input.val, model_dir(snakemake.input.model), snakemake.output[0], snakemake.params.max_length)  # noqa: F821
+p = snakemake.params  # noqa: F821
+tokenize_target(snakemake.input.val, model_dir(snakemake.input.model), snakemake.output[0], p.max_length, p.chat_template)  # noqa: F821

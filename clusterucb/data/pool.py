@@ -16,8 +16,10 @@ from clusterucb.data.sources import RawExample, ReadStats, read_source
 
 log = logging.getLogger(__name__)
 
-_WORD = re.compile(r"[a-z0-9]+")
+# Words are runs of Unicode letters and digits, case-folded: TyDiQA's questions are in nine scripts.
+_WORD = re.compile(r"[^\W_]+")
 NGRAM = 8
+MIN_WORDS = 3  # shorter texts ("Why?", "Who is he?") would match ordinary text; they are counted and left out
 
 
 def example_id(source: str, messages: list[dict[str, str]]) -> str:
@@ -27,26 +29,31 @@ def example_id(source: str, messages: list[dict[str, str]]) -> str:
 
 
 def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    return _WORD.findall(text.casefold())
 
 
 class Decontaminator:
-    """Finds pool examples whose user text contains a target-task question.
+    """Finds pool examples whose non-assistant text contains a target-task text.
 
-    Texts are normalised to lower-case alphanumeric words. A question matches
-    when its first ``NGRAM`` words occur in the user text and the whole
-    normalised question occurs there as a run of whole words.
+    Texts are normalised to case-folded Unicode words. A target text matches when
+    the whole normalised text occurs in the example as a run of whole words. Texts
+    are indexed by their first ``min(NGRAM, len)`` words, so checking an example
+    costs one set lookup per word position and key length, whatever the number
+    of target texts. Texts of fewer than ``MIN_WORDS`` words are not used (``too_short``).
     """
 
-    def __init__(self, questions: Iterable[str]):
+    def __init__(self, texts: Iterable[str]):
         self._by_key: dict[tuple[str, ...], list[str]] = {}
-        for question in questions:
-            words = _words(question)
+        self.too_short = 0
+        for text in texts:
+            words = _words(text)
             if not words:
                 continue
-            key = tuple(words[:NGRAM])
-            self._by_key.setdefault(key, []).append(" ".join(words))
-        self._short = {k for k in self._by_key if len(k) < NGRAM}
+            if len(words) < MIN_WORDS:
+                self.too_short += 1
+                continue
+            self._by_key.setdefault(tuple(words[:NGRAM]), []).append(" ".join(words))
+        self._key_lengths = sorted({len(k) for k in self._by_key})
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_key.values())
@@ -55,12 +62,15 @@ class Decontaminator:
         words = _words(" ".join(m["content"] for m in messages if m["role"] != "assistant"))
         if not words:
             return False
-        joined = f" {' '.join(words)} "  # padded: matches are whole words
-        grams = {tuple(words[i : i + NGRAM]) for i in range(max(1, len(words) - NGRAM + 1))}
-        grams |= {k for k in self._short if f" {' '.join(k)} " in joined}
-        for key in grams:
-            for question in self._by_key.get(key, ()):
-                if f" {question} " in joined:
+        joined = None
+        for length in self._key_lengths:
+            for start in range(len(words) - length + 1):
+                candidates = self._by_key.get(tuple(words[start : start + length]))
+                if not candidates:
+                    continue
+                if joined is None:
+                    joined = f" {' '.join(words)} "  # padded: matches are whole words
+                if any(f" {text} " in joined for text in candidates):
                     return True
         return False
 
@@ -79,7 +89,7 @@ class SourceReport:
 def build_pool(
     sources: dict[str, dict],
     datasets_dir: str | Path,
-    exclude_questions: Iterable[str],
+    exclude_texts: Iterable[str],
     seed: int,
     on_malformed: str = "error",
 ) -> tuple[list[dict], list[SourceReport]]:
@@ -88,12 +98,12 @@ def build_pool(
     ``sources`` maps a source name to ``{"format", "files", "max_examples"}``;
     files are relative to ``datasets_dir``. Within a source, candidates are
     visited in a seeded random order; duplicates and examples containing a
-    target-task question are skipped (and counted) until the cap is reached.
+    target-task text are skipped (and counted) until the cap is reached.
     (A duplicate keeps the id of its first visited copy; ids are content hashes.)
     Rows come out grouped by source (config order), in source-file order.
     """
-    decon = Decontaminator(exclude_questions)
-    log.info("decontaminating against %d target-task questions", len(decon))
+    decon = Decontaminator(exclude_texts)
+    log.info("decontaminating against %d target-task texts (%d of fewer than %d words left out)", len(decon), decon.too_short, MIN_WORDS)
     rows: list[dict] = []
     reports = []
     for source_index, (name, spec) in enumerate(sources.items()):

@@ -50,6 +50,16 @@ def _decode(raw: bytes, path: Path, row: int) -> str | DataError:
         return DataError(f"{path}: row {row}: not valid UTF-8 ({err.reason} at byte {err.start})")
 
 
+def read_json(path: str | Path) -> Any:
+    """A whole JSON document (.json or .json.gz); an unreadable one raises naming the file."""
+    path = Path(path)
+    try:
+        with _open_binary(path) as handle:
+            return json.loads(handle.read().decode("utf-8"))
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not a readable JSON document ({err})") from err
+
+
 def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     """Yield ``(row, record)`` with 1-based rows, for .json (a list), .jsonl and .tsv files, gzipped or not.
 

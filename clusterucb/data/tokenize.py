@@ -75,11 +75,16 @@ def encode_messages(
     return input_ids, labels, full_length
 
 
-def encode_prompt_completion(prompt: str, completion: str, tokenizer, max_length: int) -> tuple[list[int], list[int], int]:
-    """Validation-set encoding (spec §1.3): labels masked over ``tok.encode(prompt)``, BOS included."""
-    full_length = len(_ids(tokenizer, prompt + completion, None))
-    input_ids = _ids(tokenizer, prompt + completion, max_length)
-    n_prompt = len(_ids(tokenizer, prompt, None))
+def encode_prompt_completion(
+    prompt: str, completion: str, tokenizer, max_length: int, add_special_tokens: bool = True
+) -> tuple[list[int], list[int], int]:
+    """Validation-set encoding (spec §1.3): labels masked over ``tok.encode(prompt)``, BOS included.
+
+    ``add_special_tokens=False`` for prompts rendered by a tokenizer's chat template, which carry their own BOS.
+    """
+    full_length = len(_ids(tokenizer, prompt + completion, None, add_special_tokens))
+    input_ids = _ids(tokenizer, prompt + completion, max_length, add_special_tokens)
+    n_prompt = len(_ids(tokenizer, prompt, None, add_special_tokens))
     labels = list(input_ids)
     labels[: min(n_prompt, len(labels))] = [IGNORE_INDEX] * min(n_prompt, len(labels))
     return input_ids, labels, full_length

@@ -1,4 +1,4 @@
-"""Stage: evaluate a run's final adapter (or the base model) on the target task."""
+"""Stage: evaluate a run's final adapter (or the base model) on one target task."""
 
 from __future__ import annotations
 
@@ -7,29 +7,34 @@ import logging
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clusterucb.evaluation import EvalSpec, evaluate_gsm8k, target_loss
-from clusterucb.io import write_json, write_parquet
+from clusterucb.chat import ChatFormat
+from clusterucb.io import read_parquet_metadata, write_json, write_parquet
+from clusterucb.lm import LanguageModel
 from clusterucb.lora import load_lora
 from clusterucb.modeling import load_base_model
 from clusterucb.pipeline.model import device
+from clusterucb.tasks import get_task, resolve_settings
+from clusterucb.tasks.base import prediction_schema
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(model_dir: str, adapter_dir: str | None, test_path: str, metrics_out: str, predictions_out: str, params: dict, method: str) -> None:
-    """GSM8K exact match (few-shot CoT, greedy) and target loss of the model with the adapter merged."""
-    spec = EvalSpec(**params)
+def evaluate(task: str, model_dir: str, adapter_dir: str | None, test_path: str, metrics_out: str, predictions_out: str, params: dict, run: str, workers: int = 1) -> None:
+    """The task's evaluation and the target loss (NLL of the reference answers) with the adapter merged."""
+    target = get_task(task)
+    settings = resolve_settings(target, params["settings"])
     dev = device()
     model, tokenizer = load_base_model(model_dir)
     if adapter_dir is not None:
         model = load_lora(model, adapter_dir, trainable=False).merge_and_unload()
     model = model.to(dev).eval()
-    rows = pq.read_table(test_path).to_pylist()
-    context = int(getattr(model.config, "max_position_embeddings", 2048))
-    metrics, records = evaluate_gsm8k(model, tokenizer, rows, spec, context, dev)
-    metrics.update(target_loss(model, tokenizer, rows, spec.max_length, spec.batch_size, dev))
-    metrics.update({"method": method, "adapter": adapter_dir, "model": model_dir, "eval": params})
-    write_parquet(pa.Table.from_pylist(records), predictions_out, {"method": method})
+    lm = LanguageModel(model, tokenizer, ChatFormat(params["chat_template"], tokenizer), dev, params["batch_size"], seed=params["seed"], workers=workers)
+    examples = pq.read_table(test_path).to_pylist()
+    shared = read_parquet_metadata(test_path)["shared"]
+    log.info("%s: evaluating %s on %d test examples", task, run, len(examples))
+    metrics, records = target.evaluate(lm, examples, shared, settings)
+    metrics.update(lm.completion_nll([target.loss_example(e) for e in examples], params["max_length"]))
+    metrics.update({"task": task, "run": run, "metric": target.metric, "score": metrics[target.metric], "adapter": adapter_dir, "model": model_dir, "eval": params})
+    write_parquet(pa.Table.from_pylist(records, schema=prediction_schema()), predictions_out, {"task": task, "run": run})
     write_json(metrics, metrics_out)
-    log.info("%s: exact match %.4f, target loss %.4f on %d test problems", method, metrics["exact_match"], metrics["target_loss"], metrics["n_examples"])
-
+    log.info("%s / %s: %s %.4f, target loss %.4f on %d test examples", task, run, target.metric, metrics["score"], metrics["target_loss"], metrics["n_examples"])

@@ -37,24 +37,33 @@ def _write_table(frame: pd.DataFrame, table_out: str, markdown_out: str, meta: d
         tmp.write_text(markdown_table(frame))
 
 
-def compare(metrics_paths: list[str], runs: dict, table_out: str, markdown_out: str, config_out: str, config: dict) -> None:
-    """One row per run (and the base model): target metrics, gradients computed, and oracle recall if measured.
+def headline_metrics(metrics: dict) -> str:
+    """The task's other scalar metrics besides the headline one, e.g. 'exact_match=0.31' for TyDiQA."""
+    skip = {metrics["metric"], "score", "target_loss", "target_loss_per_example_mean", "target_tokens"}
+    items = [(k, v) for k, v in sorted(metrics.items()) if isinstance(v, float) and k not in skip]
+    return ", ".join(f"{k}={v:.4f}" for k, v in items)
 
-    The resolved configuration is written beside the table, so every number traces back to it.
+
+def compare(metrics_paths: list[str], params: dict, table_out: str, markdown_out: str, config_out: str, config: dict) -> None:
+    """One row per target task and run (and the base model): the task's metric, target loss, gradients computed,
+    and oracle recall if measured. The resolved configuration is written beside the table, so every number traces back to it.
     """
     rows = []
     for path in metrics_paths:
         metrics = json.loads(Path(path).read_text())
-        name = metrics["method"]
-        run = runs["runs"].get(name, {"method": name})
-        selections = [read_parquet_metadata(p) for p in runs["selections"].get(name, [])]
-        recalls = [json.loads(Path(p).read_text()) for p in runs["recalls"].get(name, [])]
-        row = {"run": name, "method": run["method"]}
+        task, name = metrics["task"], metrics["run"]
+        run = params["runs"].get(name, {"method": name})
+        selections = [read_parquet_metadata(p) for p in params["selections"][task].get(name, [])]
+        recalls = [json.loads(Path(p).read_text()) for p in params["recalls"][task].get(name, [])]
+        row = {"task": task, "run": name, "method": run["method"]}
         row.update({c: run.get(c) for c in RUN_COLUMNS})
         row.update(
             {
-                "exact_match": metrics["exact_match"],
+                "metric": metrics["metric"],
+                "score": metrics["score"],
                 "target_loss": metrics["target_loss"],
+                "other_metrics": headline_metrics(metrics),
+                "n_test": metrics["n_examples"],
                 "pool_gradients": sum(int(s["n_gradients"]) for s in selections),
                 "gradients_per_epoch": "/".join(str(s["n_gradients"]) for s in selections) or "0",
             }
@@ -63,17 +72,17 @@ def compare(metrics_paths: list[str], runs: dict, table_out: str, markdown_out: 
             row[column] = float(np.mean([r[column] for r in recalls])) if recalls else None
         rows.append(row)
     frame = pd.DataFrame(rows).astype({"k": "Int64", "seed": "Int64"})
-    pool = next((read_parquet_metadata(p)["n_pool"] for paths in runs["selections"].values() for p in paths), None)
-    _write_table(frame, table_out, markdown_out, {"config": config, "n_pool": pool, "n_test": metrics["n_examples"]})
+    pool = next((read_parquet_metadata(p)["n_pool"] for by_run in params["selections"].values() for paths in by_run.values() for p in paths), None)
+    _write_table(frame, table_out, markdown_out, {"config": config, "n_pool": pool})
     with atomic_path(config_out) as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    log.info("comparison (pool %s, %s test problems):\n%s", pool, metrics["n_examples"], frame.to_string(index=False))
+    log.info("comparison (pool %s):\n%s", pool, frame.to_string(index=False))
 
 
 def quality_table(sweep_paths: list[str], table_out: str, markdown_out: str, figure_out: str) -> None:
-    """Recall per checkpoint, method, policy and budget: mean and std over seeds; and the recall-vs-budget figure."""
+    """Recall per target task, checkpoint, method, policy and budget: mean and std over seeds; and the recall-vs-budget figure."""
     frame = pd.concat([pq.read_table(p).to_pandas() for p in sweep_paths], ignore_index=True)
-    keys = ["checkpoint", "method", "policy", "budget", "csp", "beta", "ucb_p", "k"]
+    keys = ["task", "checkpoint", "method", "policy", "budget", "csp", "beta", "ucb_p", "k"]
     agg = frame.groupby(keys, sort=False, dropna=False).agg(
         seeds=("Rs", "size"),
         Rs=("Rs", "mean"),
@@ -86,7 +95,7 @@ def quality_table(sweep_paths: list[str], table_out: str, markdown_out: str, fig
         Rinf_drawn=("Rinf_drawn", "mean"),
         n_gradients=("n_gradients", "mean"),
     ).reset_index()
-    agg = agg.sort_values(["checkpoint", "method", "policy", "budget"], kind="stable").astype({"k": "Int64", "n_gradients": "Int64"})
+    agg = agg.sort_values(["task", "checkpoint", "method", "policy", "budget"], kind="stable").astype({"k": "Int64", "n_gradients": "Int64"})
     _write_table(agg, table_out, markdown_out, {"sweeps": sweep_paths})
     recall_vs_budget_figure(agg, figure_out)
 
@@ -108,13 +117,14 @@ def _save(fig, out: str) -> None:
 
 def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
     plt = _pyplot()
-    checkpoints = list(dict.fromkeys(agg.checkpoint))
+    checkpoints = list(dict.fromkeys(zip(agg.task, agg.checkpoint)))
     metrics = ("Rs", "Rinf", "Rinf_excess")
     fig, axes = plt.subplots(len(checkpoints), len(metrics), figsize=(16, 3.6 * len(checkpoints)), squeeze=False, constrained_layout=True)
     budgeted = agg[agg.method.isin(["clusterucb", "random_draw"])]
-    for row, checkpoint in enumerate(checkpoints):
-        part = budgeted[budgeted.checkpoint == checkpoint]
-        baselines = agg[(agg.checkpoint == checkpoint) & (agg.method == "random")]
+    for row, (task, checkpoint) in enumerate(checkpoints):
+        here = (agg.task == task) & (agg.checkpoint == checkpoint)
+        part = budgeted[here[budgeted.index]]
+        baselines = agg[here & (agg.method == "random")]
         for col, metric in enumerate(metrics):
             ax = axes[row][col]
             for (method, policy), line in part.groupby(["method", "policy"], sort=False, dropna=False):
@@ -124,7 +134,7 @@ def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
                 ax.errorbar(line.budget.astype(float), line[metric], yerr=line[f"{metric}_std"].fillna(0), label=label, linestyle=style, marker="o", capsize=3)
             if len(baselines):
                 ax.axhline(float(baselines[metric].mean()), color="grey", linestyle=":", label="random subset")
-            ax.set_title(f"{metric} at {checkpoint}")
+            ax.set_title(f"{task}: {metric} at {checkpoint}")
             ax.set_xlabel("budget (fraction of the pool)")
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
@@ -132,59 +142,66 @@ def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
     _save(fig, out)
 
 
-def cluster_influence_figure(scores_path: str, assignments_path: str, out: str) -> None:
-    """Influence distribution per cluster at the warmup checkpoint, clusters sorted by mean influence."""
+def cluster_influence_figure(scores_paths: list[str], assignments_path: str, out: str) -> None:
+    """Influence distribution per cluster at the warmup checkpoint, clusters sorted by mean influence; a panel per target task."""
     plt = _pyplot()
-    scores = pq.read_table(scores_path, columns=["example_id", "score"]).to_pandas()
     clusters = pq.read_table(assignments_path, columns=["example_id", "cluster"]).to_pandas()
-    frame = scores.merge(clusters, on="example_id").dropna(subset=["score"])
-    order = frame.groupby("cluster").score.mean().sort_values(ascending=False).index
-    data = [frame.score[frame.cluster == c].to_numpy() for c in order]
     k = int(read_parquet_metadata(assignments_path)["k"])
-    fig, ax = plt.subplots(figsize=(max(8, 0.18 * len(order)), 4))
-    ax.boxplot(data, showfliers=False)
-    ax.set_xticks(range(1, len(order) + 1), [str(c) for c in order], rotation=90, fontsize=6)
-    ax.set_xlabel(f"cluster (k={k}), by mean influence")
-    ax.set_ylabel("influence at the warmup checkpoint")
-    ax.set_title("Influence distribution per cluster")
-    ax.grid(alpha=0.3, axis="y")
+    fig, axes = plt.subplots(len(scores_paths), 1, figsize=(max(8, 0.18 * k), 3.6 * len(scores_paths)), squeeze=False, constrained_layout=True)
+    for ax, path in zip(axes[:, 0], scores_paths):
+        scores = pq.read_table(path, columns=["example_id", "score"]).to_pandas()
+        frame = scores.merge(clusters, on="example_id").dropna(subset=["score"])
+        order = frame.groupby("cluster").score.mean().sort_values(ascending=False).index
+        ax.boxplot([frame.score[frame.cluster == c].to_numpy() for c in order], showfliers=False)
+        ax.set_xticks(range(1, len(order) + 1), [str(c) for c in order], rotation=90, fontsize=6)
+        ax.set_xlabel(f"cluster (k={k}), by mean influence")
+        ax.set_ylabel("influence at the warmup checkpoint")
+        ax.set_title(f"Influence distribution per cluster: {read_parquet_metadata(path).get('task')}")
+        ax.grid(alpha=0.3, axis="y")
     _save(fig, out)
 
 
 def cumulative_reward_figure(draw_paths: list[str], out: str) -> None:
-    """Cumulative influence of the drawn samples, per budgeted run and re-selection epoch."""
+    """Cumulative influence of the drawn samples, per budgeted run: a row per target task, a column per re-selection epoch."""
     plt = _pyplot()
     frames = []
     for path in draw_paths:
         meta = read_parquet_metadata(path)
         frame = pq.read_table(path, columns=["draw", "score"]).to_pandas()
-        frame["run"], frame["epoch"] = meta["run"], int(meta["epoch"])
+        frame["task"], frame["run"], frame["epoch"] = meta["task"], meta["run"], int(meta["epoch"])
         frames.append(frame)
     data = pd.concat(frames, ignore_index=True)
-    epochs = sorted(data.epoch.unique())
-    fig, axes = plt.subplots(1, len(epochs), figsize=(5.5 * len(epochs), 4), squeeze=False, constrained_layout=True)
-    for ax, epoch in zip(axes[0], epochs):
-        for run, part in data[data.epoch == epoch].groupby("run", sort=True):
-            ax.plot(part.draw, part.score.fillna(0).cumsum(), label=run, linestyle="--" if run.startswith("random_draw") else "-")
-        ax.set_title(f"re-selection at epoch {epoch}")
-        ax.set_xlabel("draw")
-        ax.set_ylabel("cumulative influence of drawn samples")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+    tasks, epochs = list(dict.fromkeys(data.task)), sorted(data.epoch.unique())
+    fig, axes = plt.subplots(len(tasks), len(epochs), figsize=(5.5 * len(epochs), 4 * len(tasks)), squeeze=False, constrained_layout=True)
+    for row, task in enumerate(tasks):
+        for col, epoch in enumerate(epochs):
+            ax = axes[row][col]
+            for run, part in data[(data.task == task) & (data.epoch == epoch)].groupby("run", sort=True):
+                ax.plot(part.draw, part.score.fillna(0).cumsum(), label=run, linestyle="--" if run.startswith("random_draw") else "-")
+            ax.set_title(f"{task}: re-selection at epoch {epoch}")
+            ax.set_xlabel("draw")
+            ax.set_ylabel("cumulative influence of drawn samples")
+            ax.grid(alpha=0.3)
+        axes[row][-1].legend(fontsize=7)
     _save(fig, out)
 
 
-def arm_pulls_figure(arms_paths: list[str], run: str, out: str) -> None:
-    """Pulls per cluster against the cluster's true mean influence (oracle), one panel per epoch."""
+def arm_pulls_figure(arms_paths: list[str], task: str, out: str) -> None:
+    """Pulls per cluster against the cluster's true mean influence (oracle): a row per budgeted run, a column per epoch."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(arms_paths), figsize=(5.5 * len(arms_paths), 4), squeeze=False, constrained_layout=True)
-    for ax, path in zip(axes[0], arms_paths):
-        arms = pq.read_table(path).to_pandas()
-        epoch = Path(path).parent.name
-        ax.scatter(arms.oracle_mean, arms.pulls / arms["size"], s=10 + 90 * arms["size"] / arms["size"].max(), alpha=0.6)
-        corr = np.corrcoef(arms.oracle_mean, arms.pulls / arms["size"])[0, 1] if len(arms) > 2 else float("nan")
-        ax.set_title(f"{run}, {epoch} (corr {corr:.2f})")
-        ax.set_xlabel("true mean influence of the cluster (oracle)")
-        ax.set_ylabel("share of the cluster drawn")
-        ax.grid(alpha=0.3)
+    panels: dict[str, list[str]] = {}
+    for path in arms_paths:
+        panels.setdefault(Path(path).parent.parent.name, []).append(path)
+    n_cols = max(len(v) for v in panels.values())
+    fig, axes = plt.subplots(len(panels), n_cols, figsize=(5.5 * n_cols, 4 * len(panels)), squeeze=False, constrained_layout=True)
+    for row, (run, paths_) in enumerate(panels.items()):
+        for ax, path in zip(axes[row], paths_):
+            arms = pq.read_table(path).to_pandas()
+            share = arms.pulls / arms["size"]
+            ax.scatter(arms.oracle_mean, share, s=10 + 90 * arms["size"] / arms["size"].max(), alpha=0.6)
+            corr = np.corrcoef(arms.oracle_mean, share)[0, 1] if len(arms) > 2 and share.std() > 0 else float("nan")
+            ax.set_title(f"{task} / {run}, {Path(path).parent.name} (corr {corr:.2f})")
+            ax.set_xlabel("true mean influence of the cluster (oracle)")
+            ax.set_ylabel("share of the cluster drawn")
+            ax.grid(alpha=0.3)
     _save(fig, out)

@@ -1,4 +1,4 @@
-"""Unit tests of the pool builder (clusterucb.data.pool), GSM8K helpers and tokenization with label masking."""
+"""Unit tests of the pool builder (clusterucb.data.pool) and tokenization with label masking."""
 
 from __future__ import annotations
 
@@ -9,16 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from clusterucb.data.gsm8k import (
-    COT_EXEMPLARS,
-    extract_prediction,
-    fewshot_prompt,
-    gold_answer,
-    is_correct,
-    read_gsm8k,
-    sample_rows,
-    validation_example,
-)
 from clusterucb.data.pool import Decontaminator, build_pool, example_id, pool_table
 from clusterucb.data.sources import DataError
 from clusterucb.data.tokenize import (
@@ -192,108 +182,15 @@ def test_decontaminator_short_questions_and_roles():
     assert not decon.contaminated(user("!!!"))
 
 
-# ---------------------------------------------------------------------------------------------
-# GSM8K
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def gsm8k_test(datasets):
-    return read_gsm8k(datasets / "gsm8k" / "test.jsonl")
-
-
-def test_read_gsm8k_real_test_split(gsm8k_test):
-    assert len(gsm8k_test) == 1319
-    for row in gsm8k_test:
-        assert set(row) == {"question", "answer", "gold"}
-        assert row["question"] and row["question"] == row["question"].strip()
-        assert "####" in row["answer"]
-        assert re.fullmatch(r"-?\d+(\.\d+)?", row["gold"]), row["gold"]
-        float(row["gold"])
-    assert gsm8k_test[0]["gold"] == gold_answer(gsm8k_test[0]["answer"])
-
-
-def test_read_gsm8k_bad_rows(tmp_path):
-    path = tmp_path / "g.jsonl"
-    path.write_text(json.dumps({"question": "q?", "answer": "#### 1,234"}) + "\n" + json.dumps({"question": "q2", "answer": "no marker"}) + "\n")
-    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: row 2"):
-        read_gsm8k(path)
-    path.write_text(json.dumps({"question": "q?", "answer": "#### 1,234"}) + "\n" + json.dumps({"question": "q2"}) + "\n")
-    with pytest.raises(DataError, match="row 2"):
-        read_gsm8k(path)
-    path.write_text(json.dumps({"question": "q?", "answer": "#### 1,234"}) + "\n")
-    assert read_gsm8k(path)[0]["gold"] == "1234"
-
-
-def test_read_gsm8k_rejects_answer_without_number(tmp_path):
-    path = tmp_path / "g.jsonl"
-    path.write_text(json.dumps({"question": "q?", "answer": "Some reasoning ####"}) + "\n")
-    with pytest.raises(DataError, match="row 1"):
-        read_gsm8k(path)
-
-
-def test_sample_rows(gsm8k_test):
-    a = sample_rows(gsm8k_test, 50, seed=7)
-    b = sample_rows(gsm8k_test, 50, seed=7)
-    c = sample_rows(gsm8k_test, 50, seed=8)
-    assert a == b
-    assert a != c
-    assert len({r["question"] for r in a}) == 50
-    positions = [gsm8k_test.index(r) for r in a]
-    assert positions == sorted(positions)  # file order
-    assert sample_rows(gsm8k_test, len(gsm8k_test), seed=1) == gsm8k_test
-    with pytest.raises(ValueError, match="only 1319"):
-        sample_rows(gsm8k_test, 1320, seed=0)
-
-
-@pytest.mark.parametrize(
-    ("output", "expected"),
-    [
-        ("We have 3 boxes of 4, so 1,234 apples. The answer is 1,234.", "1234"),
-        ("So the answer is 72.", "72"),
-        ("It costs $3.50 in total", "3.50"),
-        ("The temperature drops to -5 degrees.", "-5"),
-        ("18 then 20 then 1,000,000", "1000000"),
-        ("no number here", None),
-        ("", None),
-    ],
-)
-def test_extract_prediction(output, expected):
-    assert extract_prediction(output) == expected
-
-
-def test_is_correct():
-    assert is_correct("72.0", "72")
-    assert is_correct("72", "72")
-    assert is_correct("1234", gold_answer("... #### 1,234"))
-    assert not is_correct("71", "72")
-    assert not is_correct(None, "72")
-    assert is_correct(extract_prediction("Thus 18 eggs. So the answer is 18."), "18")
-
-
-def test_fewshot_prompt():
-    question = "Janet has 3 ducks. How many ducks?"
-    prompt = fewshot_prompt(question, 8)
-    assert prompt.startswith("<|user|>\nAnswer the following questions.\n\nQuestion: ")
-    assert prompt.endswith("\n<|assistant|>\nAnswer:")
-    assert prompt.count("Question:") == 9
-    assert prompt.count("\nAnswer: ") == 8
-    for q, a in COT_EXEMPLARS:
-        assert f"Question: {q}\nAnswer: {a}\n\n" in prompt
-    assert prompt.endswith("Question: " + question + "\n<|assistant|>\nAnswer:")
-    zero = fewshot_prompt(question, 0)
-    assert zero == "<|user|>\nAnswer the following questions.\n\nQuestion: " + question + "\n<|assistant|>\nAnswer:"
-    assert fewshot_prompt(question, 2).count("Question:") == 3
-    with pytest.raises(ValueError):
-        fewshot_prompt(question, 9)
-
-
-def test_validation_example_matches_spec(gsm8k_test):
-    row = gsm8k_test[0]
-    prompt, completion = validation_example(row)
-    assert prompt == "<|user|>\nAnswer the following question.\n\nQuestion: " + row["question"] + "\n<|assistant|>\nAnswer: \n\n"
-    assert completion == row["answer"]
-    assert "<<" in completion and completion.endswith("#### " + row["gold"])
+def test_decontaminator_unicode_words_and_too_short_texts():
+    decon = Decontaminator(["Milloin Charles Fort syntyi?", "Когда родился Пушкин?", "Why?", "Who is he"])
+    assert len(decon) == 3 and decon.too_short == 1  # "Why?": one word
+    user = lambda text: [{"role": "user", "content": text}, {"role": "assistant", "content": "x"}]  # noqa: E731
+    assert decon.contaminated(user("Kysymys: MILLOIN Charles Fort syntyi"))
+    assert decon.contaminated(user("вопрос: когда родился пушкин"))
+    assert not decon.contaminated(user("когда родился толстой"))
+    assert not decon.contaminated(user("1799"))  # digits alone never stand for a non-Latin question
+    assert decon.contaminated(user("Tell me: who is he?")) and not decon.contaminated(user("why"))
 
 
 # ---------------------------------------------------------------------------------------------

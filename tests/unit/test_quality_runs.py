@@ -78,9 +78,9 @@ def test_runs_are_named_by_what_they_change():
     assert run.params["budget"] == 0.1 and run.params["policy"] == "ucb_beta" and run.params["k"] == 50
     assert "ucb_p" not in run.params and "beta" not in runs["clusterucb__policy-ucb1"].params  # unused by the policy
     assert make_run("clusterucb", {"policy": "ucb1", "beta": 3.0}, DEFAULTS).name == "clusterucb__policy-ucb1"
-    assert run.checkpoint(1) == f"runs/{SHARED_EPOCH1}/epoch-1"  # Dynamic-family runs share epoch 1
-    assert run.checkpoint(3) == "runs/clusterucb__budget-0.1/epoch-3"
-    assert runs["random"].checkpoint(1) == "runs/random/epoch-1"
+    assert run.checkpoint("mmlu", 1) == f"runs/mmlu/{SHARED_EPOCH1}/epoch-1"  # Dynamic-family runs share epoch 1
+    assert run.checkpoint("mmlu", 3) == "runs/mmlu/clusterucb__budget-0.1/epoch-3"
+    assert runs["random"].checkpoint("mmlu", 1) == runs["random"].checkpoint("bbh", 1) == "runs/all/random/epoch-1"  # target-independent
 
 
 def test_runs_refuse_parameters_their_method_does_not_use():

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -21,6 +22,10 @@ TINY = REPO / "tests" / "config" / "tiny.yaml"
 pytestmark = pytest.mark.workflow
 
 GRADIENT_JOBS = {"warmup_lora", "grads_pool_shard", "grads_manifest", "kmeans", "build_base_model", "tokenize_pool"}
+
+
+# The tiny model's jobs are mostly interpreter start-up: two one-thread jobs at once beat one two-thread job.
+CORES = ("--cores", "2", "--max-threads", "1")
 
 
 def snakemake_cmd(workdir: Path, datasets: Path, *args: str, config: tuple[str, ...] = ()) -> list[str]:
@@ -54,7 +59,7 @@ def planned_jobs(output: str) -> dict[str, int]:
 
 def selections(workdir: Path) -> dict[str, list[str]]:
     out = {}
-    for path in sorted((workdir / "results" / "runs").glob("*/epoch-*/selection.parquet")):
+    for path in sorted((workdir / "results" / "runs").glob("*/*/epoch-*/selection.parquet")):
         out[str(path.relative_to(workdir))] = pq.read_table(path, columns=["example_id"]).column("example_id").to_pylist()
     return out
 
@@ -62,65 +67,86 @@ def selections(workdir: Path) -> dict[str, list[str]]:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, datasets) -> Path:
     workdir = tmp_path_factory.mktemp("tiny_run")
-    run(workdir, datasets, "--cores", "2")
+    run(workdir, datasets, *CORES)
     return workdir
+
+
+TASKS = ("gsm8k", "mmlu", "bbh", "tydiqa", "humaneval")
 
 
 def test_tiny_dag_writes_the_comparison_table(tiny_run):
     config = yaml.safe_load(TINY.read_text())
-    table = pq.read_table(tiny_run / "results/report/comparison.parquet").to_pandas().set_index("run")
-    runs = ["base", "clusterucb", "random_draw", "dynamic", "less", "random", "clusterucb__policy-ucb_threshnormal"]
-    assert sorted(table.index) == sorted(runs)
-    assert (table["target_loss"] > 0).all() and table["exact_match"].between(0, 1).all()
-    assert (tiny_run / "results/report/comparison.md").read_text().startswith("| run |")
+    assert tuple(config["target"]["tasks"]) == TASKS
+    table = pq.read_table(tiny_run / "results/report/comparison.parquet").to_pandas().set_index(["task", "run"])
+    runs = ["base", "clusterucb", "random_draw", "dynamic", "less", "random"]
+    assert sorted(table.index) == sorted((t, r) for t in TASKS for r in runs)
+    assert (table["target_loss"] > 0).all() and table["score"].between(0, 1).all()
+    metrics = table.reset_index().groupby("task").metric.first().to_dict()
+    assert metrics == {"gsm8k": "exact_match", "mmlu": "accuracy", "bbh": "exact_match", "tydiqa": "f1", "humaneval": "pass@1"}
+    assert (tiny_run / "results/report/comparison.md").read_text().startswith("| task | run |")
 
     pool = pq.read_table(tiny_run / "results/data/pool_tokens.parquet").to_pandas()
     n_pool = len(pool)
     k = int(n_pool * config["selection"]["top_p"])
     epochs = config["train"]["epochs"]
-    # Gradients each method computed: a full warmup pass for the Dynamic family (shared), then its own budget.
-    draws = {run: [pq.read_table(tiny_run / f"results/runs/{run}/epoch-{e}/draws.parquet") for e in range(2, epochs + 1)] for run in ("clusterucb", "random_draw")}
-    for run, tables in draws.items():
-        assert table.loc[run, "pool_gradients"] == n_pool + sum(len(d) for d in tables), run
-    assert table.loc["dynamic", "pool_gradients"] == epochs * n_pool
-    assert table.loc["less", "pool_gradients"] == config["less"]["warmup_epochs"] * n_pool
-    assert table.loc["random", "pool_gradients"] == 0 and table.loc["base", "pool_gradients"] == 0
-    budget = config["selection"]["budget"]
-    for tables in draws.values():
-        for d in tables:
-            assert len(d) <= budget * n_pool + config["cluster"]["k"]  # the cold start rounds up per cluster
-            assert len(set(d.column("example_id").to_pylist())) == len(d)
     selected = selections(tiny_run)
+    for task in TASKS:
+        t = table.loc[task]
+        # Gradients each method computed: the shared warmup pass for the Dynamic family, then its own budget.
+        draws = {run: [pq.read_table(tiny_run / f"results/runs/{task}/{run}/epoch-{e}/draws.parquet") for e in range(2, epochs + 1)] for run in ("clusterucb", "random_draw")}
+        for run, tables in draws.items():
+            assert t.loc[run, "pool_gradients"] == n_pool + sum(len(d) for d in tables), (task, run)
+            for e, d in zip(range(2, epochs + 1), tables):
+                assert len(d) <= config["selection"]["budget"] * n_pool + config["cluster"]["k"]  # the cold start rounds up per cluster
+                assert len(set(d.column("example_id").to_pylist())) == len(d)
+                # Budgeted selections come from their drawn samples only.
+                assert set(selected[f"results/runs/{task}/{run}/epoch-{e}/selection.parquet"]) <= set(d.column("example_id").to_pylist())
+        assert t.loc["dynamic", "pool_gradients"] == epochs * n_pool
+        assert t.loc["less", "pool_gradients"] == config["less"]["warmup_epochs"] * n_pool
+        assert t.loc["random", "pool_gradients"] == 0 and t.loc["base", "pool_gradients"] == 0
+        # The oracle measured recall for every budgeted run.
+        for run in ("clusterucb", "random_draw"):
+            assert 0 <= t.loc[run, "Rs"] <= t.loc[run, "Rs_drawn"] <= 1
+        assert pd.isna(t.loc["dynamic", "Rs"])
+        # Static selections repeat; the Dynamic family shares epoch 1 per target.
+        assert selected[f"results/runs/{task}/less/epoch-1/selection.parquet"] == selected[f"results/runs/{task}/less/epoch-2/selection.parquet"]
+        assert not (tiny_run / f"results/runs/{task}/clusterucb/epoch-1").exists()
     for name, ids in selected.items():
         assert len(ids) == k, name
         assert set(ids) <= set(pool.example_id), name
-    # Epoch >= 2 selections of budgeted runs come from their drawn samples only.
-    for run, tables in draws.items():
-        for e, d in zip(range(2, epochs + 1), tables):
-            assert set(selected[f"results/runs/{run}/epoch-{e}/selection.parquet"]) <= set(d.column("example_id").to_pylist())
-    # Static selections repeat; the Dynamic family shares epoch 1.
-    assert selected["results/runs/less/epoch-1/selection.parquet"] == selected["results/runs/less/epoch-2/selection.parquet"]
-    assert not (tiny_run / "results/runs/clusterucb/epoch-1").exists()
-    # The oracle measured recall for every budgeted run.
-    for run in ("clusterucb", "random_draw", "clusterucb__policy-ucb_threshnormal"):
-        assert 0 <= table.loc[run, "Rs"] <= table.loc[run, "Rs_drawn"] <= 1
-    assert table.loc["dynamic"][["Rs", "Rinf"]].isna().all()
+    # Selections differ between targets (they follow each target's validation gradients) ...
+    firsts = {selected[f"results/runs/{t}/full_matching/epoch-1/selection.parquet"][0] for t in TASKS}
+    assert len({tuple(selected[f"results/runs/{t}/full_matching/epoch-1/selection.parquet"]) for t in TASKS}) > 1, firsts
+    # ... but random never reads a target: one selection and training serve them all.
+    assert {p.split("/")[2] for p in selected if "/random/" in p} == {"all"}
+
+    # One warmup, one pool gradient pass and one clustering, shared by every target.
+    assert len(list((tiny_run / "results/grads/warmup/pool").glob("shard-*.safetensors"))) == config["gradients"]["n_shards"]
+    assert sorted(p.name for p in (tiny_run / "results/grads/warmup/scores").glob("*.parquet")) == sorted(f"{t}.parquet" for t in TASKS)
 
     # Selection quality sweep and figures.
     quality = pq.read_table(tiny_run / "results/report/quality.parquet").to_pandas()
+    assert set(quality.task) == set(TASKS)
     assert set(quality.method) == {"clusterucb", "random_draw", "random", "full"}
     assert set(quality.policy.dropna()) == {"ucb_beta", "ucb1", "ucb_threshhard", "ucb_threshnormal", "random_cluster"}
-    assert set(quality.checkpoint) == {"results/warmup", "results/runs/full_matching/epoch-1"}
+    assert set(quality.checkpoint) == {"results/warmup"} | {f"results/runs/{t}/full_matching/epoch-1" for t in TASKS}
     assert (quality[quality.method == "full"].Rs == 1.0).all()
-    for figure in ("recall_vs_budget", "cluster_influence", "cumulative_reward", "arm_pulls/clusterucb"):
+    for figure in ("recall_vs_budget", "cluster_influence", "cumulative_reward", *(f"arm_pulls/{t}" for t in TASKS)):
         assert (tiny_run / f"results/report/figures/{figure}.png").stat().st_size > 10_000, figure
 
-    # The validation set comes from the GSM8K train split and is absent from the pool.
-    val = pq.read_table(tiny_run / "results/data/target/val.parquet").to_pandas()
-    assert val.example_id.str.startswith("gsm8k_train-").all()
+    # Validation sets: GSM8K's from the train split; no target's validation or test text is in the pool.
+    val = pq.read_table(tiny_run / "results/data/targets/gsm8k/val.parquet").to_pandas()
+    assert val.example_id.str.startswith("gsm8k_train-").all() and len(val) == 8
     pool_text = pq.read_table(tiny_run / "results/data/pool.parquet").to_pandas()
     users = " ".join(m[0]["content"] for m in pool_text.messages)
-    assert not any(q in users for q in val.question)
+    assert not any(u.removeprefix("Answer the following question.\n\nQuestion: ") in users for u in val.user)
+    meta = json.loads(pq.read_schema(tiny_run / "results/data/pool.parquet").metadata[b"clusterucb.decontaminated_against"])
+    assert sorted(meta) == sorted(TASKS)
+    # HumanEval's validation problems are not evaluated.
+    he = json.loads((tiny_run / "results/eval/humaneval/base/metrics.json").read_text())
+    assert len(he["excluded_validation_problems"]) == 3 and he["sandbox"]["mode"]
+    he_test = pq.read_table(tiny_run / "results/data/targets/humaneval/test.parquet").to_pandas()
+    assert not set(he["excluded_validation_problems"]) & {json.loads(f)["task_id"] for f in he_test.fields}
 
     # Self-describing gradient features.
     manifest = pq.read_schema(tiny_run / "results/grads/warmup/pool/manifest.parquet").metadata
@@ -201,16 +227,46 @@ def test_slurm_profile_requests_gpus_the_standard_way(datasets, tmp_path):
 
 def test_changing_beta_or_budget_reuses_gradients_and_clusters(tiny_run, datasets):
     assert planned_jobs(run(tiny_run, datasets, "-n").stdout) == {}
-    for change, affected in (("selection={beta: 3.0}", {"clusterucb"}), ("selection={budget: 0.4}", {"clusterucb", "random_draw", "clusterucb__policy-ucb_threshnormal"})):
+    for change, affected in (("selection={beta: 3.0}", {"clusterucb"}), ("selection={budget: 0.4}", {"clusterucb", "random_draw"})):
         output = run(tiny_run, datasets, "-n", config=(change,)).stdout
         jobs = planned_jobs(output)
-        assert jobs["select_budgeted"] == len(affected), (change, jobs)
+        assert jobs["select_budgeted"] == len(affected) * len(TASKS), (change, jobs)
         assert not GRADIENT_JOBS & set(jobs), (change, jobs)
         assert not {"select_top_scores", "select_random", "select_less", "less_warmup", "full_scores"} & set(jobs), (change, jobs)
         # Only the affected runs from epoch 2 on are redone: not the shared epoch 1, not the baselines.
         rerun = set(re.findall(r"run=([A-Za-z0-9_.\-]+)", output))
         assert rerun == affected, (change, rerun)
         assert not re.search(r"epoch=1\b", output), change
+
+
+def planned_job_wildcards(output: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job a dry run plans."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", output):
+        header = re.match(r"(?:local)?rule (\w+):\n", block)
+        if header:
+            found = re.search(r"^\s+wildcards: (.*)$", block, re.M)
+            wildcards = dict(item.split("=", 1) for item in found.group(1).split(", ")) if found else {}
+            jobs.append((header.group(1), wildcards))
+    return jobs
+
+
+REPORT_RULES = {"compare_methods", "quality_table", "plot_cluster_influence", "plot_cumulative_reward", "all"}
+
+
+def test_one_warmup_gradient_pass_and_clustering_serve_every_target(datasets, tmp_path):
+    config = (*LIGHT, "target={tasks: [gsm8k, mmlu]}")
+    jobs = planned_job_wildcards(run(tmp_path, datasets, "-n", config=config).stdout)
+    count = {}
+    for rule, _ in jobs:
+        count[rule] = count.get(rule, 0) + 1
+    n_shards = yaml.safe_load(TINY.read_text())["gradients"]["n_shards"]
+    assert count["warmup_lora"] == 1 and count["kmeans"] == 1 and count["build_pool"] == 1
+    assert count["grads_pool_shard"] == n_shards and all(w["ckpt"] == "warmup" for r, w in jobs if r == "grads_pool_shard")
+    assert sorted(w["task"] for r, w in jobs if r == "full_scores") == ["gsm8k", "mmlu"]
+    assert sorted(w["task"] for r, w in jobs if r == "prepare_validation") == ["gsm8k", "mmlu"]
+    # Every target is decontaminated against, targeted or not: adding a target never changes the pool.
+    assert sorted(w["task"] for r, w in jobs if r == "target_decontamination") == sorted(TASKS)
 
 
 def test_changing_proj_dim_recomputes_the_gradient_shards(tiny_run, datasets):
@@ -242,11 +298,12 @@ def _all_outputs_readable(workdir: Path) -> None:
 
 
 LIGHT = ("selection={methods: [clusterucb, random], sweep: [], oracle: false}", "quality={checkpoints: []}")
+TWO_TARGETS = (*LIGHT, "target={tasks: [gsm8k, tydiqa]}")
 
 
 def test_killed_run_resumes_with_rerun_incomplete_and_selects_the_same(tiny_run, datasets, tmp_path):
     workdir = tmp_path / "killed"
-    command = snakemake_cmd(workdir, datasets, "--cores", "2", config=LIGHT)
+    command = snakemake_cmd(workdir, datasets, *CORES, config=TWO_TARGETS)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     target = workdir / "logs" / "grads_pool_shard" / "warmup"
     deadline = time.time() + 600
@@ -261,17 +318,23 @@ def test_killed_run_resumes_with_rerun_incomplete_and_selects_the_same(tiny_run,
         proc.wait()
     assert not (workdir / "results/report/comparison.md").exists()
     _all_outputs_readable(workdir)  # nothing half-written under a final name
-    run(workdir, datasets, "--unlock", config=LIGHT)  # SIGKILL (unlike SIGINT/SIGTERM) leaves the lock behind
-    run(workdir, datasets, "--cores", "2", "--rerun-incomplete", config=LIGHT)
+    run(workdir, datasets, "--unlock", config=TWO_TARGETS)  # SIGKILL (unlike SIGINT/SIGTERM) leaves the lock behind
+    run(workdir, datasets, *CORES, "--rerun-incomplete", config=TWO_TARGETS)
     resumed, uninterrupted = selections(workdir), selections(tiny_run)
     assert set(resumed) == {
-        "results/runs/full_matching/epoch-1/selection.parquet", "results/runs/clusterucb/epoch-2/selection.parquet",
-        "results/runs/random/epoch-1/selection.parquet", "results/runs/random/epoch-2/selection.parquet",
+        f"results/runs/{task}/{run}/epoch-{e}/selection.parquet"
+        for task, run, e in [(t, "full_matching", 1) for t in ("gsm8k", "tydiqa")] + [(t, "clusterucb", 2) for t in ("gsm8k", "tydiqa")] + [("all", "random", 1), ("all", "random", 2)]
     }
     assert resumed == {name: uninterrupted[name] for name in resumed}
-    a = pq.read_table(workdir / "results/runs/clusterucb/epoch-2/draws.parquet").to_pandas()
-    b = pq.read_table(tiny_run / "results/runs/clusterucb/epoch-2/draws.parquet").to_pandas()
+    a = pq.read_table(workdir / "results/runs/gsm8k/clusterucb/epoch-2/draws.parquet").to_pandas()
+    b = pq.read_table(tiny_run / "results/runs/gsm8k/clusterucb/epoch-2/draws.parquet").to_pandas()
     assert a.example_id.tolist() == b.example_id.tolist()
+
+    # A third target added to the finished two-target run plans that target's jobs only (and the report's).
+    assert planned_jobs(run(workdir, datasets, "-n", config=TWO_TARGETS).stdout) == {}
+    jobs = planned_job_wildcards(run(workdir, datasets, "-n", config=(*LIGHT, "target={tasks: [gsm8k, tydiqa, mmlu]}")).stdout)
+    assert jobs and all(w.get("task") == "mmlu" or rule in REPORT_RULES for rule, w in jobs), jobs  # not the shared random run either
+    assert {"prepare_validation", "grads_val", "full_scores", "select_top_scores", "select_budgeted", "train_epoch", "evaluate"} <= {r for r, _ in jobs}
 
 
 # Conda package names whose import name differs.
@@ -339,3 +402,16 @@ def test_pyproject_declares_every_package_the_code_imports():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     declared = {IMPORT_NAMES.get(n, n.replace("-", "_")) for n in (re.split(r"[\s<>=!\[]", d.strip())[0].lower() for d in deps)}
     assert third_party_imports() <= declared, third_party_imports() - declared
+
+
+@pytest.mark.parametrize("overlay", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_config_overlay_validates_and_plans(overlay, datasets, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "snakemake", "-n", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+            "--configfile", str(REPO / "config.yaml"), str(REPO / "configs" / overlay), "--config", f"datasets_dir={datasets}",
+        ],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert planned_jobs(proc.stdout).get("compare_methods") == 1

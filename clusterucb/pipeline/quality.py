@@ -1,0 +1,77 @@
+"""Stages: the oracle's recall of a budgeted selection, and the selection-quality sweep replayed on full-pool scores."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clusterucb.bandit import policy_params
+from clusterucb.io import read_parquet_metadata, write_json, write_parquet
+from clusterucb.pipeline.tables import read_assignments, read_scores
+from clusterucb.quality import expand_grid, full_recall, random_subset_recall, recall_metrics, simulate
+from clusterucb.selection import n_selected, top_k
+
+log = logging.getLogger(__name__)
+
+
+def recall(selection: str, draws: str, scores_path: str, assignments: str, recall_out: str, arms_out: str, top_p: float) -> None:
+    """Oracle: recall of a budgeted selection against the full top-p at the same checkpoint, and per-cluster pulls."""
+    ids, scores, meta = read_scores(scores_path)
+    position = {eid: i for i, eid in enumerate(ids)}
+    selected_ids = pq.read_table(selection, columns=["example_id"]).column("example_id").to_pylist()
+    drawn = pq.read_table(draws).to_pandas()
+    k = n_selected(len(ids), top_p)
+    metrics = recall_metrics(
+        np.array([position[e] for e in selected_ids]), np.array([position[e] for e in drawn.example_id]), scores, k
+    )
+    labels = read_assignments(assignments)
+    truth = set(top_k(scores, k).tolist())
+    frame = pd.DataFrame({"cluster": [labels.get(e, -1) for e in ids], "score": scores, "in_top_k": [i in truth for i in range(len(ids))]})
+    arms = frame[frame.cluster >= 0].groupby("cluster").agg(size=("score", "size"), oracle_mean=("score", "mean"), oracle_std=("score", "std"), top_k_members=("in_top_k", "sum"))
+    arms["pulls"] = drawn.groupby("cluster").size().reindex(arms.index, fill_value=0)
+    arms["reward_mean"] = drawn.groupby("cluster").score.mean().reindex(arms.index)
+    arms = arms.reset_index()
+    write_parquet(pa.Table.from_pandas(arms, preserve_index=False), arms_out, {"checkpoint": meta["checkpoint"]})
+    selection_meta = read_parquet_metadata(selection)
+    result = {**metrics, "k": k, "n_drawn": len(drawn), "checkpoint": meta["checkpoint"], "task": selection_meta.get("task"), "run": selection_meta.get("run"), "epoch": selection_meta.get("epoch")}
+    write_json(result, recall_out)
+    log.info("recall of %s epoch %s: Rs %.3f, Rinf %.3f (drawn set: Rs %.3f, Rinf %.3f)", result["run"], result["epoch"], metrics["Rs"], metrics["Rinf"], metrics["Rs_drawn"], metrics["Rinf_drawn"])
+
+
+def quality_sweep(scores_path: str, assignment_paths: list[str], grid: dict, top_p: float, seed: int, out: str) -> None:
+    """Replay every grid point on the full-pool scores of one checkpoint; recall and cost per point."""
+    ids, scores, meta = read_scores(scores_path)
+    labels_by_k = {}
+    for path in assignment_paths:
+        k = int(read_parquet_metadata(path)["k"])
+        mapping = read_assignments(path)
+        labels_by_k[k] = np.array([mapping.get(e, -1) for e in ids], dtype=np.int64)
+    rows = []
+    for spec, k in expand_grid(grid, sorted(labels_by_k)):
+        result = simulate(spec, labels_by_k[k], scores, top_p)
+        clustered = spec.method == "clusterucb"
+        rows.append(
+            {
+                "method": spec.method,
+                "policy": spec.policy if clustered else None,
+                "budget": spec.budget,
+                "csp": spec.csp if clustered else None,
+                "beta": spec.beta if clustered and "beta" in policy_params(spec.policy) else None,
+                "ucb_p": spec.ucb_p if clustered and "ucb_p" in policy_params(spec.policy) else None,
+                "k": k if clustered else None,
+                "seed": spec.seed,
+                **result,
+            }
+        )
+    for s in sorted(set(grid.get("seed") or [seed])):
+        rows.append({"method": "random", "seed": s, **random_subset_recall(scores, top_p, s)})
+    rows.append({"method": "full", "seed": None, **full_recall(scores, top_p)})
+    frame = pd.DataFrame(rows)
+    frame.insert(0, "checkpoint", meta["checkpoint"])
+    frame.insert(0, "task", meta.get("task"))
+    write_parquet(pa.Table.from_pandas(frame, preserve_index=False), out, {"checkpoint": meta["checkpoint"], "top_p": top_p, "grid": grid})
+    log.info("quality sweep at %s: %d grid points", meta["checkpoint"], len(rows))

@@ -1,0 +1,79 @@
+"""Stage: a budgeted re-selection (ClusterUCB or random_draw) at a run's previous checkpoint, computing
+gradients only for the samples it draws (spec §6)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from clusterucb.io import write_parquet
+from clusterucb.matching import influence_scores
+from clusterucb.pipeline.data import read_tokens
+from clusterucb.pipeline.grads import GradParams, make_featurizer
+from clusterucb.pipeline.scores import val_features
+from clusterucb.pipeline.tables import draws_schema, read_assignments, write_selection
+from clusterucb.quality import BudgetedSpec, budgeted_selection
+
+log = logging.getLogger(__name__)
+
+
+def select_budgeted(
+    model_dir: str,
+    checkpoint_dir: str,
+    pool_tokens: str,
+    val_tensors: str,
+    val_index: str,
+    val_tokens: str,
+    assignments: str,
+    selection_out: str,
+    draws_out: str,
+    grad_params: dict,
+    run_params: dict,
+    top_p: float,
+    task: str,
+    run: str,
+    epoch: int,
+) -> None:
+    """ClusterUCB (or random_draw) at the previous epoch's checkpoint: gradients only for the drawn samples (spec §6)."""
+    spec = BudgetedSpec(**{k: v for k, v in run_params.items() if k in BudgetedSpec.__dataclass_fields__})
+    pool = read_tokens(pool_tokens)
+    labels = read_assignments(assignments)
+    pool_label = np.array([labels.get(row["example_id"], -1) for row in pool], dtype=np.int64)
+    if (pool_label < 0).any():
+        log.warning("%d pool samples are not in any cluster (no warmup gradient) and cannot be drawn", int((pool_label < 0).sum()))
+
+    featurizer, _ = make_featurizer(model_dir, checkpoint_dir, "adam", GradParams.from_dict(grad_params))
+    val, subtask, _ = val_features(val_tensors, val_index, val_tokens)
+
+    def reward_fn(indices: np.ndarray) -> np.ndarray:
+        result = featurizer.featurize([pool[i] for i in indices], desc="draws")
+        return influence_scores(result.features, val, subtask).numpy()
+
+    result, selected = budgeted_selection(spec, pool_label, top_p, reward_fn, np.random.default_rng([spec.seed, epoch]))
+    draws = result.draws
+    position = {int(d.index): n for n, d in enumerate(draws)}
+    draw_ids = [pool[d.index]["example_id"] for d in draws]
+    draw_scores = np.array([d.score for d in draws])
+    draw_clusters = [int(pool_label[d.index]) for d in draws]
+    run_meta = {**run_params, "task": task, "run": run, "epoch": epoch, "checkpoint": str(checkpoint_dir)}
+    write_parquet(
+        pa.table(
+            {
+                "draw": pa.array(range(len(draws)), pa.int32()),
+                "step": pa.array([d.step for d in draws], pa.int32()),
+                "phase": [d.phase for d in draws],
+                "cluster": pa.array(draw_clusters, pa.int32()),
+                "example_id": draw_ids,
+                "score": pa.array(draw_scores, pa.float32()),
+                "arm_value": pa.array([d.arm_value for d in draws], pa.float32()),
+            },
+            schema=draws_schema(),
+        ),
+        draws_out,
+        run_meta,
+    )
+    order = [position[int(i)] for i in selected]
+    meta = {**run_meta, "rule": spec.method if spec.method != "clusterucb" else f"clusterucb/{spec.policy}", "n_pool": len(pool), "n_gradients": len(draws), "n_failed": int((~np.isfinite(draw_scores)).sum()), "top_p": top_p}
+    write_selection([draw_ids[i] for i in order], draw_scores[order], [draw_clusters[i] for i in order], selection_out, meta)
