@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -47,11 +48,38 @@ def _log_uncaught_exceptions() -> None:
     sys.excepthook = hook
 
 
-def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
-    """A tqdm bar that stays quiet when stderr is not a terminal (i.e. in logs)."""
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, every_percent: float = 5.0, every_s: float = 60.0) -> Iterator[T]:
+    """Iterate with a tqdm bar on a terminal, and a log line every ``every_percent`` of ``total`` (or every
+    ``every_s`` seconds when the length is unknown or progress is slow) with the rate, for the rule's log."""
     from tqdm.auto import tqdm
 
-    return iter(tqdm(iterable, desc=desc, total=total, disable=None, mininterval=10.0, leave=False))
+    if total is None:
+        try:
+            total = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    bar = tqdm(iterable, desc=desc, total=total, disable=None, mininterval=10.0, leave=False)
+    return _logged(bar, desc, total, every_percent, every_s)
+
+
+def _logged(items: Iterable[T], desc: str, total: int | None, every_percent: float, every_s: float) -> Iterator[T]:
+    log = logging.getLogger("clusterucb.progress")
+    start = last = time.perf_counter()
+    done, next_percent = 0, every_percent
+    for item in items:
+        yield item
+        done += 1  # the consumer asked for the next item: this one is finished
+        now = time.perf_counter()
+        crossed = bool(total) and 100.0 * done >= next_percent * total
+        if crossed or now - last >= every_s:
+            rate = done / max(now - start, 1e-9)
+            if total:
+                log.info("%s: %d/%d (%.0f%%), %.3g/s, %.0f s elapsed, ~%.0f s left", desc, done, total, 100.0 * done / total, rate, now - start, (total - done) / rate)
+                while 100.0 * done >= next_percent * total:
+                    next_percent += every_percent
+            else:
+                log.info("%s: %d done, %.3g/s, %.0f s elapsed", desc, done, rate, now - start)
+            last = now
 
 
 def set_threads(n: int) -> None:
