@@ -12,6 +12,7 @@ import gzip
 import json
 import logging
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,32 +71,40 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     kind = path.name.removesuffix(".gz").rsplit(".", 1)[-1]
     if kind not in ("json", "jsonl", "tsv"):
         raise DataError(f"{path}: unsupported file type {kind!r} (expected .json, .jsonl or .tsv)")
-    with _open_binary(path) as handle:
-        if kind == "json":
-            try:
-                data = json.loads(handle.read().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise DataError(f"{path}: not valid JSON ({err})") from err
-            if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-            yield from enumerate(data, start=1)
-            return
-        # Iterate physical lines (never str.splitlines(), which also splits on
-        # \x0b, \u2028 ... inside JSON strings).
-        for row, raw in enumerate(handle, start=1):
-            line = _decode(raw, path, row)
-            if isinstance(line, DataError):
-                yield row, line
-                continue
-            if not line.strip():
-                continue
-            if kind == "jsonl":
+    row = 0
+    try:
+        with _open_binary(path) as handle:
+            if kind == "json":
                 try:
-                    yield row, json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield row, DataError(f"{path}: row {row}: not valid JSON ({err.msg})")
-            else:
-                yield row, line.rstrip("\r\n").split("\t")
+                    data = json.loads(handle.read().decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    raise DataError(f"{path}: not valid JSON ({err})") from err
+                if not isinstance(data, list):
+                    raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+                yield from enumerate(data, start=1)
+                return
+            # Iterate physical lines (never str.splitlines(), which also splits on
+            # \x0b, \u2028 ... inside JSON strings).
+            for row, raw in enumerate(handle, start=1):
+                line = _decode(raw, path, row)
+                if isinstance(line, DataError):
+                    yield row, line
+                    continue
+                if not line.strip():
+                    continue
+                if kind == "jsonl":
+                    try:
+                        yield row, json.loads(line)
+                    except json.JSONDecodeError as err:
+                        yield row, DataError(f"{path}: row {row}: not valid JSON ({err.msg})")
+                else:
+                    yield row, line.rstrip("\r\n").split("\t")
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: file not found (is datasets_dir set right?)") from err
+    except (EOFError, OSError, zlib.error) as err:
+        # A cut-off download or a corrupt archive: never skippable, whatever on_malformed says.
+        where = f"after row {row}" if row else "before the first row"
+        raise DataError(f"{path}: corrupt or truncated file, stopped {where} ({type(err).__name__}: {err})") from err
 
 
 def _text(record: dict, key: str) -> str:
@@ -265,6 +274,7 @@ def read_source(
     for path in expand_files(files):
         if not path.exists():
             raise DataError(f"{path}: file not found (is datasets_dir set right?)")
+        rows_before = stats.rows
         for row, record in iter_records(path):
             stats.rows += 1
             try:
@@ -283,3 +293,5 @@ def read_source(
             for index, messages in enumerate(conversations):
                 origin = f"{path.name}:{row}" if len(conversations) == 1 else f"{path.name}:{row}.{index}"
                 yield RawExample(messages=messages, origin=origin)
+        if stats.rows == rows_before:
+            log.warning("0 rows read from %s (an empty file)", path)

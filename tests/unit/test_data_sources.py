@@ -526,3 +526,26 @@ def test_invalid_utf8_line_is_a_malformed_row(tmp_path):
     stats = ReadStats()
     examples = list(read_source([path], "alpaca", on_malformed="skip", stats=stats))
     assert len(examples) == 1 and stats.malformed == 1
+
+
+@pytest.mark.parametrize("on_malformed", ["error", "skip"])
+@pytest.mark.parametrize("name", ["d.jsonl.gz", "d.json.gz"])
+def test_a_cut_off_or_corrupt_gzip_stops_naming_the_file_and_row(tmp_path, on_malformed, name):
+    records = [{"instruction": f"Question {i} " + "x" * 200, "input": "", "output": "answer"} for i in range(2000)]
+    body = "\n".join(json.dumps(r) for r in records) if name.endswith("jsonl.gz") else json.dumps(records)
+    whole = gzip.compress(body.encode())
+    cut = tmp_path / name
+    cut.write_bytes(whole[: len(whole) // 2])  # a download that stopped half-way
+    with pytest.raises(DataError, match=rf"{re.escape(str(cut))}: corrupt or truncated file, stopped (after row \d+|before the first row)"):
+        list(read_source([cut], "alpaca", on_malformed=on_malformed))
+    corrupt = tmp_path / ("c" + name)
+    corrupt.write_bytes(whole[:100] + bytes(256) + whole[356:])
+    with pytest.raises(DataError, match=rf"{re.escape(str(corrupt))}: corrupt or truncated file"):
+        list(read_source([corrupt], "alpaca", on_malformed=on_malformed))
+
+
+def test_an_empty_source_file_is_reported(tmp_path, caplog):
+    empty = _write(tmp_path / "empty.jsonl", "")
+    with caplog.at_level("WARNING"):
+        assert list(read_source([empty], "alpaca")) == []
+    assert f"0 rows read from {empty}" in caplog.text
