@@ -12,8 +12,8 @@ sample left is never chosen (the official code gives it 0.0 instead of -inf
 and can pick it), arms exhausted by the cold start are marked, empty clusters
 are never arms, ``ucb1`` and ``random_cluster`` work. Ties: the official code
 takes the lowest arm index (``list.index(max(...))``); by default ties are
-broken uniformly at random with the seeded generator, and ``faithful=True``
-restores the lowest index.
+broken uniformly at random with the seeded generator (``tie_break="random"``), and
+``tie_break="lowest"`` restores the lowest index.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+TIE_BREAKS = ("random", "lowest")  # among arms of equal value: a seeded random one, or the lowest index (official)
 POLICIES = ("ucb_beta", "ucb1", "ucb_threshhard", "ucb_threshnormal", "random_cluster")
 _POLICY_PARAMS = {"ucb_beta": ("beta",), "ucb1": (), "ucb_threshhard": ("ucb_p",), "ucb_threshnormal": ("ucb_p",), "random_cluster": ()}
 
@@ -134,19 +135,21 @@ class BanditPolicy(ABC):
 
     name: str
 
-    def __init__(self, rng: np.random.Generator, faithful: bool = False):
+    def __init__(self, rng: np.random.Generator, tie_break: str = "random"):
+        if tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break must be one of {TIE_BREAKS}, not {tie_break!r}")
         self.rng = rng
-        self.faithful = faithful
+        self.tie_break = tie_break
 
     @abstractmethod
     def index(self, state: ArmState) -> np.ndarray:
         """The value of every arm (higher is better); only valid arms are ever chosen."""
 
     def _argmax(self, values: np.ndarray, candidates: np.ndarray) -> int:
-        """The best candidate; ties to the lowest index (faithful) or a seeded random one."""
+        """The best candidate; ties to the lowest index (official) or a seeded random one."""
         best = values[candidates].max()
         tied = candidates[values[candidates] == best]
-        if self.faithful or len(tied) == 1:
+        if self.tie_break == "lowest" or len(tied) == 1:
             return int(tied[0])
         return int(self.rng.choice(tied))
 
@@ -181,8 +184,8 @@ class UCBBeta(BanditPolicy):
 
     name = "ucb_beta"
 
-    def __init__(self, rng: np.random.Generator, beta: float = 1.0, faithful: bool = False):
-        super().__init__(rng, faithful)
+    def __init__(self, rng: np.random.Generator, beta: float = 1.0, tie_break: str = "random"):
+        super().__init__(rng, tie_break)
         self.beta = float(beta)
 
     def index(self, state: ArmState) -> np.ndarray:
@@ -204,8 +207,8 @@ class UCB1(BanditPolicy):
 class _Threshold(BanditPolicy):
     """Shared part of the threshold policies: tau over all rewards, and the max-reward fallback."""
 
-    def __init__(self, rng: np.random.Generator, n_arms: int, ucb_p: float = 0.25, faithful: bool = False):
-        super().__init__(rng, faithful)
+    def __init__(self, rng: np.random.Generator, n_arms: int, ucb_p: float = 0.25, tie_break: str = "random"):
+        super().__init__(rng, tie_break)
         self.quantile = TopQuantile(ucb_p, n_arms)
 
     def update(self, state: ArmState, arm: int, rewards: np.ndarray) -> None:
@@ -258,15 +261,15 @@ class RandomCluster(BanditPolicy):
         return int(self.rng.choice(self._valid_arms(state)))
 
 
-def make_policy(name: str, n_arms: int, rng: np.random.Generator, beta: float = 1.0, ucb_p: float = 0.25, faithful: bool = False) -> BanditPolicy:
+def make_policy(name: str, n_arms: int, rng: np.random.Generator, beta: float = 1.0, ucb_p: float = 0.25, tie_break: str = "random") -> BanditPolicy:
     if name == "ucb_beta":
-        return UCBBeta(rng, beta, faithful)
+        return UCBBeta(rng, beta, tie_break)
     if name == "ucb1":
-        return UCB1(rng, faithful)
+        return UCB1(rng, tie_break)
     if name == "ucb_threshhard":
-        return UCBThreshHard(rng, n_arms, ucb_p, faithful)
+        return UCBThreshHard(rng, n_arms, ucb_p, tie_break)
     if name == "ucb_threshnormal":
-        return UCBThreshNormal(rng, n_arms, ucb_p, faithful)
+        return UCBThreshNormal(rng, n_arms, ucb_p, tie_break)
     if name == "random_cluster":
-        return RandomCluster(rng, faithful)
+        return RandomCluster(rng, tie_break)
     raise ValueError(f"unknown bandit policy {name!r} (known: {', '.join(POLICIES)})")

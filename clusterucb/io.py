@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from clusterucb import paths
+
 SCHEMA_VERSION = "1"
 
 
@@ -63,8 +65,8 @@ def atomic_dir(path: str | os.PathLike, last: str | None = None) -> Iterator[Pat
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def scratch_dir_for(output: str | os.PathLike, results: str | os.PathLike = "results") -> Path:
-    """The job's own resumable-state directory: ``results/scratch/`` + ``output`` without its suffix.
+def scratch_dir_for(output: str | os.PathLike, results: str | os.PathLike = paths.RESULTS) -> Path:
+    """The job's own resumable-state directory: ``<results>/scratch/`` + ``output`` without its suffix (``paths.SCRATCH``).
 
     Keyed by the job's first output (unique per job), never by its directory: the
     shards of one pool share a directory and run concurrently, and one shard
@@ -73,7 +75,7 @@ def scratch_dir_for(output: str | os.PathLike, results: str | os.PathLike = "res
     rel = Path(os.path.relpath(output, results))
     if rel.parts[0] == os.pardir:
         raise ValueError(f"output {output} is not under {results}")
-    return Path(results) / "scratch" / rel.with_suffix("")
+    return Path(results) / paths.SCRATCH_NAME / rel.with_suffix("")
 
 
 def config_hash(obj: Any) -> str:

@@ -16,6 +16,8 @@ Quality sweeps name checkpoints relative to a task (``runs/<run>/epoch-<e>``):
 from __future__ import annotations
 
 RESULTS = "results"
+SCRATCH_NAME = "scratch"  # resumable in-job state, one folder per job, beside (never inside) the declared outputs
+SCRATCH = f"{RESULTS}/{SCRATCH_NAME}"
 ALL_TASKS = "all"  # the {task} of runs whose selection does not depend on the target (random)
 
 # data
@@ -72,6 +74,15 @@ def checkpoint_files(ckpt: str) -> dict[str, str]:
 
 def checkpoint_dir(ckpt: str) -> str:
     return f"{RESULTS}/{ckpt}"
+
+
+def checkpoint_of(adapter_weights: str) -> str:
+    """The checkpoint whose adapter weights file this is (the inverse of ``ADAPTER``)."""
+    prefix, suffix = ADAPTER.split("{ckpt}")
+    path = str(adapter_weights)
+    if not (path.startswith(prefix) and path.endswith(suffix)):
+        raise ValueError(f"{path} is not an adapter of the results layout ({ADAPTER})")
+    return path[len(prefix) : -len(suffix)]
 
 
 def task_checkpoint(task: str, relative: str) -> str:

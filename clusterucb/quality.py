@@ -62,7 +62,7 @@ class BudgetedSpec:
     beta: float = 1.0
     ucb_p: float = 0.25
     draw_batch: int = 1
-    faithful: bool = False
+    tie_break: str = "random"
     seed: int = 0
 
 
@@ -81,7 +81,7 @@ def budgeted_selection(spec: BudgetedSpec, labels: np.ndarray, top_p: float, rew
         csp, policy_name = 0.0, "random_cluster"
     else:
         raise ValueError(f"{spec.method!r} is not a budgeted method ({', '.join(BUDGETED)})")
-    policy = make_policy(policy_name, len(members), rng, beta=spec.beta, ucb_p=spec.ucb_p, faithful=spec.faithful)
+    policy = make_policy(policy_name, len(members), rng, beta=spec.beta, ucb_p=spec.ucb_p, tie_break=spec.tie_break)
     bandit = ClusterUCB(members, policy, reward_fn, rng, spec.draw_batch)
     result = bandit.run(plan_budget([len(m) for m in members], len(labels), spec.budget, csp))
     scores = np.array([d.score for d in result.draws])

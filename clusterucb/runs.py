@@ -35,7 +35,7 @@ TASK_INDEPENDENT = ("random",)  # never reads a target: one selection and traini
 
 # Parameters a method depends on (and so may vary in a sweep).
 RUN_KEYS = {
-    "clusterucb": ("policy", "budget", "csp", "beta", "ucb_p", "draw_batch", "faithful", "k", "seed"),
+    "clusterucb": ("policy", "budget", "csp", "beta", "ucb_p", "draw_batch", "tie_break", "k", "seed"),
     "random_draw": ("budget", "draw_batch", "seed"),
     "dynamic": (),
     "less": (),
@@ -80,7 +80,7 @@ def defaults_from_config(selection: dict, cluster_k: int, seed: int) -> dict:
         "beta": selection["beta"],
         "ucb_p": selection["ucb_p"],
         "draw_batch": selection["draw_batch"],
-        "faithful": selection["faithful"],
+        "tie_break": selection["tie_break"],
         "k": cluster_k,
         "seed": seed,
     }

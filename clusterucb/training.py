@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,8 +21,9 @@ import torch
 
 from clusterucb.gradients import pad_batch, token_losses
 from clusterucb.io import atomic_path, config_hash
-from clusterucb.lora import OptimizerCheckpoint, load_optimizer_state, optimizer_checkpoint, restore_optimizer, save_optimizer_state
 from clusterucb.logsetup import progress
+from clusterucb.lora import OptimizerCheckpoint, load_optimizer_state, optimizer_checkpoint, restore_optimizer, save_optimizer_state
+from clusterucb.schedule import StepPlan, linear_schedule
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +49,6 @@ class TrainSpec:
         return cls(**d)
 
 
-def steps_per_epoch(n_examples: int, effective_batch: int) -> int:
-    """Optimizer steps in one epoch; the last partial batch is dropped, as the HF Trainer does."""
-    steps = n_examples // effective_batch
-    if steps < 1:
-        raise ValueError(f"{n_examples} examples are fewer than one effective batch of {effective_batch}")
-    return steps
-
-
-def linear_schedule(step: int, total_steps: int, warmup_steps: int) -> float:
-    """HF ``get_linear_schedule_with_warmup`` multiplier at ``step`` (0-based)."""
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
 def per_example_losses(model, examples: list[dict], pad_id: int, device) -> torch.Tensor:
     input_ids, attention_mask, labels = pad_batch(examples, pad_id, device)
     token_loss, n_target = token_losses(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
@@ -70,16 +57,31 @@ def per_example_losses(model, examples: list[dict], pad_id: int, device) -> torc
     return token_loss.sum(1) / n_target
 
 
-@dataclass
-class StepPlan:
-    start_step: int  # global step at which this job starts
-    n_steps: int  # optimizer steps this job takes
-    total_steps: int  # steps of the whole planned run (for the LR schedule)
-    warmup_steps: int
+def capture_rng_state() -> dict:
+    """Every generator a training step may draw from (dropout on CPU or CUDA; Python's and NumPy's global
+    ones, which we do not use but a library might), JSON-able."""
+    np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state().tolist(),
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
 
 
-def plan_steps(start_step: int, n_steps: int, total_steps: int, warmup_ratio: float) -> StepPlan:
-    return StepPlan(start_step, n_steps, total_steps, math.ceil(warmup_ratio * total_steps))
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state:
+        if not torch.cuda.is_available():
+            raise RuntimeError("this training state was saved on a GPU: resume it on one")
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 class _Scratch:
@@ -89,13 +91,14 @@ class _Scratch:
         self.dir = Path(directory) if directory else None
         self.key = key
 
-    def load(self, peft_model, optimizer) -> int:
+    def load(self, peft_model, optimizer) -> tuple[int, list[dict]]:
+        """Restore weights, optimizer, every RNG and the step records; ``(steps done, their records)``."""
         if self.dir is None or not (self.dir / "state.json").exists():
-            return 0
+            return 0, []
         state = json.loads((self.dir / "state.json").read_text())
         if state.get("key") != self.key:
             log.info("ignoring scratch state in %s: it belongs to another configuration", self.dir)
-            return 0
+            return 0, []
         from safetensors.torch import load_file
 
         weights = load_file(str(self.dir / "weights.safetensors"))
@@ -104,11 +107,11 @@ class _Scratch:
             for name, tensor in weights.items():
                 params[name].copy_(tensor)
         restore_optimizer(peft_model, optimizer, load_optimizer_state(self.dir / "optimizer.safetensors"))
-        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        restore_rng_state(state["rng"])
         log.info("resuming from scratch state in %s after %d steps", self.dir, state["done"])
-        return int(state["done"])
+        return int(state["done"]), list(state["steps"])
 
-    def save(self, peft_model, optimizer, done: int) -> None:
+    def save(self, peft_model, optimizer, done: int, steps: list[dict]) -> None:
         if self.dir is None:
             return
         from safetensors.torch import save_file
@@ -118,7 +121,7 @@ class _Scratch:
         with atomic_path(self.dir / "weights.safetensors") as tmp:
             save_file(weights, str(tmp))
         save_optimizer_state(optimizer_checkpoint(peft_model, optimizer, {}), self.dir / "optimizer.safetensors", {})
-        state = {"key": self.key, "done": done, "torch_rng": torch.get_rng_state().tolist()}
+        state = {"key": self.key, "done": done, "steps": steps, "rng": capture_rng_state()}
         with atomic_path(self.dir / "state.json") as tmp:
             tmp.write_text(json.dumps(state))
 
@@ -144,7 +147,7 @@ def train_lora(
     """Take ``plan.n_steps`` optimizer steps on ``examples`` (shuffled with ``data_seed``, cycling if needed).
 
     Returns the optimizer state (keyed by parameter name) and one record per
-    step taken in this call (``global_step``, ``lr``, ``loss``).
+    step of the plan (``global_step``, ``lr``, ``loss``), those before a resume included.
     """
     device = torch.device(device)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -153,13 +156,12 @@ def train_lora(
         restore_optimizer(peft_model, optimizer, resume_from)
     torch.manual_seed(int(np.random.default_rng(data_seed).integers(2**31)))  # dropout
     scratch = _Scratch(scratch_dir, config_hash([asdict(spec), asdict(plan), data_seed, len(examples)]))
-    done = scratch.load(peft_model, optimizer)
+    done, steps = scratch.load(peft_model, optimizer)
 
     needed = plan.n_steps * spec.effective_batch
     rng = np.random.default_rng(data_seed)
     order = np.concatenate([rng.permutation(len(examples)) for _ in range(math.ceil(needed / len(examples)))])
     peft_model.train()
-    steps: list[dict] = []
     for local_step in progress(range(done, plan.n_steps), desc="train", total=plan.n_steps - done):
         global_step = plan.start_step + local_step
         lr = spec.lr * linear_schedule(global_step, plan.total_steps, plan.warmup_steps)
@@ -180,7 +182,7 @@ def train_lora(
         if local_step % 10 == 0 or local_step == plan.n_steps - 1:
             log.info("step %d (global %d/%d) lr %.3g loss %.4f", local_step + 1, global_step + 1, plan.total_steps, lr, step_loss)
         if save_every and (local_step + 1) % save_every == 0 and local_step + 1 < plan.n_steps:
-            scratch.save(peft_model, optimizer, local_step + 1)
+            scratch.save(peft_model, optimizer, local_step + 1, steps)
     peft_model.eval()
     end_step = plan.start_step + plan.n_steps
     ckpt = optimizer_checkpoint(peft_model, optimizer, {"lr": spec.lr, "global_step": end_step, "total_steps": plan.total_steps})

@@ -3,6 +3,7 @@
 
 import glob
 import os
+import re
 import sys
 
 import yaml
@@ -96,7 +97,17 @@ TASK_SETTINGS = resolved_task_settings()
 
 
 def alternatives(names):
-    return "|".join(sorted(names, key=len, reverse=True))
+    return "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+
+
+NO_RUN = r"(?!)"  # a constraint nothing matches: no configured run of that kind
+
+
+def runs_pattern(methods, extra=()):
+    """The configured run names of ``methods``, from the run registry: the rule that selects for a
+    method takes exactly its runs (no regex copying the naming grammar of clusterucb/runs.py)."""
+    names = [name for name, run in RUNS.items() if run.method in methods] + list(extra)
+    return alternatives(names) if names else NO_RUN
 
 
 TASK_PATTERN = alternatives([*task_names(), paths.ALL_TASKS])
@@ -181,8 +192,16 @@ def get_decontamination_files(wildcards=None):
     return [paths.TARGET_DECONTAM.format(task=task) for task in DECONTAMINATE]
 
 
-def get_target_settings(wildcards):
-    return TASK_SETTINGS[wildcards.task].as_dict()
+def get_validation_settings(wildcards):
+    """The settings a task's validation set reads (n_val): evaluation knobs do not rebuild it."""
+    settings = TASK_SETTINGS[wildcards.task].as_dict()
+    return {k: settings[k] for k in sorted(get_task(wildcards.task).validation_settings)}
+
+
+def get_test_settings(wildcards):
+    """The settings a task's test set reads (its caps)."""
+    settings = TASK_SETTINGS[wildcards.task].as_dict()
+    return {k: settings[k] for k in sorted(get_task(wildcards.task).test_settings)}
 
 
 # ---------------------------------------------------------------- runs and checkpoints
@@ -307,18 +326,13 @@ def get_recall_inputs(wildcards):
 
 
 def get_grad_params(wildcards=None):
-    """Everything that defines the gradient feature space; a change re-runs the gradient jobs."""
-    keys = (
-        "projector",
-        "proj_dim",
-        "proj_seed",
-        "sjlt_c",
-        "dtype",
-        "adam_eps_inside_sqrt",
-        "max_batch_size",
-        "max_batch_tokens",
-        "resume_chunk",
-    )
+    """Everything that defines the gradient feature space; a change re-runs the gradient jobs.
+    Batch sizes and the resume chunk only change how the work is cut (rounding, not results):
+    the scripts read them from the config (workflow_scripts/_common.throughput), so lowering a
+    batch size to fit memory recomputes nothing."""
+    keys = ["projector", "proj_dim", "proj_seed", "dtype", "adam_eps_inside_sqrt"]
+    if config["gradients"]["projector"] == "sjlt":  # the dense projector has no sjlt_c
+        keys.append("sjlt_c")
     return {k: config["gradients"][k] for k in keys}
 
 
@@ -332,7 +346,6 @@ def get_eval_params(wildcards):
         "settings": TASK_SETTINGS[wildcards.task].as_dict(),
         "chat_template": config["data"]["chat_template"],
         "max_length": config["data"]["val_max_length"],
-        "batch_size": TARGET["eval_batch_size"],
         "seed": config["seed"],
     }
 

@@ -12,7 +12,7 @@ rule prepare_validation:
     conda:
         "../envs/cpu.yaml"
     params:
-        settings=get_target_settings,
+        settings=get_validation_settings,
         seed=config["seed"],
     script:
         "../workflow_scripts/prepare_validation.py"
@@ -29,7 +29,7 @@ rule prepare_test:
     conda:
         "../envs/cpu.yaml"
     params:
-        settings=get_target_settings,
+        settings=get_test_settings,
         seed=config["seed"],
     script:
         "../workflow_scripts/prepare_test.py"

@@ -7,13 +7,12 @@ rule select_top_scores:
     input:
         scores=get_top_scores_input,
         pool=paths.POOL_TOKENS,
-        assignments=assignments(config["cluster"]["k"]),
     output:
         selection=paths.SELECTION,
     log:
         "logs/select/{task}/{run}/epoch-{epoch}.log",
     wildcard_constraints:
-        run="full_matching|dynamic",
+        run=runs_pattern(["dynamic"], extra=[SHARED_EPOCH1]),
     localrule: True
     conda:
         "../envs/cpu.yaml"
@@ -36,7 +35,7 @@ rule select_budgeted:
     benchmark:
         "results/benchmarks/select/{task}/{run}/epoch-{epoch}.tsv"
     wildcard_constraints:
-        run=r"(clusterucb|random_draw)(__[A-Za-z0-9_.\-]+)?",
+        run=runs_pattern(BUDGETED),
         epoch=r"[2-9]|[1-9]\d+",
     conda:
         "../envs/torch.yaml"
@@ -61,7 +60,7 @@ rule select_random:
     log:
         "logs/select/{task}/{run}/epoch-{epoch}.log",
     wildcard_constraints:
-        run=r"random(__seed-\d+)?",
+        run=runs_pattern(["random"]),
     localrule: True
     conda:
         "../envs/cpu.yaml"
@@ -82,7 +81,7 @@ rule select_less:
     log:
         "logs/select/{task}/{run}/epoch-{epoch}.log",
     wildcard_constraints:
-        run="less",
+        run=runs_pattern(["less"]),
     localrule: True
     conda:
         "../envs/cpu.yaml"

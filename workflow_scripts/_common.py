@@ -21,11 +21,6 @@ def model_dir(path):
     return str(path if path.is_dir() else path.parent)
 
 
-def checkpoint_dir(adapter_weights):
-    """``results/<ckpt>/adapter/adapter_model.safetensors`` -> ``results/<ckpt>``."""
-    return str(Path(adapter_weights).parent.parent)
-
-
 def named_inputs(snakemake) -> dict[str, list[str]]:
     """The rule's named inputs as lists of paths (a single file becomes a one-element list)."""
     out = {}
@@ -33,3 +28,13 @@ def named_inputs(snakemake) -> dict[str, list[str]]:
         value = getattr(snakemake.input, name)
         out[name] = [value] if isinstance(value, str) else list(value)
     return out
+
+
+# Settings that change how work is cut into batches, not what it computes (rounding only): they are
+# deliberately not in the rules' params, so changing them reruns nothing (README, "Changing one knob").
+THROUGHPUT = {"gradients": ("max_batch_size", "max_batch_tokens", "resume_chunk"), "target": ("eval_batch_size",)}
+
+
+def throughput(snakemake, section: str) -> dict:
+    """The throughput settings of a config section, read from the config rather than from params."""
+    return {key: snakemake.config[section][key] for key in THROUGHPUT[section]}

@@ -1,7 +1,10 @@
-from _common import checkpoint_dir, init, model_dir
+from pathlib import Path
+
+from _common import init, model_dir, throughput
 
 init(snakemake)  # noqa: F821
+from clusterucb import paths  # noqa: E402
 from clusterucb.pipeline.grads import grads_val  # noqa: E402
 
 i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-grads_val(model_dir(i.model), checkpoint_dir(i.adapter), i.val, o.tensors, o.index, p.grads)
+grads_val(model_dir(i.model), str(Path(i.adapter).parent), paths.checkpoint_dir(snakemake.wildcards.ckpt), i.val, o.tensors, o.index, {**p.grads, **throughput(snakemake, "gradients")})  # noqa: F821

@@ -24,12 +24,14 @@ def _files(files: dict[str, list[str]]) -> dict[str, list[Path]]:
 
 
 def prepare_validation(task: str, files: dict[str, list[str]], out: str, settings: dict, seed: int) -> None:
-    """A task's validation examples (the gradient targets), subtask-contiguous."""
+    """A task's validation examples (the gradient targets), subtask-contiguous; ``settings`` may hold only the
+    task's ``validation_settings`` (the others keep their defaults and are not read)."""
     target = get_task(task)
     resolved = resolve_settings(target, settings)
     rows = target.validation_examples(_files(files), resolved, seed)
     _check_contiguous(rows, out)
-    write_parquet(pa.Table.from_pylist(rows, schema=validation_schema()), out, {"task": task, "settings": resolved.as_dict(), "seed": seed})
+    used = {k: v for k, v in resolved.as_dict().items() if k in target.validation_settings}
+    write_parquet(pa.Table.from_pylist(rows, schema=validation_schema()), out, {"task": task, "settings": used, "seed": seed})
     log.info("%s validation set: %d examples in %d subtasks", task, len(rows), len({r["subtask"] for r in rows}))
 
 
@@ -40,7 +42,8 @@ def prepare_test(task: str, files: dict[str, list[str]], out: str, settings: dic
     rows, shared = target.test_examples(_files(files), resolved, seed)
     if not rows:
         raise ValueError(f"{task}: the test set is empty")
-    write_parquet(pa.Table.from_pylist(rows, schema=test_schema()), out, {"task": task, "settings": resolved.as_dict(), "seed": seed, "shared": shared})
+    used = {k: v for k, v in resolved.as_dict().items() if k in target.test_settings}
+    write_parquet(pa.Table.from_pylist(rows, schema=test_schema()), out, {"task": task, "settings": used, "seed": seed, "shared": shared})
     log.info("%s test set: %d examples in %d subtasks", task, len(rows), len({r["subtask"] for r in rows}))
 
 

@@ -13,7 +13,7 @@ import torch
 from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer, featurize_resumable
 from clusterucb.gradstore import merge_manifest, write_shard
 from clusterucb.io import file_sha256
-from clusterucb.lora import adam_state_for, load_optimizer_state
+from clusterucb.lora import ADAPTER_WEIGHTS, adam_state_for, load_optimizer_state
 from clusterucb.pipeline.data import read_tokens, token_meta
 from clusterucb.pipeline.model import device, load_checkpoint
 from clusterucb.projection import make_projector
@@ -21,9 +21,15 @@ from clusterucb.projection import make_projector
 log = logging.getLogger(__name__)
 
 
+# How the work is cut, not what it computes: left out of the resume key, so that a job killed for memory
+# resumes with a smaller batch and keeps its finished parts.
+THROUGHPUT_FIELDS = ("max_batch_size", "max_batch_tokens", "resume_chunk")
+
+
 @dataclass(frozen=True)
 class GradParams:
-    """Settings that define a feature space (all recorded in the shards' metadata)."""
+    """Settings of the gradient pass: those that define a feature space (recorded in the shards'
+    metadata) and the throughput ones (``THROUGHPUT_FIELDS``)."""
 
     projector: str = "sjlt"
     proj_dim: int = 8192
@@ -40,16 +46,16 @@ class GradParams:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def make_featurizer(model_dir: str, checkpoint_dir: str, grad_type: str, params: GradParams):
-    """The model at ``checkpoint_dir`` and a featurizer for ``grad_type`` "adam" (pool) or "sgd" (validation)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    peft_model, tokenizer = load_checkpoint(model_dir, checkpoint_dir / "adapter")
+def make_featurizer(model_dir: str, adapter_dir: str, optimizer_path: str, checkpoint: str, grad_type: str, params: GradParams):
+    """The model with the adapter in ``adapter_dir`` and a featurizer for ``grad_type`` "adam" (pool, preconditioned
+    with the AdamW state in ``optimizer_path``) or "sgd" (validation); ``checkpoint`` labels the features."""
+    peft_model, tokenizer = load_checkpoint(model_dir, adapter_dir)
     dev = device()
     peft_model.to(dev)
     preconditioner = None
     if grad_type == "adam":
         # m and v are loaded once per checkpoint, by parameter name (spec §10.16).
-        state = adam_state_for(peft_model, load_optimizer_state(checkpoint_dir / "optimizer.safetensors"))
+        state = adam_state_for(peft_model, load_optimizer_state(optimizer_path))
         preconditioner = AdamPreconditioner(state, params.adam_eps_inside_sqrt)
     elif grad_type != "sgd":
         raise ValueError(f"unknown gradient type {grad_type!r} (adam or sgd)")
@@ -58,7 +64,7 @@ def make_featurizer(model_dir: str, checkpoint_dir: str, grad_type: str, params:
     featurizer = GradientFeaturizer(peft_model, tokenizer.pad_token_id, projector, preconditioner, dev, params.max_batch_size, params.max_batch_tokens)
     meta = {
         "model": model_dir,
-        "checkpoint": str(checkpoint_dir),
+        "checkpoint": checkpoint,
         "grad_type": grad_type,
         "projector": params.projector if params.projector != "sjlt" else f"sjlt(c={params.sjlt_c})",
         "proj_dim": params.proj_dim,
@@ -76,7 +82,7 @@ def shard_bounds(n: int, shard: int, n_shards: int) -> tuple[int, int]:
     return shard * n // n_shards, (shard + 1) * n // n_shards
 
 
-def grads_pool_shard(model_dir: str, checkpoint_dir: str, pool_tokens: str, shard: int, n_shards: int, tensors_out: str, index_out: str, params: dict, scratch: str | None = None) -> None:
+def grads_pool_shard(model_dir: str, adapter_dir: str, optimizer_path: str, checkpoint: str, pool_tokens: str, shard: int, n_shards: int, tensors_out: str, index_out: str, params: dict, scratch: str | None = None) -> None:
     """Adam-preconditioned features of the pool rows in ``shard`` (contiguous slice of the tokenized pool).
 
     Finished chunks of ``resume_chunk`` samples are kept in ``scratch`` (outside the
@@ -86,9 +92,10 @@ def grads_pool_shard(model_dir: str, checkpoint_dir: str, pool_tokens: str, shar
     examples = read_tokens(pool_tokens)
     start, stop = shard_bounds(len(examples), shard, n_shards)
     examples = examples[start:stop]
-    featurizer, meta = make_featurizer(model_dir, checkpoint_dir, "adam", grad_params)
+    featurizer, meta = make_featurizer(model_dir, adapter_dir, optimizer_path, checkpoint, "adam", grad_params)
     meta["max_length"] = _max_length(pool_tokens)
-    key = json.dumps([meta, file_sha256(Path(checkpoint_dir) / "adapter" / "adapter_model.safetensors"), asdict(grad_params)], sort_keys=True)
+    space = {k: v for k, v in asdict(grad_params).items() if k not in THROUGHPUT_FIELDS}
+    key = json.dumps([meta, file_sha256(Path(adapter_dir) / ADAPTER_WEIGHTS), space], sort_keys=True)
     result = featurize_resumable(featurizer, examples, scratch, key, grad_params.resume_chunk, desc=f"shard {shard}")
     write_shard(tensors_out, index_out, shard, [e["example_id"] for e in examples], result.features, result.losses, result.failures, meta)
     if scratch is not None:
@@ -96,11 +103,11 @@ def grads_pool_shard(model_dir: str, checkpoint_dir: str, pool_tokens: str, shar
     log.info("shard %d: %d examples (rows %d-%d), %d failed", shard, len(examples), start, stop, len(result.failures))
 
 
-def grads_val(model_dir: str, checkpoint_dir: str, val_tokens: str, tensors_out: str, index_out: str, params: dict) -> None:
+def grads_val(model_dir: str, adapter_dir: str, checkpoint: str, val_tokens: str, tensors_out: str, index_out: str, params: dict) -> None:
     """Plain (SGD) gradient features of the validation set; any failure is an error."""
     grad_params = GradParams.from_dict(params)
     examples = read_tokens(val_tokens)
-    featurizer, meta = make_featurizer(model_dir, checkpoint_dir, "sgd", grad_params)
+    featurizer, meta = make_featurizer(model_dir, adapter_dir, None, checkpoint, "sgd", grad_params)
     meta["max_length"] = _max_length(val_tokens)
     result = featurizer.featurize(examples, desc="validation")
     if result.failures:

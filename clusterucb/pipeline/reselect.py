@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 def select_budgeted(
     model_dir: str,
-    checkpoint_dir: str,
+    adapter_dir: str,
+    optimizer_path: str,
+    checkpoint: str,
     pool_tokens: str,
     val_tensors: str,
     val_index: str,
@@ -44,7 +46,7 @@ def select_budgeted(
     if (pool_label < 0).any():
         log.warning("%d pool samples are not in any cluster (no warmup gradient) and cannot be drawn", int((pool_label < 0).sum()))
 
-    featurizer, _ = make_featurizer(model_dir, checkpoint_dir, "adam", GradParams.from_dict(grad_params))
+    featurizer, _ = make_featurizer(model_dir, adapter_dir, optimizer_path, checkpoint, "adam", GradParams.from_dict(grad_params))
     val, subtask, _ = val_features(val_tensors, val_index, val_tokens)
 
     def reward_fn(indices: np.ndarray) -> np.ndarray:
@@ -57,7 +59,7 @@ def select_budgeted(
     draw_ids = [pool[d.index]["example_id"] for d in draws]
     draw_scores = np.array([d.score for d in draws])
     draw_clusters = [int(pool_label[d.index]) for d in draws]
-    run_meta = {**run_params, "task": task, "run": run, "epoch": epoch, "checkpoint": str(checkpoint_dir)}
+    run_meta = {**run_params, "task": task, "run": run, "epoch": epoch, "checkpoint": checkpoint}
     write_parquet(
         pa.table(
             {

@@ -10,20 +10,23 @@ import pyarrow.parquet as pq
 
 from clusterucb.io import read_parquet_metadata
 from clusterucb.pipeline.data import pool_ids, pool_size
-from clusterucb.pipeline.tables import read_assignments, read_scores, write_selection
+from clusterucb.pipeline.tables import read_scores, write_selection
+from clusterucb.schedule import learning_rates, mean_lr_per_epoch
 from clusterucb.selection import n_selected, random_subset, top_k
 
 log = logging.getLogger(__name__)
 
 
-def select_top_scores(scores_path: str, pool_tokens: str, assignments: str, selection_out: str, top_p: float, task: str, run: str, epoch: int) -> None:
-    """Full matching: the top ``top_p`` of the pool by influence at one checkpoint (Dynamic)."""
+def select_top_scores(scores_path: str, pool_tokens: str, selection_out: str, top_p: float, task: str, run: str, epoch: int) -> None:
+    """Full matching: the top ``top_p`` of the pool by influence at one checkpoint (epoch 1 of the Dynamic
+    family, every epoch of Dynamic). Clusters are not read: they do not change the selection, so ``cluster.k``
+    must not rerun it (the report joins the assignments where it needs them)."""
     ids, scores, meta = read_scores(scores_path)
     n_pool = pool_size(pool_tokens)
     order = top_k(scores, n_selected(n_pool, top_p))
-    clusters = read_assignments(assignments)
-    info = {"method": "dynamic", "task": task, "run": run, "epoch": epoch, "rule": "full_matching", "checkpoint": meta["checkpoint"], "n_pool": n_pool, "n_gradients": meta["n_gradients"], "top_p": top_p}
-    write_selection([ids[i] for i in order], scores[order], [clusters.get(ids[i]) for i in order], selection_out, info)
+    method = "full_matching" if run == "full_matching" else "dynamic"
+    info = {"method": method, "task": task, "run": run, "epoch": epoch, "rule": "full_matching", "checkpoint": meta["checkpoint"], "n_pool": n_pool, "n_gradients": meta["n_gradients"], "top_p": top_p}
+    write_selection([ids[i] for i in order], scores[order], None, selection_out, info)
 
 
 def select_random(pool_tokens: str, selection_out: str, top_p: float, seed: int, task: str, run: str, epoch: int) -> None:
@@ -35,11 +38,20 @@ def select_random(pool_tokens: str, selection_out: str, top_p: float, seed: int,
 
 
 def less_weights(train_log: str) -> np.ndarray:
-    """LESS checkpoint weights: each warmup epoch's mean learning rate, normalised to sum to 1 (spec §4)."""
-    frame = pq.read_table(train_log).to_pandas()
-    means = frame.groupby("epoch").lr.mean().sort_index().to_numpy()
+    """LESS checkpoint weights: each warmup epoch's mean learning rate, normalised to sum to 1 (spec §4),
+    computed from the warmup's LR schedule (recorded in the log's metadata) rather than from its rows."""
+    meta = read_parquet_metadata(train_log)
+    if "schedule" not in meta:
+        raise ValueError(f"{train_log}: no LR schedule in its metadata (written by an older version): rerun it with --forcerun less_warmup")
+    schedule = meta["schedule"]
+    means = mean_lr_per_epoch(float(schedule["lr"]), int(schedule["steps_per_epoch"]), int(meta["epochs"]), float(schedule["warmup_ratio"]))
     if (means <= 0).all():
         raise ValueError(f"{train_log}: every LESS warmup epoch has a zero learning rate")
+    # The rows the log has must follow that schedule (a log may miss rows; it may not contradict it).
+    logged = pq.read_table(train_log, columns=["global_step", "lr"]).to_pandas()
+    expected = learning_rates(float(schedule["lr"]), int(schedule["steps_per_epoch"]) * int(meta["epochs"]), float(schedule["warmup_ratio"]))
+    if len(logged) and not np.allclose(logged.lr.to_numpy(), expected[logged.global_step.to_numpy() - 1], rtol=1e-9, atol=0):
+        raise ValueError(f"{train_log}: the logged learning rates differ from the schedule in its metadata {schedule}")
     return means / means.sum()
 
 

@@ -13,14 +13,15 @@ from clusterucb.lora import LoraSpec, attach_lora, load_lora, load_optimizer_sta
 from clusterucb.modeling import load_base_model
 from clusterucb.pipeline.data import read_tokens
 from clusterucb.pipeline.model import device
+from clusterucb.schedule import plan_steps, steps_per_epoch
 from clusterucb.selection import n_selected
-from clusterucb.training import TrainSpec, plan_steps, steps_per_epoch, train_lora
+from clusterucb.training import TrainSpec, train_lora
 
 log = logging.getLogger(__name__)
 
 
 def _write_log(steps: list[dict], out: str, meta: dict) -> None:
-    """Per-step training log (steps run before a resume from scratch state are not in it)."""
+    """Per-step training log (the steps before a resume from scratch state included)."""
     schema = pa.schema([pa.field("epoch", pa.int32()), pa.field("global_step", pa.int32()), pa.field("lr", pa.float64()), pa.field("loss", pa.float32())])
     write_parquet(pa.Table.from_pylist(steps, schema=schema), out, meta)
 
@@ -68,7 +69,9 @@ def less_warmup(model_dir: str, pool_tokens: str, adapter_dirs: list[str], optim
         records += [{**r, "epoch": epoch} for r in steps]
         save_optimizer_state(ckpt, optimizer_outs[epoch - 1], {"model": model_dir, "checkpoint": f"less/ckpt-{epoch}", "epoch": epoch})
         save_adapter(peft_model, adapter_dirs[epoch - 1])
-    _write_log(records, log_out, {"model": model_dir, "examples": len(examples), "epochs": epochs})
+    # The schedule itself, from which select_less computes the checkpoint weights.
+    schedule = {"lr": spec.lr, "steps_per_epoch": per_epoch, "warmup_ratio": spec.warmup_ratio}
+    _write_log(records, log_out, {"model": model_dir, "examples": len(examples), "epochs": epochs, "schedule": schedule})
 
 
 def train_epoch(

@@ -4,7 +4,9 @@ A task module (``clusterucb/tasks/<name>.py``) defines ``TASK``, an object with:
 
 - ``name``, ``metric`` (the headline metric in ``metrics.json``), ``defaults``
   (a :class:`TaskSettings` with the paper's values) and ``settings_used`` (the
-  settings it reads; any other key set for it in the config is an error);
+  settings it reads; any other key set for it in the config is an error), of which
+  ``validation_settings`` and ``test_settings`` are those its validation and test sets
+  read (so that an evaluation knob never rebuilds the validation set and what follows);
 - ``data_files()``: the staged files it reads, by role, relative to ``datasets_dir``;
 - ``validation_examples(files, settings, seed)``: the gradient targets, subtask-contiguous;
 - ``test_examples(files, settings, seed)``: ``(examples, shared)``, the evaluated test
@@ -103,6 +105,8 @@ class TargetTask(Protocol):
     metric: str
     defaults: TaskSettings
     settings_used: frozenset[str]
+    validation_settings: frozenset[str]
+    test_settings: frozenset[str]
 
     def data_files(self) -> dict[str, str]: ...
 

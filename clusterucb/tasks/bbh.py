@@ -90,6 +90,8 @@ class Bbh:
     metric = "exact_match"
     defaults = TaskSettings(n_val=3, max_per_subtask=None, n_shot=3, max_new_tokens=512)
     settings_used = frozenset({"n_val", "max_per_subtask", "n_shot", "max_new_tokens"})
+    validation_settings = frozenset({"n_val"})
+    test_settings = frozenset({"max_per_subtask"})
 
     def data_files(self) -> dict[str, str]:
         return {"tasks": "bbh/bbh/*.json", "cot_prompts": "bbh/cot-prompts/*.txt", "three_shot": "bbh/bbh-three-shot.json"}

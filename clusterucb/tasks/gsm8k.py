@@ -143,6 +143,8 @@ class Gsm8k:
     metric = "exact_match"
     defaults = TaskSettings(n_val=50, max_per_subtask=None, n_shot=8, max_new_tokens=512)
     settings_used = frozenset({"n_val", "max_per_subtask", "n_shot", "max_new_tokens"})
+    validation_settings = frozenset({"n_val"})
+    test_settings = frozenset({"max_per_subtask"})
 
     def data_files(self) -> dict[str, str]:
         return {"train": "gsm8k/train.jsonl.gz", "test": "gsm8k/test.jsonl"}

@@ -71,6 +71,8 @@ class HumanEval:
     metric = "pass@1"
     defaults = TaskSettings(n_val=10, max_per_subtask=None, max_new_tokens=512, sampling=PAPER_SAMPLING, timeout_s=3.0)
     settings_used = frozenset({"n_val", "max_per_subtask", "max_new_tokens", "sampling", "timeout_s"})
+    validation_settings = frozenset({"n_val"})
+    test_settings = frozenset({"max_per_subtask", "n_val"})  # the test set leaves out the n_val validation problems
 
     def data_files(self) -> dict[str, str]:
         return {"problems": "humaneval/HumanEval.jsonl.gz", "pack": "humaneval/humanevalpack.jsonl"}

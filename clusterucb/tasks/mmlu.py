@@ -75,6 +75,8 @@ class Mmlu:
     metric = "accuracy"
     defaults = TaskSettings(n_val=5, max_per_subtask=None, n_shot=5)
     settings_used = frozenset({"n_val", "max_per_subtask", "n_shot"})
+    validation_settings = frozenset({"n_val"})
+    test_settings = frozenset({"max_per_subtask"})
 
     def data_files(self) -> dict[str, str]:
         return {"dev": "mmlu/dev/*_dev.csv", "test": "mmlu/test/*_test.csv"}

@@ -120,6 +120,8 @@ class TyDiQA:
     metric = "f1"
     defaults = TaskSettings(n_val=1, max_per_subtask=None, n_shot=1, max_new_tokens=50, max_context_tokens=512)
     settings_used = frozenset({"n_val", "max_per_subtask", "n_shot", "max_new_tokens", "max_context_tokens"})
+    validation_settings = frozenset({"n_val"})
+    test_settings = frozenset({"max_per_subtask"})
 
     def data_files(self) -> dict[str, str]:
         return {"dev": "tydiqa/tydiqa-goldp-v1.1-dev.json.gz", "one_shot": "tydiqa/tydiqa-one-shot.json"}

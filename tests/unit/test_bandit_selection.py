@@ -51,7 +51,7 @@ def test_exhausted_arm_is_never_chosen_even_when_it_has_the_best_index():
 
 def test_unplayed_valid_arm_goes_first_lowest_index():
     state = state_with([[0.9], [], [], [0.1], []], [4, 0, 2, 4, 3])  # arm 1 is empty (size 0); 2 and 4 unplayed
-    assert UCBBeta(np.random.default_rng(0), 1.0, faithful=True).select(state) == 2
+    assert UCBBeta(np.random.default_rng(0), 1.0, tie_break="lowest").select(state) == 2
     picks = {UCBBeta(np.random.default_rng(s), 1.0).select(state) for s in range(20)}
     assert picks == {2, 4}  # seeded random tie-breaking among the unplayed arms, never the empty one
 
@@ -204,8 +204,8 @@ def test_top_quantile_matches_the_official_sorted_list():
 
 def test_threshold_policies_follow_the_official_rules():
     rng = np.random.default_rng(0)
-    hard = make_policy("ucb_threshhard", 3, rng, ucb_p=0.25, faithful=True)
-    normal = make_policy("ucb_threshnormal", 3, rng, ucb_p=0.25, faithful=True)
+    hard = make_policy("ucb_threshhard", 3, rng, ucb_p=0.25, tie_break="lowest")
+    normal = make_policy("ucb_threshnormal", 3, rng, ucb_p=0.25, tie_break="lowest")
     state_h, state_n = ArmState.for_sizes([10, 10, 10]), ArmState.for_sizes([10, 10, 10])
     for arm, rewards in ((0, [0.1, 0.2]), (1, [0.9, 0.1]), (2, [0.3, 0.35])):
         hard.update(state_h, arm, np.array(rewards))
@@ -213,7 +213,7 @@ def test_threshold_policies_follow_the_official_rules():
     # 6 rewards: tau = the (int(6 * 0.25) + 1) = 2nd largest = 0.35; shares >= tau: 0, 1/2, 1/2
     assert hard.quantile.tau == 0.35
     np.testing.assert_allclose(hard.index(state_h), [0.0, 0.5, 0.5])
-    assert hard.select(state_h) == 1  # tie between 1 and 2: lowest index when faithful
+    assert hard.select(state_h) == 1  # tie between 1 and 2: lowest index with tie_break=lowest
     # Normal: 1 - Phi((tau - mean) / std) per arm.
     from math import erfc, sqrt
 
@@ -224,7 +224,7 @@ def test_threshold_policies_follow_the_official_rules():
 
 def test_threshold_policies_fall_back_to_the_best_reward_when_every_share_is_zero():
     rng = np.random.default_rng(0)
-    policy = make_policy("ucb_threshhard", 3, rng, ucb_p=0.25, faithful=True)
+    policy = make_policy("ucb_threshhard", 3, rng, ucb_p=0.25, tie_break="lowest")
     state = ArmState.for_sizes([5, 5, 2])
     policy.update(state, 0, np.array([0.5]))
     policy.update(state, 1, np.array([0.2]))

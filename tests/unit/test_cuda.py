@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_architectures import lora_model
+from test_projection_kmeans import separable_sphere
+from tinymodels import ragged_examples, random_adam_state, tiny_lora_llama
 
 from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients, pad_batch
 from clusterucb.kmeans import spherical_kmeans
 from clusterucb.projection import SJLTProjector, make_projector
-from clusterucb.training import TrainSpec, plan_steps, train_lora
-
-from test_architectures import lora_model
-from test_projection_kmeans import separable_sphere
-from tinymodels import ragged_examples, random_adam_state, tiny_lora_llama
+from clusterucb.schedule import plan_steps
+from clusterucb.training import TrainSpec, train_lora
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 

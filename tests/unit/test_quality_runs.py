@@ -60,7 +60,7 @@ def test_expand_grid_deduplicates_parameters_random_draw_ignores():
 
 
 DEFAULTS = defaults_from_config(
-    {"policy": "ucb_beta", "budget": 0.2, "csp": 0.05, "beta": 1.0, "ucb_p": 0.25, "draw_batch": 1, "faithful": False}, cluster_k=50, seed=42
+    {"policy": "ucb_beta", "budget": 0.2, "csp": 0.05, "beta": 1.0, "ucb_p": 0.25, "draw_batch": 1, "tie_break": "random"}, cluster_k=50, seed=42
 )
 
 

