@@ -13,21 +13,37 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-def coerce_cli_values(value, schema):
+def coerce_cli_values(value, schema, root=None):
     """Turn strings into the numbers/booleans the schema asks for.
 
     `--config selection='{beta: 2.0}'` reaches Snakemake's YAML BaseLoader, which
-    keeps nested values as strings; top-level values are already typed.
+    keeps nested values as strings; top-level values are already typed. Follows
+    `$ref` and the branches of `oneOf`/`anyOf` (a task's settings, its sampling).
     """
+    root = schema if root is None else root
+    if "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].rsplit("/", 1)[1]]
+    branches = schema.get("oneOf") or schema.get("anyOf")
+    if branches:
+        kinds = {dict: "object", list: "array"}
+        for branch in branches:
+            branch = root["$defs"][branch["$ref"].rsplit("/", 1)[1]] if "$ref" in branch else branch
+            wanted = kinds.get(type(value))
+            if wanted and branch.get("type") != wanted:
+                continue
+            converted = coerce_cli_values(value, branch, root)
+            if wanted or converted is not value:
+                return converted
+        return value
     if isinstance(value, dict):
         props = schema.get("properties", {})
         extra = schema.get("additionalProperties")
         for key, item in value.items():
             sub = props.get(key, extra if isinstance(extra, dict) else {})
-            value[key] = coerce_cli_values(item, sub)
+            value[key] = coerce_cli_values(item, sub, root)
         return value
     if isinstance(value, list):
-        return [coerce_cli_values(v, schema.get("items", {})) for v in value]
+        return [coerce_cli_values(v, schema.get("items", {}), root) for v in value]
     if isinstance(value, str):
         types = schema.get("type", [])
         types = [types] if isinstance(types, str) else types
@@ -49,6 +65,7 @@ from clusterucb import paths  # noqa: E402
 from clusterucb.io import scratch_dir_for  # noqa: E402
 from clusterucb.runs import BUDGETED, SHARED_EPOCH1, defaults_from_config, expand_runs  # noqa: E402
 from clusterucb.tasks import get_task, resolve_settings, task_names  # noqa: E402
+from clusterucb.throughput import result_config  # noqa: E402
 
 with open(workflow.source_path("../config.schema.yaml")) as schema_file:
     coerce_cli_values(config, yaml.safe_load(schema_file))

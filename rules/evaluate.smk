@@ -44,6 +44,6 @@ rule compare_methods:
         "../envs/cpu.yaml"
     params:
         compare=get_compare_params(),
-        config=config,
+        config=result_config(config),
     script:
         "../workflow_scripts/compare_methods.py"

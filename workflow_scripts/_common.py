@@ -30,11 +30,9 @@ def named_inputs(snakemake) -> dict[str, list[str]]:
     return out
 
 
-# Settings that change how work is cut into batches, not what it computes (rounding only): they are
-# deliberately not in the rules' params, so changing them reruns nothing (README, "Changing one knob").
-THROUGHPUT = {"gradients": ("max_batch_size", "max_batch_tokens", "resume_chunk"), "target": ("eval_batch_size",)}
-
-
 def throughput(snakemake, section: str) -> dict:
-    """The throughput settings of a config section, read from the config rather than from params."""
-    return {key: snakemake.config[section][key] for key in THROUGHPUT[section]}
+    """The throughput settings of a config section, read from the config rather than from params
+    (clusterucb/throughput.py: they change how work is batched, not its result)."""
+    from clusterucb.throughput import throughput_settings
+
+    return throughput_settings(snakemake.config, section)

@@ -17,13 +17,14 @@ from clusterucb.lora import ADAPTER_WEIGHTS, adam_state_for, load_optimizer_stat
 from clusterucb.pipeline.data import read_tokens, token_meta
 from clusterucb.pipeline.model import device, load_checkpoint
 from clusterucb.projection import make_projector
+from clusterucb.throughput import THROUGHPUT
 
 log = logging.getLogger(__name__)
 
 
 # How the work is cut, not what it computes: left out of the resume key, so that a job killed for memory
 # resumes with a smaller batch and keeps its finished parts.
-THROUGHPUT_FIELDS = ("max_batch_size", "max_batch_tokens", "resume_chunk")
+THROUGHPUT_FIELDS = THROUGHPUT["gradients"]
 
 
 @dataclass(frozen=True)
