@@ -22,12 +22,12 @@ def coerce_cli_values(value, schema, root=None):
     """
     root = schema if root is None else root
     if "$ref" in schema:
-        schema = root["$defs"][schema["$ref"].rsplit("/", 1)[1]]
+        schema = root["$defs"][os.path.basename(schema["$ref"])]
     branches = schema.get("oneOf") or schema.get("anyOf")
     if branches:
         kinds = {dict: "object", list: "array"}
         for branch in branches:
-            branch = root["$defs"][branch["$ref"].rsplit("/", 1)[1]] if "$ref" in branch else branch
+            branch = root["$defs"][os.path.basename(branch["$ref"])] if "$ref" in branch else branch
             wanted = kinds.get(type(value))
             if wanted and branch.get("type") != wanted:
                 continue
