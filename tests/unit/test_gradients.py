@@ -170,3 +170,28 @@ def test_a_shard_that_finishes_keeps_a_concurrent_shards_finished_parts(tmp_path
     featurizer.featurize = lambda batch, desc="": (computed.append(batch), original(batch, desc))[1]
     featurize_resumable(featurizer, shard1, scratch1, key="shard 1", chunk_size=3)
     assert [len(b) for b in computed] == [3]  # only the unfinished part is recomputed
+
+
+def test_a_throughput_knob_changes_neither_features_nor_the_selection():
+    """max_batch_size / max_batch_tokens are not in any rule's params (they rerun nothing): the features
+    agree to rounding and the top-k selection they give is the same."""
+    import numpy as np
+
+    from clusterucb.matching import influence_scores
+    from clusterucb.selection import top_k
+
+    model = tiny_lora_llama()
+    pool, val = ragged_examples(40, seed=11), ragged_examples(6, seed=12)
+    dim = PerSampleLoraGradients(model).dim
+    sgd = GradientFeaturizer(model, 0, RademacherProjector(dim, 64, seed=5), max_batch_size=8).featurize(val).features
+    subtask = torch.zeros(len(val), dtype=torch.long)
+    selections = []
+    for batch, tokens in ((1, 10_000), (8, 10_000), (16, 256)):
+        features = GradientFeaturizer(model, 0, RademacherProjector(dim, 64, seed=5), max_batch_size=batch, max_batch_tokens=tokens).featurize(pool).features
+        scores = influence_scores(features, sgd, subtask).numpy()
+        selections.append(top_k(np.asarray(scores), 8).tolist())
+        if len(selections) > 1:
+            assert torch.allclose(features, reference, rtol=1e-5, atol=1e-6)
+        else:
+            reference = features
+    assert selections[0] == selections[1] == selections[2]
