@@ -175,8 +175,6 @@ def test_a_shard_that_finishes_keeps_a_concurrent_shards_finished_parts(tmp_path
 def test_a_throughput_knob_changes_neither_features_nor_the_selection():
     """max_batch_size / max_batch_tokens are not in any rule's params (they rerun nothing): the features
     agree to rounding and the top-k selection they give is the same."""
-    import numpy as np
-
     from clusterucb.matching import influence_scores
     from clusterucb.selection import top_k
 
@@ -185,13 +183,11 @@ def test_a_throughput_knob_changes_neither_features_nor_the_selection():
     dim = PerSampleLoraGradients(model).dim
     sgd = GradientFeaturizer(model, 0, RademacherProjector(dim, 64, seed=5), max_batch_size=8).featurize(val).features
     subtask = torch.zeros(len(val), dtype=torch.long)
-    selections = []
-    for batch, tokens in ((1, 10_000), (8, 10_000), (16, 256)):
-        features = GradientFeaturizer(model, 0, RademacherProjector(dim, 64, seed=5), max_batch_size=batch, max_batch_tokens=tokens).featurize(pool).features
-        scores = influence_scores(features, sgd, subtask).numpy()
-        selections.append(top_k(np.asarray(scores), 8).tolist())
-        if len(selections) > 1:
-            assert torch.allclose(features, reference, rtol=1e-5, atol=1e-6)
-        else:
-            reference = features
+    features = [
+        GradientFeaturizer(model, 0, RademacherProjector(dim, 64, seed=5), max_batch_size=batch, max_batch_tokens=tokens).featurize(pool).features
+        for batch, tokens in ((1, 10_000), (8, 10_000), (16, 256))
+    ]
+    for other in features[1:]:
+        assert torch.allclose(other, features[0], rtol=1e-5, atol=1e-6)
+    selections = [top_k(influence_scores(f, sgd, subtask).numpy(), 8).tolist() for f in features]
     assert selections[0] == selections[1] == selections[2]
