@@ -10,12 +10,11 @@ match ignoring case and punctuation, the unweighted mean over tasks.
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from pathlib import Path
 
-from clusterucb.data.sources import DataError
+from clusterucb.data.sources import DataError, read_json
 from clusterucb.tasks.base import TaskSettings, example_id, fields_of, fit_shots, per_subtask_subset, prediction, single_file, test_row, validation_row
 
 NAME = "bbh"
@@ -54,10 +53,10 @@ def read_cot_prompt(path: Path) -> str:
 
 
 def read_task(path: Path) -> list[dict]:
-    try:
-        examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DataError(f"{path}: expected a JSON object with an 'examples' list ({err})") from None
+    document = read_json(path)  # names the file when it is not JSON
+    examples = document.get("examples") if isinstance(document, dict) else None
+    if not isinstance(examples, list):
+        raise DataError(f"{path}: expected a JSON object with an 'examples' list")
     for number, example in enumerate(examples, start=1):
         if not isinstance(example, dict) or not isinstance(example.get("input"), str) or not isinstance(example.get("target"), str):
             raise DataError(f"{path}: example {number}: expected string fields 'input' and 'target'")
@@ -98,7 +97,7 @@ class Bbh:
 
     def _three_shot(self, files) -> dict[str, str]:
         path = single_file(files, "three_shot")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
         if not isinstance(data, dict) or not data:
             raise DataError(f"{path}: expected a JSON object task -> few-shot prompt")
         return data
