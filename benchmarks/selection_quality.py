@@ -68,7 +68,7 @@ def main() -> None:
     frame = run(labels, scores, args.top_p, list(range(args.seeds)))
     table = (
         frame.groupby(["budget", "method", "policy"], sort=False)
-        .agg(Rs=("Rs", "mean"), Rinf=("Rinf", "mean"), Rs_drawn=("Rs_drawn", "mean"), gradients=("n_gradients", "mean"), ms=("seconds", "mean"))
+        .agg(Rs=("Rs", "mean"), Rinf=("Rinf", "mean"), in_topk_clusters=("budget_in_topk_clusters", "mean"), gradients=("n_gradients", "mean"), ms=("seconds", "mean"))
         .reset_index()
     )
     table["ms"] *= 1000

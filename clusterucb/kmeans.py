@@ -38,17 +38,31 @@ class KMeansResult:
 
 
 class RowBlocks:
-    """Rows of one or several 2-D tensors, read block by block as unit-norm float32 on ``device``."""
+    """Rows of one or several 2-D tensors, read block by block as unit-norm float32 on ``device``.
 
-    def __init__(self, x: torch.Tensor | Sequence[torch.Tensor], device: torch.device, chunk: int = 16384):
+    With a :class:`Preprocess`, each unit row is centred (the mean unit row
+    subtracted) and/or has its top principal directions projected out, then is
+    normalised again: the clustering then sees what distinguishes samples, not a
+    direction they all share.
+    """
+
+    def __init__(self, x: torch.Tensor | Sequence[torch.Tensor], device: torch.device, chunk: int = 16384, preprocess: Preprocess | None = None):
         self.parts = [x] if isinstance(x, torch.Tensor) else list(x)
         if not self.parts or any(p.ndim != 2 for p in self.parts) or len({p.shape[1] for p in self.parts}) != 1:
             raise ValueError("expected one or more (rows, D) matrices with the same D")
         self.device, self.chunk = device, chunk
         self.n = sum(p.shape[0] for p in self.parts)
         self.dim = self.parts[0].shape[1]
+        self.preprocess = preprocess
 
-    def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+    def _unit(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = F.normalize(rows, dim=-1)
+        if self.preprocess is not None:
+            rows = F.normalize(self.preprocess.apply(rows), dim=-1)
+        return rows
+
+    def raw_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """Unit-norm rows before the preprocessing."""
         start = 0
         for part in self.parts:
             for lo in range(0, part.shape[0], self.chunk):
@@ -58,12 +72,71 @@ class RowBlocks:
                 yield start + lo, F.normalize(block, dim=1)
             start += part.shape[0]
 
+    def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for start, block in self.raw_blocks():
+            yield start, (block if self.preprocess is None else F.normalize(self.preprocess.apply(block), dim=1))
+
     def row(self, index: int) -> torch.Tensor:
         for part in self.parts:
             if index < part.shape[0]:
-                return F.normalize(part[index].to(self.device, torch.float32), dim=0)
+                return self._unit(part[index].to(self.device, torch.float32))
             index -= part.shape[0]
         raise IndexError(index)
+
+
+@dataclass
+class Preprocess:
+    """x -> (x - mean) with the ``basis`` directions projected out (both optional), for unit rows x."""
+
+    mean: torch.Tensor | None  # (D,)
+    basis: torch.Tensor | None  # (D, c), orthonormal columns
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is not None:
+            x = x - self.mean.to(x.device)
+        if self.basis is not None:
+            basis = self.basis.to(x.device)
+            x = x - (x @ basis) @ basis.T
+        return x
+
+
+def fit_preprocess(rows: RowBlocks, center: bool, remove_components: int, seed: int, sample: int = 20000) -> Preprocess | None:
+    """The mean unit row (one streamed pass) and the top ``remove_components`` principal directions.
+
+    The directions come from a seeded randomized SVD of at most ``sample`` rows
+    (centred if ``center``), so the cost does not grow with the pool beyond one pass.
+    """
+    if not center and remove_components == 0:
+        return None
+    mean = None
+    if center or remove_components:
+        total = torch.zeros(rows.dim, dtype=torch.float64)
+        for _, block in rows.raw_blocks():
+            total += block.double().sum(0).cpu()
+        mean = (total / rows.n).float()
+    basis = None
+    if remove_components:
+        if not 0 < remove_components < min(rows.n, rows.dim):
+            raise ValueError(f"remove_components={remove_components} must be below min(N, D) = {min(rows.n, rows.dim)}")
+        rng = np.random.default_rng(seed)
+        picked = np.sort(rng.choice(rows.n, size=min(sample, rows.n), replace=False))
+        x = torch.stack([F.normalize(_raw_row(rows, int(i)), dim=0) for i in picked])
+        if center:
+            x = x - mean
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        _, _, v = torch.svd_lowrank(x, q=remove_components + 10, niter=4)
+        torch.random.set_rng_state(generator_state)
+        basis = v[:, :remove_components].contiguous()
+    return Preprocess(mean if center else None, basis)
+
+
+def _raw_row(rows: RowBlocks, index: int) -> torch.Tensor:
+    for part in rows.parts:
+        if index < part.shape[0]:
+            return part[index].to(torch.float32)
+        index -= part.shape[0]
+    raise IndexError(index)
 
 
 def _assign_torch(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,8 +192,18 @@ def spherical_kmeans(
     backend: str = "torch",
     device: str | torch.device | None = None,
     chunk: int = 16384,
+    center: bool = False,
+    remove_components: int = 0,
+    restarts: int = 1,
 ) -> KMeansResult:
-    """Cluster the unit-norm rows of ``x`` (a tensor or a list of row blocks) into ``k`` cosine clusters."""
+    """Cluster the unit-norm rows of ``x`` (a tensor or a list of row blocks) into ``k`` cosine clusters.
+
+    ``center`` / ``remove_components``: cluster the rows after subtracting their
+    mean and projecting out their top principal directions (renormalised; see
+    :class:`Preprocess`); the official code does neither. ``restarts``: run
+    k-means that many times from seeds derived from ``seed`` and keep the run
+    with the highest mean cosine to its centroid (the official code: one run).
+    """
     parts = [x] if isinstance(x, torch.Tensor) else list(x)
     device = torch.device(device) if device is not None else (parts[0].device if parts else torch.device("cpu"))
     rows = RowBlocks(parts, device, chunk)
@@ -128,7 +211,22 @@ def spherical_kmeans(
         raise ValueError("expected a non-empty (N, D) matrix")
     if not 1 <= k <= rows.n:
         raise ValueError(f"k={k} must be between 1 and the number of points ({rows.n})")
+    if restarts < 1:
+        raise ValueError(f"restarts={restarts} must be at least 1")
+    rows.preprocess = fit_preprocess(rows, center, remove_components, seed)
     assign = _assign_keops if resolve_backend(backend, device) == "pykeops" else _assign_torch
+    best_result = None
+    for attempt, run_seed in enumerate(np.random.SeedSequence(seed).generate_state(restarts) if restarts > 1 else [seed]):
+        result = _lloyd(rows, k, int(run_seed), max_iter, init, assign)
+        if restarts > 1:
+            log.info("k-means restart %d/%d: mean cos %.4f", attempt + 1, restarts, float(result.similarity.mean()))
+        if best_result is None or float(result.similarity.mean()) > float(best_result.similarity.mean()):
+            best_result = result
+    return best_result
+
+
+def _lloyd(rows: RowBlocks, k: int, seed: int, max_iter: int, init: str, assign) -> KMeansResult:
+    """One k-means run from ``seed``: seeding, then Lloyd iterations until no assignment changes."""
     rng = np.random.default_rng(seed)
     if init == "k-means++":
         centroids = kmeans_plusplus(rows, k, rng)

@@ -60,6 +60,7 @@ ARMS = RUN_DIR + "/arms.parquet"
 METRICS = "results/eval/{task}/{run}/metrics.json"
 PREDICTIONS = "results/eval/{task}/{run}/predictions.parquet"
 QUALITY_SWEEP = "results/quality/{task}/{qckpt}/sweep.parquet"
+QUALITY_CLUSTERS = "results/quality/{task}/{qckpt}/clusters.parquet"
 REPORT = "results/report"
 
 

@@ -19,35 +19,44 @@ from clusterucb.runs import BUDGETED
 from clusterucb.selection import ClusterUCB, clusters_from_labels, n_selected, plan_budget, top_k
 
 
-def recall_metrics(selected: np.ndarray, drawn: np.ndarray, scores: np.ndarray, k: int) -> dict[str, float]:
+def recall_metrics(selected: np.ndarray, drawn: np.ndarray, scores: np.ndarray, k: int, labels: np.ndarray | None = None) -> dict[str, float]:
     """Rs, Rinf and their variants (spec §9.1) for a selection against the full top-k by ``scores``.
 
     R_s   = |S ∩ T*| / k;                 R_inf = sum_S s / sum_T* s
-    R_inf_clipped uses max(s, 0); the ``drawn`` variants measure the drawn set D
-    before the top-k: R_s_drawn = |D ∩ T*| / k, R_inf_drawn = sum_(D ∩ T*) s / sum_T* s.
+    R_inf is reported only where the top-k's influence sum is positive (NaN
+    otherwise): with a non-positive denominator the ratio has no meaning (when
+    most scores are negative a random subset would "score" R_inf > 1).
+    R_inf_clipped uses max(s, 0). R_inf_excess = (sum_S s - k mean(s)) /
+    (sum_T* s - k mean(s)) is the share of the top-k's influence *above a random
+    selection's* that S captures (random ~ 0, full = 1), whatever the signs.
 
-    R_inf assumes positive top-k scores; when most scores are negative (a shared
-    component of the Adam features can make them so) it leaves [0, 1]. So we also
-    report R_inf_excess = (sum_S s - k mean(s)) / (sum_T* s - k mean(s)): the share of
-    the top-k's influence *above a random selection's* that S captures (random ~ 0, full = 1).
+    The drawn-set recall |D ∩ T*| / k is not reported: it always equals R_s (a
+    top-k sample that was drawn is also in the drawn set's top-k). Instead,
+    ``budget_in_topk_clusters`` is the share of the draws D spent in clusters
+    (``labels``) that hold at least one top-k sample: what the bandit's arm
+    choice achieved, independent of the final cut (NaN without labels or draws).
     """
     scores = np.asarray(scores, dtype=np.float64)
     truth = top_k(scores, k)
     true_set = set(truth.tolist())
     selected = np.asarray(selected, dtype=np.int64)
-    drawn_hits = np.array(sorted(true_set & set(np.asarray(drawn).tolist())), dtype=np.int64)
+    drawn = np.asarray(drawn, dtype=np.int64)
     mass = scores[truth].sum()
     clipped = np.clip(scores, 0.0, None)
     clipped_mass = clipped[truth].sum()
     baseline = k * np.nanmean(scores)
     excess = mass - baseline
+    in_topk_clusters = float("nan")
+    if labels is not None and len(drawn):
+        labels = np.asarray(labels)
+        hot = np.unique(labels[truth][labels[truth] >= 0])
+        in_topk_clusters = float(np.isin(labels[drawn], hot).mean())
     return {
         "Rs": len(true_set & set(selected.tolist())) / k,
-        "Rinf": float(np.nansum(scores[selected]) / mass) if mass else float("nan"),
+        "Rinf": float(np.nansum(scores[selected]) / mass) if mass > 0 else float("nan"),
         "Rinf_clipped": float(np.nansum(clipped[selected]) / clipped_mass) if clipped_mass else float("nan"),
         "Rinf_excess": float((np.nansum(scores[selected]) - baseline) / excess) if excess > 0 else float("nan"),
-        "Rs_drawn": len(drawn_hits) / k,
-        "Rinf_drawn": float(scores[drawn_hits].sum() / mass) if mass else float("nan"),
+        "budget_in_topk_clusters": in_topk_clusters,
     }
 
 
@@ -97,7 +106,7 @@ def simulate(spec: BudgetedSpec, labels: np.ndarray, scores: np.ndarray, top_p: 
     result, selected = budgeted_selection(spec, labels, top_p, lambda idx: scores[idx], rng)
     drawn = np.array([d.index for d in result.draws], dtype=np.int64)
     k = n_selected(len(labels), top_p)
-    return {**recall_metrics(selected, drawn, scores, k), "n_gradients": len(drawn), "cumulative_reward": float(np.nansum(scores[drawn]))}
+    return {**recall_metrics(selected, drawn, scores, k, labels), "n_gradients": len(drawn), "cumulative_reward": float(np.nansum(scores[drawn]))}
 
 
 def random_subset_recall(scores: np.ndarray, top_p: float, seed: int) -> dict:
@@ -155,3 +164,56 @@ def planted_pool(n_clusters: int = 60, n_pool: int = 6000, n_hot: int = 3, seed:
     scores = np.clip(rng.normal(means[labels], spreads[labels]), -1, 1)
     order = rng.permutation(len(labels))
     return labels[order], scores[order]
+
+
+def eta_squared(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Share of the variance of ``scores`` explained by the grouping ``labels`` (between-group / total SS)."""
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    total = float(((scores - scores.mean()) ** 2).sum())
+    if total == 0:
+        return float("nan")
+    _, inverse = np.unique(labels, return_inverse=True)
+    counts = np.bincount(inverse)
+    means = np.bincount(inverse, weights=scores) / counts
+    return float((counts * (means - scores.mean()) ** 2).sum() / total)
+
+
+def cluster_concentration(labels: np.ndarray, scores: np.ndarray, top_p: float, n_random: int = 200, seed: int = 0) -> dict:
+    """How much clusters concentrate influence (the method's premise), and their size distribution.
+
+    eta2: between-cluster / total variance of the scores over the clustered
+    samples; eta2_random_*: the same for random groupings of the same sizes
+    (the labels permuted, ``n_random`` times, seeded), the value eta2 would
+    take if clusters knew nothing about influence. topk_clusters: clusters
+    holding at least one top-k sample (fewer = more concentrated), with the
+    same count for the random groupings.
+    """
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    keep = (labels >= 0) & np.isfinite(scores)
+    lab, sc = labels[keep], scores[keep]
+    sizes = np.bincount(np.unique(lab, return_inverse=True)[1])
+    k = n_selected(len(scores), top_p)
+    truth = top_k(np.where(keep, scores, -np.inf), k)
+    hot = set(labels[truth][labels[truth] >= 0].tolist())
+    rng = np.random.default_rng(seed)
+    random_eta, random_hot = [], []
+    in_top = np.isin(np.flatnonzero(keep), truth)
+    for _ in range(n_random):
+        permuted = rng.permutation(lab)
+        random_eta.append(eta_squared(permuted, sc))
+        random_hot.append(len(np.unique(permuted[in_top])))
+    return {
+        "n_clusters": int(len(sizes)),
+        "size_min": int(sizes.min()),
+        "size_median": float(np.median(sizes)),
+        "size_max": int(sizes.max()),
+        "largest_share": float(sizes.max() / sizes.sum()),
+        "singletons": int((sizes == 1).sum()),
+        "eta2": eta_squared(lab, sc),
+        "eta2_random_mean": float(np.mean(random_eta)),
+        "eta2_random_std": float(np.std(random_eta)),
+        "topk_clusters": len(hot),
+        "topk_clusters_random": float(np.mean(random_hot)),
+    }

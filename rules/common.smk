@@ -446,9 +446,11 @@ def get_compare_params(wildcards=None):
 
 
 def get_quality_tables(wildcards=None):
-    return [
-        paths.QUALITY_SWEEP.format(task=t, qckpt=c) for t in TASKS for c in QUALITY["checkpoints"]
-    ]
+    points = [(t, c) for t in TASKS for c in QUALITY["checkpoints"]]
+    return {
+        "sweeps": [paths.QUALITY_SWEEP.format(task=t, qckpt=c) for t, c in points],
+        "clusters": [paths.QUALITY_CLUSTERS.format(task=t, qckpt=c) for t, c in points],
+    }
 
 
 def get_all_draws(wildcards=None):

@@ -5,7 +5,8 @@ rule quality_sweep:
     input:
         unpack(get_quality_inputs),
     output:
-        paths.QUALITY_SWEEP,
+        sweep=paths.QUALITY_SWEEP,
+        clusters=paths.QUALITY_CLUSTERS,
     log:
         "logs/quality_sweep/{task}/{qckpt}.log",
     benchmark:
@@ -26,7 +27,7 @@ rule quality_sweep:
 
 rule quality_table:
     input:
-        get_quality_tables(),
+        unpack(get_quality_tables),
     output:
         markdown=report(
             f"{paths.REPORT}/quality.md",

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from clusterucb.bandit import policy_params
 from clusterucb.io import read_parquet_metadata, write_json, write_parquet
 from clusterucb.pipeline.tables import read_assignments, read_scores
-from clusterucb.quality import expand_grid, full_recall, random_subset_recall, recall_metrics, simulate
+from clusterucb.quality import cluster_concentration, expand_grid, full_recall, random_subset_recall, recall_metrics, simulate
 from clusterucb.selection import n_selected, top_k
 
 log = logging.getLogger(__name__)
@@ -25,10 +25,14 @@ def recall(selection: str, draws: str, scores_path: str, assignments: str, recal
     selected_ids = pq.read_table(selection, columns=["example_id"]).column("example_id").to_pylist()
     drawn = pq.read_table(draws).to_pandas()
     k = n_selected(len(ids), top_p)
-    metrics = recall_metrics(
-        np.array([position[e] for e in selected_ids]), np.array([position[e] for e in drawn.example_id]), scores, k
-    )
     labels = read_assignments(assignments)
+    metrics = recall_metrics(
+        np.array([position[e] for e in selected_ids]),
+        np.array([position[e] for e in drawn.example_id]),
+        scores,
+        k,
+        np.array([labels.get(e, -1) for e in ids]),
+    )
     truth = set(top_k(scores, k).tolist())
     frame = pd.DataFrame({"cluster": [labels.get(e, -1) for e in ids], "score": scores, "in_top_k": [i in truth for i in range(len(ids))]})
     arms = frame[frame.cluster >= 0].groupby("cluster").agg(size=("score", "size"), oracle_mean=("score", "mean"), oracle_std=("score", "std"), top_k_members=("in_top_k", "sum"))
@@ -39,17 +43,28 @@ def recall(selection: str, draws: str, scores_path: str, assignments: str, recal
     selection_meta = read_parquet_metadata(selection)
     result = {**metrics, "k": k, "n_drawn": len(drawn), "checkpoint": meta["checkpoint"], "task": selection_meta.get("task"), "run": selection_meta.get("run"), "epoch": selection_meta.get("epoch")}
     write_json(result, recall_out)
-    log.info("recall of %s epoch %s: Rs %.3f, Rinf %.3f (drawn set: Rs %.3f, Rinf %.3f)", result["run"], result["epoch"], metrics["Rs"], metrics["Rinf"], metrics["Rs_drawn"], metrics["Rinf_drawn"])
+    log.info("recall of %s epoch %s: Rs %.3f, Rinf_excess %.3f, budget in top-k clusters %.3f", result["run"], result["epoch"], metrics["Rs"], metrics["Rinf_excess"], metrics["budget_in_topk_clusters"])
 
 
-def quality_sweep(scores_path: str, assignment_paths: list[str], grid: dict, top_p: float, seed: int, out: str) -> None:
-    """Replay every grid point on the full-pool scores of one checkpoint; recall and cost per point."""
+def quality_sweep(scores_path: str, assignment_paths: list[str], grid: dict, top_p: float, seed: int, out: str, clusters_out: str) -> None:
+    """Replay every grid point on the full-pool scores of one checkpoint; recall and cost per point.
+
+    Also, per clustering (K): its size distribution and how much of the scores'
+    variance it explains (eta2) against random groupings of the same sizes.
+    """
     ids, scores, meta = read_scores(scores_path)
     labels_by_k = {}
     for path in assignment_paths:
         k = int(read_parquet_metadata(path)["k"])
         mapping = read_assignments(path)
         labels_by_k[k] = np.array([mapping.get(e, -1) for e in ids], dtype=np.int64)
+    concentration = [{"k": k, **cluster_concentration(labels, scores, top_p, seed=seed)} for k, labels in sorted(labels_by_k.items())]
+    for row in concentration:
+        log.info("K=%d: sizes %d/%.0f/%d (min/median/max), eta2 %.3f vs %.3f +- %.3f for random groupings", row["k"], row["size_min"], row["size_median"], row["size_max"], row["eta2"], row["eta2_random_mean"], row["eta2_random_std"])
+    clusters = pd.DataFrame(concentration)
+    clusters.insert(0, "checkpoint", meta["checkpoint"])
+    clusters.insert(0, "task", meta.get("task"))
+    write_parquet(pa.Table.from_pandas(clusters, preserve_index=False), clusters_out, {"checkpoint": meta["checkpoint"], "top_p": top_p})
     rows = []
     for spec, k in expand_grid(grid, sorted(labels_by_k)):
         result = simulate(spec, labels_by_k[k], scores, top_p)

@@ -17,7 +17,7 @@ from clusterucb.io import atomic_path, read_parquet_metadata, write_parquet
 log = logging.getLogger(__name__)
 
 RUN_COLUMNS = ("policy", "budget", "csp", "beta", "k", "seed")
-RECALL_COLUMNS = ("Rs", "Rinf", "Rinf_excess", "Rs_drawn", "Rinf_drawn")
+RECALL_COLUMNS = ("Rs", "Rinf_excess", "Rinf", "budget_in_topk_clusters")
 
 
 def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
@@ -79,24 +79,36 @@ def compare(metrics_paths: list[str], params: dict, table_out: str, markdown_out
     log.info("comparison (pool %s):\n%s", pool, frame.to_string(index=False))
 
 
-def quality_table(sweep_paths: list[str], table_out: str, markdown_out: str, figure_out: str) -> None:
-    """Recall per target task, checkpoint, method, policy and budget: mean and std over seeds; and the recall-vs-budget figure."""
+def quality_table(sweep_paths: list[str], cluster_paths: list[str], table_out: str, markdown_out: str, figure_out: str) -> None:
+    """Recall per target task, checkpoint, method, policy and budget: mean and std over seeds; and the recall-vs-budget figure.
+
+    The markdown also has, per task, checkpoint and K, the cluster sizes and the
+    share of the scores' variance the clusters explain (eta2) against random groupings.
+    """
     frame = pd.concat([pq.read_table(p).to_pandas() for p in sweep_paths], ignore_index=True)
     keys = ["task", "checkpoint", "method", "policy", "budget", "csp", "beta", "ucb_p", "k"]
     agg = frame.groupby(keys, sort=False, dropna=False).agg(
         seeds=("Rs", "size"),
         Rs=("Rs", "mean"),
         Rs_std=("Rs", "std"),
-        Rinf=("Rinf", "mean"),
-        Rinf_std=("Rinf", "std"),
         Rinf_excess=("Rinf_excess", "mean"),
         Rinf_excess_std=("Rinf_excess", "std"),
-        Rs_drawn=("Rs_drawn", "mean"),
-        Rinf_drawn=("Rinf_drawn", "mean"),
+        Rinf=("Rinf", "mean"),
+        Rinf_std=("Rinf", "std"),
+        budget_in_topk_clusters=("budget_in_topk_clusters", "mean"),
         n_gradients=("n_gradients", "mean"),
     ).reset_index()
     agg = agg.sort_values(["task", "checkpoint", "method", "policy", "budget"], kind="stable").astype({"k": "Int64", "n_gradients": "Int64"})
-    _write_table(agg, table_out, markdown_out, {"sweeps": sweep_paths})
+    clusters = pd.concat([pq.read_table(p).to_pandas() for p in cluster_paths], ignore_index=True)
+    write_parquet(pa.Table.from_pandas(agg, preserve_index=False), table_out, {"sweeps": sweep_paths, "clusters": cluster_paths})
+    with atomic_path(markdown_out) as tmp:
+        tmp.write_text(
+            markdown_table(agg)
+            + "\nClusters: sizes, and the share of the influence scores' variance they explain (eta2) "
+            + "against random groupings of the same sizes (mean, std over 200 permutations); "
+            + "topk_clusters: clusters holding a top-k sample.\n\n"
+            + markdown_table(clusters)
+        )
     recall_vs_budget_figure(agg, figure_out)
 
 
@@ -118,7 +130,7 @@ def _save(fig, out: str) -> None:
 def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
     plt = _pyplot()
     checkpoints = list(dict.fromkeys(zip(agg.task, agg.checkpoint)))
-    metrics = ("Rs", "Rinf", "Rinf_excess")
+    metrics = ("Rs", "Rinf_excess", "Rinf")
     fig, axes = plt.subplots(len(checkpoints), len(metrics), figsize=(16, 3.6 * len(checkpoints)), squeeze=False, constrained_layout=True)
     budgeted = agg[agg.method.isin(["clusterucb", "random_draw"])]
     for row, (task, checkpoint) in enumerate(checkpoints):
@@ -134,7 +146,12 @@ def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
                 ax.errorbar(line.budget.astype(float), line[metric], yerr=line[f"{metric}_std"].fillna(0), label=label, linestyle=style, marker="o", capsize=3)
             if len(baselines):
                 ax.axhline(float(baselines[metric].mean()), color="grey", linestyle=":", label="random subset")
-            ax.set_title(f"{task}: {metric} at {checkpoint}")
+            title = f"{task}: {metric} at {checkpoint}"
+            if metric == "Rinf":
+                title += "\n(only where the top-k's influence sum is > 0)"
+                if part[metric].isna().all():
+                    ax.text(0.5, 0.5, "top-k influence sum <= 0:\nRinf undefined", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(title, fontsize=9)
             ax.set_xlabel("budget (fraction of the pool)")
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +146,49 @@ def test_pykeops_backend_agrees_with_torch():
     keops_result = spherical_kmeans(x, 3, seed=2, backend="pykeops")
     assert torch.equal(torch_result.labels, keops_result.labels)
     assert torch.allclose(torch_result.centroids, keops_result.centroids, atol=1e-5)
+
+
+def shared_direction_sphere(k=4, n_per=60, dim=64, share=8.0, seed=0):
+    """Separable clusters riding on one direction every row shares (as Adam features do): cosine is dominated by it."""
+    x, truth = separable_sphere(k=k, n_per=n_per, dim=dim, noise=0.3, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    common = F.normalize(torch.randn(dim, generator=g), dim=0)
+    scale = share * torch.rand(len(x), 1, generator=g) ** 2  # a per-row amount of the shared part, widely spread
+    return F.normalize(x + scale * common, dim=1), truth, common
+
+
+def _purity(labels, truth):
+    pairs = torch.stack([truth, labels], 1).unique(dim=0)
+    return len({int(t) for t, _ in pairs}) == len(pairs)  # each found cluster holds one true cluster
+
+
+def test_removing_the_shared_direction_recovers_the_clusters():
+    x, truth, common = shared_direction_sphere()
+    plain = spherical_kmeans(x, 4, seed=0)
+    removed = spherical_kmeans(x, 4, seed=0, center=True, remove_components=1)
+    # The varying amount of the shared direction decides the default's clusters; with the top
+    # principal direction projected out, the planted clusters come back exactly.
+    assert not _purity(plain.labels, truth)
+    assert _purity(removed.labels, truth) and sorted(torch.bincount(removed.labels).tolist()) == [60] * 4
+    from clusterucb.kmeans import RowBlocks, fit_preprocess
+
+    prep = fit_preprocess(RowBlocks(x, torch.device("cpu")), center=True, remove_components=1, seed=0)
+    assert abs(float(prep.basis[:, 0] @ common)) > 0.85
+    assert torch.allclose(prep.mean, x.mean(0), atol=1e-6)
+    assert fit_preprocess(RowBlocks(x, torch.device("cpu")), center=False, remove_components=0, seed=0) is None
+    # Deterministic, also with the randomized SVD.
+    assert torch.equal(removed.labels, spherical_kmeans(x, 4, seed=0, center=True, remove_components=1).labels)
+    with pytest.raises(ValueError, match="remove_components"):
+        spherical_kmeans(x, 4, seed=0, remove_components=64)
+
+
+def test_restarts_keep_the_best_run_and_are_seeded():
+    x, _ = separable_sphere(k=6, n_per=30, noise=1.2, seed=3)
+    single = spherical_kmeans(x, 6, seed=0, init="random", max_iter=5)
+    best = spherical_kmeans(x, 6, seed=0, init="random", max_iter=5, restarts=4)
+    runs = [spherical_kmeans(x, 6, seed=int(s), init="random", max_iter=5) for s in np.random.SeedSequence(0).generate_state(4)]
+    assert float(best.similarity.mean()) == pytest.approx(max(float(r.similarity.mean()) for r in runs))
+    assert torch.equal(best.labels, spherical_kmeans(x, 6, seed=0, init="random", max_iter=5, restarts=4).labels)
+    assert single.labels.shape == best.labels.shape
+    with pytest.raises(ValueError, match="restarts"):
+        spherical_kmeans(x, 6, seed=0, restarts=0)

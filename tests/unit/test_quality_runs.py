@@ -5,21 +5,33 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clusterucb.quality import BudgetedSpec, expand_grid, full_recall, planted_pool, random_subset_recall, recall_metrics, simulate
+from clusterucb.quality import (
+    BudgetedSpec,
+    cluster_concentration,
+    eta_squared,
+    expand_grid,
+    full_recall,
+    planted_pool,
+    random_subset_recall,
+    recall_metrics,
+    simulate,
+)
 from clusterucb.runs import SHARED_EPOCH1, defaults_from_config, expand_runs, make_run
 
 
 def test_recall_metrics_by_hand():
     scores = np.array([0.9, 0.8, 0.7, 0.1, 0.0, -0.5])
     # k = 2: T* = {0, 1}, mass 1.7
-    m = recall_metrics(selected=np.array([0, 2]), drawn=np.array([0, 2, 5]), scores=scores, k=2)
+    labels = np.array([0, 1, 1, 2, 2, 2])  # top-k samples 0 and 1 sit in clusters 0 and 1
+    m = recall_metrics(selected=np.array([0, 2]), drawn=np.array([0, 2, 5]), scores=scores, k=2, labels=labels)
     assert m["Rs"] == 0.5
     assert m["Rinf"] == pytest.approx((0.9 + 0.7) / 1.7)
-    assert m["Rs_drawn"] == 0.5 and m["Rinf_drawn"] == pytest.approx(0.9 / 1.7)
+    assert m["budget_in_topk_clusters"] == pytest.approx(2 / 3)  # draws 0 and 2 in clusters 0, 1; draw 5 in cluster 2
+    assert np.isnan(recall_metrics(np.array([0, 2]), np.array([0, 2, 5]), scores, 2)["budget_in_topk_clusters"])
     assert m["Rinf_excess"] == pytest.approx((1.6 - 2 * scores.mean()) / (1.7 - 2 * scores.mean()))
-    negative = scores - 1.0  # every score negative: Rinf leaves [0, 1], the excess share does not
+    negative = scores - 1.0  # every score negative: Rinf has no meaning (not reported), the excess share does
     worse = recall_metrics(np.array([4, 5]), np.array([4, 5]), negative, 2)
-    assert worse["Rinf"] > 1 and worse["Rinf_excess"] < 0
+    assert np.isnan(worse["Rinf"]) and worse["Rinf_excess"] < 0
     assert recall_metrics(np.array([0, 1]), np.array([0, 1]), negative, 2)["Rinf_excess"] == pytest.approx(1.0)
     clipped = recall_metrics(np.array([0, 5]), np.array([0, 5]), scores, 2)
     assert clipped["Rinf"] == pytest.approx((0.9 - 0.5) / 1.7) and clipped["Rinf_clipped"] == pytest.approx(0.9 / 1.7)
@@ -44,7 +56,7 @@ def test_simulation_is_deterministic_and_budget_monotone():
     low = simulate(BudgetedSpec(method="random_draw", budget=0.1, seed=1), labels, scores, 0.05)
     high = simulate(BudgetedSpec(method="random_draw", budget=0.5, seed=1), labels, scores, 0.05)
     assert low["n_gradients"] == int(len(labels) * 0.1) and high["n_gradients"] == int(len(labels) * 0.5)
-    assert high["Rs_drawn"] > low["Rs_drawn"]
+    assert high["Rs"] > low["Rs"]
 
 
 def test_expand_grid_deduplicates_parameters_random_draw_ignores():
@@ -90,3 +102,17 @@ def test_runs_refuse_parameters_their_method_does_not_use():
         make_run("clusterucb_v2", {}, DEFAULTS)
     with pytest.raises(ValueError, match="'method'"):
         expand_runs([], [{"budget": [0.1]}], DEFAULTS)
+
+
+def test_eta_squared_and_cluster_concentration_against_random_groupings():
+    labels, scores = planted_pool(seed=0)
+    assert eta_squared(np.zeros(5), np.arange(5.0)) == 0.0
+    assert eta_squared(np.arange(5), np.arange(5.0)) == pytest.approx(1.0)
+    planted = cluster_concentration(labels, scores, top_p=0.05, seed=0)
+    assert planted["eta2"] > planted["eta2_random_mean"] + 10 * planted["eta2_random_std"]
+    assert planted["topk_clusters"] < planted["topk_clusters_random"]
+    assert planted["n_clusters"] == len(np.unique(labels)) and planted["size_max"] >= planted["size_median"] >= planted["size_min"]
+    # Labels that know nothing about the scores explain what random groupings do.
+    shuffled = cluster_concentration(np.random.default_rng(1).permutation(labels), scores, top_p=0.05, seed=0)
+    assert abs(shuffled["eta2"] - shuffled["eta2_random_mean"]) < 4 * shuffled["eta2_random_std"]
+    assert cluster_concentration(labels, scores, 0.05, seed=0) == planted  # seeded

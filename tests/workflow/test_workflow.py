@@ -65,7 +65,7 @@ def test_tiny_dag_writes_the_comparison_table(tiny_run):
         assert t.loc["random", "pool_gradients"] == 0 and t.loc["base", "pool_gradients"] == 0
         # The oracle measured recall for every budgeted run.
         for name in ("clusterucb", "random_draw"):
-            assert 0 <= t.loc[name, "Rs"] <= t.loc[name, "Rs_drawn"] <= 1
+            assert 0 <= t.loc[name, "Rs"] <= 1 and 0 <= t.loc[name, "budget_in_topk_clusters"] <= 1
         assert pd.isna(t.loc["dynamic", "Rs"])
         # Static selections repeat; the Dynamic family shares epoch 1 per target.
         assert selected[f"results/runs/{task}/less/epoch-1/selection.parquet"] == selected[f"results/runs/{task}/less/epoch-2/selection.parquet"]
@@ -90,6 +90,11 @@ def test_tiny_dag_writes_the_comparison_table(tiny_run):
     assert set(quality.policy.dropna()) == {"ucb_beta", "ucb1", "ucb_threshhard", "ucb_threshnormal", "random_cluster"}
     assert set(quality.checkpoint) == {"results/warmup"} | {f"results/runs/{t}/full_matching/epoch-1" for t in TASKS}
     assert (quality[quality.method == "full"].Rs == 1.0).all()
+    assert quality.budget_in_topk_clusters.dropna().between(0, 1).all()
+    clusters = pq.read_table(tiny_run / f"results/quality/{TASKS[0]}/warmup/clusters.parquet").to_pandas()
+    assert set(clusters.k) == set(config["quality"]["grid"]["k"] or [config["cluster"]["k"]])
+    assert clusters.eta2.between(0, 1).all() and (clusters.eta2_random_std > 0).all()
+    assert "eta2" in (tiny_run / "results/report/quality.md").read_text()
     for figure in ("recall_vs_budget", "cluster_influence", "cumulative_reward", *(f"arm_pulls/{t}" for t in TASKS)):
         assert (tiny_run / f"results/report/figures/{figure}.png").stat().st_size > 10_000, figure
 
