@@ -22,6 +22,9 @@ rule kmeans:
         max_iter=config["cluster"]["max_iter"],
         init=config["cluster"]["init"],
         backend=config["cluster"]["backend"],
+        center=config["cluster"]["center"],
+        remove_components=config["cluster"]["remove_components"],
+        restarts=config["cluster"]["restarts"],
         seed=config["seed"],
     script:
         "../workflow_scripts/kmeans.py"

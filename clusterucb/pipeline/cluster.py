@@ -16,16 +16,39 @@ from clusterucb.pipeline.model import device
 log = logging.getLogger(__name__)
 
 
-def cluster(manifest: str, assignments_out: str, centroids_out: str, k: int, max_iter: int, init: str, backend: str, seed: int) -> None:
+def cluster(
+    manifest: str,
+    assignments_out: str,
+    centroids_out: str,
+    k: int,
+    max_iter: int,
+    init: str,
+    backend: str,
+    seed: int,
+    center: bool = False,
+    remove_components: int = 0,
+    restarts: int = 1,
+) -> None:
     """k-means streamed over the memory-mapped shards of the warmup features."""
     store = GradientStore(manifest)
     parts = store.shard_features()
     ids = [i for part_ids, _ in parts for i in part_ids]
     if store.failures():
         log.warning("%d pool samples have no warmup gradient and are left out of the clusters", len(store.failures()))
-    result = spherical_kmeans([features for _, features in parts], k, seed, max_iter=max_iter, init=init, backend=backend, device=device())
+    result = spherical_kmeans(
+        [features for _, features in parts],
+        k,
+        seed,
+        max_iter=max_iter,
+        init=init,
+        backend=backend,
+        device=device(),
+        center=center,
+        remove_components=remove_components,
+        restarts=restarts,
+    )
     counts = np.bincount(result.labels.numpy(), minlength=k)
-    meta = {"k": k, "seed": seed, "init": init, "backend": backend, "n_iter": result.n_iter, "converged": result.converged, "reseeded": result.reseeded, "empty_clusters": int((counts == 0).sum()), "features": store.meta}
+    meta = {"k": k, "seed": seed, "init": init, "backend": backend, "center": center, "remove_components": remove_components, "restarts": restarts, "n_iter": result.n_iter, "converged": result.converged, "reseeded": result.reseeded, "empty_clusters": int((counts == 0).sum()), "features": store.meta}
     table = pa.table(
         {"example_id": ids, "cluster": pa.array(result.labels.numpy(), pa.int32()), "similarity": pa.array(result.similarity.numpy(), pa.float32())},
         schema=pa.schema([pa.field("example_id", pa.string(), nullable=False), pa.field("cluster", pa.int32(), nullable=False), pa.field("similarity", pa.float32())]),
