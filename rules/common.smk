@@ -288,13 +288,19 @@ def get_top_scores_input(wildcards):
 
 
 def get_budgeted_inputs(wildcards):
-    """The previous epoch's checkpoint of the run, its validation gradients there, and the run's clusters."""
+    """The previous epoch's checkpoint of the run, its validation gradients there, and its arms: the run's
+    clusters for ClusterUCB; for random_draw (one arm) only which samples are clusterable, so K does not rerun it.
+    """
     run = get_run(wildcards)
     previous = run.checkpoint(wildcards.task, int(wildcards.epoch) - 1)
+    if run.method == "clusterucb":
+        arms = assignments(run_k(run))
+    else:
+        arms = paths.POOL_MANIFEST.format(ckpt="warmup")
     return {
         **paths.checkpoint_files(previous),
         **val_grads(previous, wildcards.task),
-        "assignments": assignments(run_k(run)),
+        "arms": arms,
     }
 
 

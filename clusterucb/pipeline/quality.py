@@ -36,8 +36,10 @@ def recall(selection: str, draws: str, scores_path: str, assignments: str, recal
     truth = set(top_k(scores, k).tolist())
     frame = pd.DataFrame({"cluster": [labels.get(e, -1) for e in ids], "score": scores, "in_top_k": [i in truth for i in range(len(ids))]})
     arms = frame[frame.cluster >= 0].groupby("cluster").agg(size=("score", "size"), oracle_mean=("score", "mean"), oracle_std=("score", "std"), top_k_members=("in_top_k", "sum"))
-    arms["pulls"] = drawn.groupby("cluster").size().reindex(arms.index, fill_value=0)
-    arms["reward_mean"] = drawn.groupby("cluster").score.mean().reindex(arms.index)
+    # The clusters the draws fell in, from the assignments (random_draw's draws do not carry them).
+    drawn_cluster = drawn.example_id.map(labels).fillna(-1).astype(int)
+    arms["pulls"] = drawn.groupby(drawn_cluster).size().reindex(arms.index, fill_value=0)
+    arms["reward_mean"] = drawn.groupby(drawn_cluster).score.mean().reindex(arms.index)
     arms = arms.reset_index()
     write_parquet(pa.Table.from_pandas(arms, preserve_index=False), arms_out, {"checkpoint": meta["checkpoint"]})
     selection_meta = read_parquet_metadata(selection)

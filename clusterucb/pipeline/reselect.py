@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 
+from clusterucb.gradstore import GradientStore
 from clusterucb.io import write_parquet
 from clusterucb.matching import influence_scores
 from clusterucb.pipeline.data import read_tokens
@@ -28,7 +29,7 @@ def select_budgeted(
     val_tensors: str,
     val_index: str,
     val_tokens: str,
-    assignments: str,
+    arms: str,
     selection_out: str,
     draws_out: str,
     grad_params: dict,
@@ -38,11 +39,22 @@ def select_budgeted(
     run: str,
     epoch: int,
 ) -> None:
-    """ClusterUCB (or random_draw) at the previous epoch's checkpoint: gradients only for the drawn samples (spec §6)."""
+    """ClusterUCB (or random_draw) at the previous epoch's checkpoint: gradients only for the drawn samples (spec §6).
+
+    ``arms``: for ClusterUCB the k-means assignments; for random_draw, whose one
+    arm is every clusterable sample, the warmup gradient manifest (a sample is
+    clusterable when its warmup gradient succeeded), so that its selection does
+    not depend on K. Its draws' ``cluster`` column is then null: which cluster a
+    draw fell in is a label the oracle's recall step joins, not an input.
+    """
     spec = BudgetedSpec(**{k: v for k, v in run_params.items() if k in BudgetedSpec.__dataclass_fields__})
     pool = read_tokens(pool_tokens)
-    labels = read_assignments(assignments)
-    pool_label = np.array([labels.get(row["example_id"], -1) for row in pool], dtype=np.int64)
+    if spec.method == "clusterucb":
+        labels = read_assignments(arms)
+        pool_label = np.array([labels.get(row["example_id"], -1) for row in pool], dtype=np.int64)
+    else:
+        ok = set(GradientStore(arms, verify=False).ok_ids())
+        pool_label = np.array([0 if row["example_id"] in ok else -1 for row in pool], dtype=np.int64)
     if (pool_label < 0).any():
         log.warning("%d pool samples are not in any cluster (no warmup gradient) and cannot be drawn", int((pool_label < 0).sum()))
 
@@ -58,7 +70,7 @@ def select_budgeted(
     position = {int(d.index): n for n, d in enumerate(draws)}
     draw_ids = [pool[d.index]["example_id"] for d in draws]
     draw_scores = np.array([d.score for d in draws])
-    draw_clusters = [int(pool_label[d.index]) for d in draws]
+    draw_clusters = [int(pool_label[d.index]) if spec.method == "clusterucb" else None for d in draws]
     run_meta = {**run_params, "task": task, "run": run, "epoch": epoch, "checkpoint": checkpoint}
     write_parquet(
         pa.table(

@@ -30,7 +30,7 @@ def draws_schema():
             pa.field("draw", pa.int32(), nullable=False),
             pa.field("step", pa.int32(), nullable=False),
             pa.field("phase", pa.string(), nullable=False),
-            pa.field("cluster", pa.int32(), nullable=False),
+            pa.field("cluster", pa.int32()),  # the arm's k-means cluster; null for random_draw (one arm, no clusters read)
             pa.field("example_id", pa.string(), nullable=False),
             pa.field("score", pa.float32()),  # NaN: the sample's gradient failed
             pa.field("arm_value", pa.float32()),  # the policy's index of the arm when chosen

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
-from dag import REPO, planned_jobs, run
+from dag import REPO, planned_job_wildcards, planned_jobs, run
 
 pytestmark = pytest.mark.workflow
 
@@ -189,14 +189,14 @@ def test_every_schema_key_has_a_row():
 
 
 @pytest.fixture(scope="module")
-def plans(tiny_run, datasets, tmp_path_factory) -> dict[str, dict[str, int]]:
-    """The dry-run plan of every row, two at a time (a dry run is one mostly single-threaded process)."""
+def plans(tiny_run, datasets, tmp_path_factory) -> dict[str, str]:
+    """The dry-run output of every row, two at a time (a dry run is one mostly single-threaded process)."""
     mirror = tmp_path_factory.mktemp("mirror") / "datasets"
     mirror.symlink_to(datasets, target_is_directory=True)
 
-    def plan(key: str) -> dict[str, int]:
+    def plan(key: str) -> str:
         change = MATRIX[key][0].format(mirror=mirror, model=tiny_run / "results/model/base")
-        return planned_jobs(run(tiny_run, datasets, "-n", config=(change,)).stdout)
+        return run(tiny_run, datasets, "-n", config=(change,)).stdout
 
     assert planned_jobs(run(tiny_run, datasets, "-n").stdout) == {}
     with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
@@ -206,4 +206,12 @@ def plans(tiny_run, datasets, tmp_path_factory) -> dict[str, dict[str, int]]:
 @pytest.mark.parametrize("key", sorted(MATRIX))
 def test_a_changed_knob_reruns_exactly_its_rules(plans, key):
     expected = MATRIX[key][1]
-    assert set(plans[key]) == expected, f"{key}: planned {sorted(plans[key])}, expected {sorted(expected)}"
+    planned = planned_jobs(plans[key])
+    assert set(planned) == expected, f"{key}: planned {sorted(planned)}, expected {sorted(expected)}"
+
+
+def test_k_reruns_clusterucb_but_not_random_draw(plans):
+    """random_draw has one arm (every clusterable sample): a new K leaves its selections, training and evaluation."""
+    jobs = planned_job_wildcards(plans["cluster.k"])
+    assert {w["run"] for rule, w in jobs if rule == "select_budgeted"} == {"clusterucb"}
+    assert "random_draw" not in {w.get("run") for rule, w in jobs if rule in ("train_epoch", "evaluate")}
