@@ -2,6 +2,8 @@
 
     python benchmarks/cluster_variants.py --run-dir . --ks 12,25,50,100
     python benchmarks/cluster_variants.py --run-dir . --checkpoints warmup,runs/full_matching/epoch-1
+    python benchmarks/cluster_variants.py --run-dir . --tasks gsm8k --checkpoints runs/full_matching/epoch-1 \
+        --features runs/gsm8k/full_matching/epoch-1     # clusters of the epoch-1 features (re-clustering's upper bound)
 
 Reads the warmup pool features of a run (results/grads/warmup/pool/) and the
 full-pool scores of every target task at each checkpoint, then for every
@@ -82,10 +84,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--top-p", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=42, help="k-means seed (the run's master seed)")
+    parser.add_argument(
+        "--features",
+        default="warmup",
+        help="checkpoint whose full-pool features are clustered (default: warmup, as the method; a later one "
+        "bounds what re-clustering at that checkpoint could gain)",
+    )
     parser.add_argument("--out", type=Path, help="also write the per-point table here (parquet)")
     args = parser.parse_args()
 
-    store = GradientStore(args.run_dir / paths.POOL_MANIFEST.format(ckpt="warmup"))
+    store = GradientStore(args.run_dir / paths.POOL_MANIFEST.format(ckpt=args.features))
     ids, x = store.load()
     tasks = [t for t in args.tasks.split(",") if t]
     checkpoints = [c for c in args.checkpoints.split(",") if c]
