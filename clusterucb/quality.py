@@ -60,6 +60,9 @@ def recall_metrics(selected: np.ndarray, drawn: np.ndarray, scores: np.ndarray, 
     }
 
 
+RANDOM_DRAW_CALL = 512  # samples per reward call of random_draw (its draws do not depend on rewards)
+
+
 @dataclass(frozen=True)
 class BudgetedSpec:
     """One budgeted selection: ClusterUCB with a policy, or uniform draws (random_draw)."""
@@ -80,18 +83,22 @@ def budgeted_selection(spec: BudgetedSpec, labels: np.ndarray, top_p: float, rew
 
     ``labels`` gives each pool index its cluster (negative: not clusterable).
     random_draw spends the same budget uniformly over the clusterable pool
-    (one arm, no cold start), then keeps the top-k of what it drew.
+    (one arm, no cold start), then keeps the top-k of what it drew. Its draws do
+    not depend on rewards (one arm walks one seeded permutation), so it asks for
+    them in calls of ``RANDOM_DRAW_CALL`` samples: the same draws and selection
+    as one at a time, batched.
     """
     if spec.method == "clusterucb":
         members, _ = clusters_from_labels(labels)
-        csp, policy_name = spec.csp, spec.policy
+        csp, policy_name, draw_batch = spec.csp, spec.policy, spec.draw_batch
     elif spec.method == "random_draw":
         members = [np.flatnonzero(np.asarray(labels) >= 0)]
         csp, policy_name = 0.0, "random_cluster"
+        draw_batch = max(spec.draw_batch, RANDOM_DRAW_CALL)
     else:
         raise ValueError(f"{spec.method!r} is not a budgeted method ({', '.join(BUDGETED)})")
     policy = make_policy(policy_name, len(members), rng, beta=spec.beta, ucb_p=spec.ucb_p, tie_break=spec.tie_break)
-    bandit = ClusterUCB(members, policy, reward_fn, rng, spec.draw_batch)
+    bandit = ClusterUCB(members, policy, reward_fn, rng, draw_batch)
     result = bandit.run(plan_budget([len(m) for m in members], len(labels), spec.budget, csp))
     scores = np.array([d.score for d in result.draws])
     indices = np.array([d.index for d in result.draws], dtype=np.int64)

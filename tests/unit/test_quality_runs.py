@@ -116,3 +116,24 @@ def test_eta_squared_and_cluster_concentration_against_random_groupings():
     shuffled = cluster_concentration(np.random.default_rng(1).permutation(labels), scores, top_p=0.05, seed=0)
     assert abs(shuffled["eta2"] - shuffled["eta2_random_mean"]) < 4 * shuffled["eta2_random_std"]
     assert cluster_concentration(labels, scores, 0.05, seed=0) == planted  # seeded
+
+
+def test_random_draw_asks_for_its_rewards_in_batches_with_the_same_draws():
+    from clusterucb.quality import RANDOM_DRAW_CALL, budgeted_selection
+
+    labels, scores = planted_pool(n_clusters=30, n_pool=4000, seed=2)
+    labels[::97] = -1  # a few samples without a warmup gradient: never drawn
+    calls = []
+
+    def reward(idx):
+        calls.append(len(idx))
+        return scores[idx]
+
+    spec = BudgetedSpec(method="random_draw", budget=0.3, seed=4)
+    result, selected = budgeted_selection(spec, labels, 0.05, reward, np.random.default_rng(4))
+    n = int(len(labels) * 0.3)
+    assert sum(calls) == n and len(calls) == -(-n // RANDOM_DRAW_CALL) and max(calls) == RANDOM_DRAW_CALL
+    # The draws are the first n of one seeded permutation of the clusterable samples, as one at a time would take them.
+    expected = np.random.default_rng(4).permutation(np.flatnonzero(labels >= 0))[:n]
+    assert np.array_equal([d.index for d in result.draws], expected)
+    assert sorted(selected.tolist()) == sorted(expected[np.argsort(-scores[expected], kind="stable")[:200]].tolist())
