@@ -48,6 +48,7 @@ rule select_budgeted:
         grads=get_grad_params(),
         run=get_run_params,
         top_p=config["selection"]["top_p"],
+        scratch=get_scratch,
     script:
         "../workflow_scripts/select_budgeted.py"
 

@@ -4,18 +4,22 @@ gradients only for the samples it draws (spec §6)."""
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 
 import numpy as np
 import pyarrow as pa
 
 from clusterucb.gradstore import GradientStore
-from clusterucb.io import write_parquet
+from clusterucb.io import config_hash, file_sha256, write_parquet
 from clusterucb.matching import influence_scores
 from clusterucb.pipeline.data import read_tokens
 from clusterucb.pipeline.grads import GradParams, make_featurizer
 from clusterucb.pipeline.scores import val_features
 from clusterucb.pipeline.tables import draws_schema, read_assignments, write_selection
 from clusterucb.quality import BudgetedSpec, budgeted_selection
+from clusterucb.reward_cache import RewardLog
+from clusterucb.throughput import THROUGHPUT
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ def select_budgeted(
     task: str,
     run: str,
     epoch: int,
+    scratch: str | None = None,
 ) -> None:
     """ClusterUCB (or random_draw) at the previous epoch's checkpoint: gradients only for the drawn samples (spec §6).
 
@@ -46,6 +51,9 @@ def select_budgeted(
     clusterable when its warmup gradient succeeded), so that its selection does
     not depend on K. Its draws' ``cluster`` column is then null: which cluster a
     draw fell in is a label the oracle's recall step joins, not an input.
+
+    With ``scratch``, every computed reward is logged there (:class:`RewardLog`):
+    a killed job resumes without recomputing them and ends with the same selection.
     """
     spec = BudgetedSpec(**{k: v for k, v in run_params.items() if k in BudgetedSpec.__dataclass_fields__})
     pool = read_tokens(pool_tokens)
@@ -65,7 +73,27 @@ def select_budgeted(
         result = featurizer.featurize([pool[i] for i in indices], desc="draws")
         return influence_scores(result.features, val, subtask).numpy()
 
+    rewards = None
+    if scratch is not None:
+        key = config_hash(
+            {
+                "run": run_params,
+                "grads": {k: v for k, v in grad_params.items() if k not in THROUGHPUT["gradients"]},
+                "checkpoint": checkpoint,
+                "task": task,
+                "epoch": epoch,
+                "pool": [row["example_id"] for row in pool],
+                "labels": pool_label.tolist(),
+                "val": file_sha256(val_tensors),
+            }
+        )
+        rewards = RewardLog(scratch, key)
+        reward_fn = rewards.wrap(reward_fn)
+    start = time.perf_counter()
     result, selected = budgeted_selection(spec, pool_label, top_p, reward_fn, np.random.default_rng([spec.seed, epoch]))
+    seconds = time.perf_counter() - start
+    computed = len(result.draws) - (rewards.reused if rewards else 0)
+    log.info("%s: %d draws in %.1f s (%.2f draws/s computed; %d rewards taken from an interrupted run)", spec.method, len(result.draws), seconds, computed / max(seconds, 1e-9), rewards.reused if rewards else 0)
     draws = result.draws
     position = {int(d.index): n for n, d in enumerate(draws)}
     draw_ids = [pool[d.index]["example_id"] for d in draws]
@@ -91,3 +119,5 @@ def select_budgeted(
     order = [position[int(i)] for i in selected]
     meta = {**run_meta, "rule": spec.method if spec.method != "clusterucb" else f"clusterucb/{spec.policy}", "n_pool": len(pool), "n_gradients": len(draws), "n_failed": int((~np.isfinite(draw_scores)).sum()), "top_p": top_p}
     write_selection([draw_ids[i] for i in order], draw_scores[order], [draw_clusters[i] for i in order], selection_out, meta)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -244,3 +244,39 @@ def test_random_cluster_never_picks_an_invalid_arm():
     state = state_with([[0.1], [0.2], [0.3]], [0, 4, 0])
     policy = RandomCluster(np.random.default_rng(0))
     assert {policy.select(state) for _ in range(50)} == {1}
+
+
+def test_a_killed_reselection_resumes_from_its_reward_log_with_the_same_selection(tmp_path):
+    from clusterucb.quality import BudgetedSpec, budgeted_selection, planted_pool
+    from clusterucb.reward_cache import RewardLog
+
+    labels, scores = planted_pool(n_clusters=20, n_pool=3000, seed=1)
+    spec = BudgetedSpec(method="clusterucb", budget=0.2, csp=0.05, seed=3)
+    reference, ref_selected = budgeted_selection(spec, labels, 0.05, lambda i: scores[i], np.random.default_rng(3))
+
+    computed = []
+
+    class Killed(Exception):
+        pass
+
+    def dying(indices):
+        if len(computed) > 300:
+            raise Killed
+        computed.extend(indices.tolist())
+        return scores[indices]
+
+    with pytest.raises(Killed):
+        budgeted_selection(spec, labels, 0.05, RewardLog(tmp_path, "k").wrap(dying), np.random.default_rng(3))
+    first = list(computed)
+    with open(tmp_path / "rewards.bin", "ab") as handle:
+        handle.write(b"\x01\x02\x03")  # a record torn by the kill
+    computed.clear()
+    resumed_log = RewardLog(tmp_path, "k")
+    assert len(resumed_log.known) == len(first)
+    result, selected = budgeted_selection(spec, labels, 0.05, resumed_log.wrap(lambda i: (computed.extend(i.tolist()), scores[i])[1]), np.random.default_rng(3))
+    # Nothing computed twice, everything computed once, and the same draws and selection.
+    assert not set(first) & set(computed) and len(first) + len(computed) == len(reference.draws)
+    assert [d.index for d in result.draws] == [d.index for d in reference.draws]
+    assert np.array_equal(selected, ref_selected)
+    # Another key (another checkpoint, run or task) starts over.
+    assert RewardLog(tmp_path, "other").known == {}
