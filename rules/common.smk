@@ -1,6 +1,7 @@
 # Helpers only (no rules): config validation, path scheme, and the get_* functions
 # that rules use for inputs, params and resources.
 
+import fnmatch
 import glob
 import os
 import re
@@ -62,6 +63,7 @@ def coerce_cli_values(value, schema, root=None):
 
 sys.path.insert(0, workflow.basedir)  # the clusterucb package, installed or not
 from clusterucb import paths  # noqa: E402
+from clusterucb.data.remote import read_manifest  # noqa: E402
 from clusterucb.io import scratch_dir_for  # noqa: E402
 from clusterucb.runs import BUDGETED, SHARED_EPOCH1, defaults_from_config, expand_runs  # noqa: E402
 from clusterucb.tasks import get_task, resolve_settings, task_names  # noqa: E402
@@ -72,6 +74,7 @@ with open(workflow.source_path("../config.schema.yaml")) as schema_file:
 validate(config, schema="../config.schema.yaml")
 
 BUILTIN_MODEL = "builtin-tiny"
+REMOTE = read_manifest()  # dataset files fetchable from their public sources
 EPOCHS = int(config["train"]["epochs"])
 N_SHARDS = int(config["gradients"]["n_shards"])
 SELECTION = config["selection"]
@@ -176,14 +179,27 @@ def datasets_path(relative):
 
 
 def expand_pattern(pattern, what):
-    """A staged file, or the sorted matches of a glob pattern (none is an error naming the pattern)."""
+    """A staged file, or the sorted matches of a glob pattern (none is an error naming the pattern).
+
+    A pattern matches the files datasets_dir holds and, when fetching is on, the files of the remote
+    manifest (fetched by rule fetch_dataset when missing).
+    """
     path = datasets_path(pattern)
     if not any(ch in pattern for ch in "*?["):
         return [path]
-    matches = sorted(glob.glob(path))
+    matches = set(glob.glob(path))
+    if config["datasets_url"]:
+        matches |= {datasets_path(p) for p in REMOTE if fnmatch.fnmatch(p, pattern)}
     if not matches:
         raise WorkflowError(f"{what}: no file matches {path} (is datasets_dir set right?)")
-    return matches
+    return sorted(matches)
+
+
+def remote_files_pattern():
+    """The dataset files fetch_dataset can make: the remote manifest's paths (none when datasets_url is null)."""
+    if not config["datasets_url"]:
+        return "(?!)"  # matches nothing: a missing file is reported as missing input
+    return "|".join(re.escape(p) for p in sorted(REMOTE))
 
 
 def get_source_files(wildcards=None):

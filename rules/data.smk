@@ -1,6 +1,29 @@
 # Staged sources -> target tasks' sets, pool table, tokenized pool and validation sets.
 
 
+# A dataset file missing from datasets_dir, fetched from its public source at the pinned commit and
+# verified against the shipped sha256 (clusterucb/data/remote.py). A file the folder holds is never
+# fetched. shell, not script: Snakemake would rerun a script rule whose output (a staged mirror file)
+# is older than the script, i.e. re-download a whole mirror after a checkout.
+rule fetch_dataset:
+    output:
+        datasets_path("{dataset_file}"),
+    log:
+        "logs/fetch_dataset/{dataset_file}.log",
+    wildcard_constraints:
+        dataset_file=remote_files_pattern(),
+    retries: 2
+    localrule: True
+    conda:
+        "../envs/cpu.yaml"
+    params:
+        # Changes no byte (every file is sha256-verified), but Snakemake tracks it: a new URL refetches
+        # files fetched before. Files a mirror holds were never fetched and are never touched.
+        base_url=config["datasets_url"],
+    shell:
+        "python -m clusterucb.data.remote --fetch {wildcards.dataset_file:q} --base-url {params.base_url:q} --out {output:q} > {log:q} 2>&1"
+
+
 rule prepare_validation:
     input:
         unpack(get_task_files),

