@@ -64,6 +64,7 @@ def coerce_cli_values(value, schema, root=None):
 sys.path.insert(0, workflow.basedir)  # the clusterucb package, installed or not
 from clusterucb import paths  # noqa: E402
 from clusterucb.data.remote import read_manifest  # noqa: E402
+from clusterucb.hub import hub_model_dir, parse_hub_id  # noqa: E402
 from clusterucb.io import scratch_dir_for  # noqa: E402
 from clusterucb.runs import BUDGETED, SHARED_EPOCH1, defaults_from_config, expand_runs  # noqa: E402
 from clusterucb.tasks import get_task, resolve_settings, task_names  # noqa: E402
@@ -74,6 +75,7 @@ with open(workflow.source_path("../config.schema.yaml")) as schema_file:
 validate(config, schema="../config.schema.yaml")
 
 BUILTIN_MODEL = "builtin-tiny"
+HUB_MODEL = None if config["model"] == BUILTIN_MODEL else parse_hub_id(config["model"])  # (repo, revision)
 REMOTE = read_manifest()  # dataset files fetchable from their public sources
 EPOCHS = int(config["train"]["epochs"])
 N_SHARDS = int(config["gradients"]["n_shards"])
@@ -153,12 +155,15 @@ def model_is_built():
 
 
 def get_base_model():
-    """The file that stands for the base model: built weights, or the user's model directory."""
+    """The file that stands for the base model: built weights, a fetched hub model's config, or the user's directory."""
     if model_is_built():
         return paths.BASE_WEIGHTS
+    if HUB_MODEL:
+        return f"{hub_model_dir(*HUB_MODEL)}/config.json"
     if not os.path.isdir(config["model"]):
         raise WorkflowError(
-            f"config key 'model': {config['model']!r} is not '{BUILTIN_MODEL}', a .gguf file or an existing model directory"
+            f"config key 'model': {config['model']!r} is not '{BUILTIN_MODEL}', a .gguf file, an existing model "
+            "directory or a Hugging Face hub id (org/name[@revision])"
         )
     return config["model"]
 

@@ -1,4 +1,4 @@
-# The base model: built (tiny Llama), converted once (GGUF), or used in place (HF directory).
+# The base model: built (tiny Llama), converted once (GGUF), fetched once (hub id) or used in place (HF directory).
 
 if config["model"] == BUILTIN_MODEL:
 
@@ -43,6 +43,23 @@ elif config["model"].endswith(".gguf"):
             runtime=runtime_heavy,
         script:
             "../workflow_scripts/convert_gguf.py"
+
+
+if HUB_MODEL:
+
+    rule fetch_hub_model:
+        output:
+            f"{hub_model_dir(*HUB_MODEL)}/config.json",
+        log:
+            "logs/fetch_hub_model.log",
+        localrule: True
+        conda:
+            "../envs/torch.yaml"
+        params:
+            repo=HUB_MODEL[0],
+            revision=HUB_MODEL[1],
+        script:
+            "../workflow_scripts/fetch_hub_model.py"
 
 
 if config.get("model_fetch"):

@@ -108,3 +108,31 @@ def test_gguf_model_converts_once_into_the_same_model_and_tokenizer(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
         convert_gguf(str(tmp_path / "missing.gguf"), str(tmp_path / "other"))
     assert not (tmp_path / "other").exists()
+
+
+def test_hub_ids_are_parsed_and_local_paths_are_not(tmp_path, monkeypatch):
+    from clusterucb.hub import hub_model_dir, parse_hub_id
+
+    assert parse_hub_id("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
+    assert parse_hub_id("meta-llama/Llama-2-7b-hf@01c7f73d771dfac7d292323805ebc428287df4f9") == ("meta-llama/Llama-2-7b-hf", "01c7f73d771dfac7d292323805ebc428287df4f9")
+    assert parse_hub_id("Qwen/Qwen2.5-3B@v1.0") == ("Qwen/Qwen2.5-3B", "v1.0")
+    for not_an_id in ("builtin", "models/x.gguf", "./org/name", "/abs/org/name", "a/b/c", "org/", "org/name@"):
+        assert parse_hub_id(not_an_id) is None, not_an_id
+    local = tmp_path / "org" / "name"
+    local.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert parse_hub_id("org/name") is None  # an existing local directory wins
+    assert hub_model_dir("Qwen/Qwen2.5-3B", None) == "resources/models/hub/Qwen--Qwen2.5-3B@main"
+
+
+def test_offline_hub_fetch_says_how_to_pass_a_local_copy(tmp_path, monkeypatch):
+    from clusterucb.hub import fetch_hub_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    out = tmp_path / "models" / "HuggingFaceTB--SmolLM2-135M-Instruct@main"
+    with pytest.raises(RuntimeError) as error:
+        fetch_hub_model("HuggingFaceTB/SmolLM2-135M-Instruct", None, out)
+    message = str(error.value)
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct@main" in message and "huggingface-cli download" in message and "model: DIR" in message
+    assert not out.exists() and not out.with_name(out.name + ".tmp").exists()

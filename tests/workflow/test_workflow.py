@@ -150,6 +150,13 @@ def test_a_local_hugging_face_model_directory_replaces_the_builtin(tiny_run, dat
     assert proc.returncode != 0 and "config key 'model'" in proc.stdout + proc.stderr
 
 
+def test_a_hugging_face_hub_id_is_fetched_once_and_used_as_the_model(datasets, tmp_path):
+    output = run(tmp_path, datasets, "-n", config=("model=HuggingFaceTB/SmolLM2-135M-Instruct@main",)).stdout
+    jobs = planned_jobs(output)
+    assert jobs["fetch_hub_model"] == 1 and "build_base_model" not in jobs
+    assert "resources/models/hub/HuggingFaceTB--SmolLM2-135M-Instruct@main/config.json" in output
+
+
 def rule_blocks() -> dict[str, str]:
     blocks = {}
     for smk in sorted((REPO / "rules").glob("*.smk")):
