@@ -46,6 +46,7 @@ VARIANTS = {
     "center+pc1": {"center": True, "remove_components": 1},
     "center+pc4": {"center": True, "remove_components": 4},
     "center+pc16": {"center": True, "remove_components": 16},
+    "center+restarts5": {"center": True, "restarts": 5},
 }
 BUDGETS = (0.1, 0.2, 0.3)
 
@@ -74,6 +75,25 @@ def load_scores(run_dir: Path, ckpt: str, task: str, ids: list[str]) -> np.ndarr
     return table.set_index("example_id").score.reindex(ids).to_numpy(dtype=np.float64)
 
 
+def measure(x: torch.Tensor, scores: dict, variant: str, k: int, kseed: int, args) -> list[dict]:
+    """One clustering (variant, K, k-means seed): per task and checkpoint, concentration and replayed recall."""
+    start = time.perf_counter()
+    labels = spherical_kmeans(x, k, kseed, **VARIANTS[variant]).labels.numpy()
+    seconds = time.perf_counter() - start
+    rows = []
+    for (task, ckpt), s in scores.items():
+        row = {"variant": variant, "k": k, "kmeans_seed": kseed, "task": task, "checkpoint": ckpt, "kmeans_s": seconds}
+        row.update(cluster_concentration(labels, s, args.top_p, seed=args.seed))
+        for budget in BUDGETS:
+            for method, tag in (("clusterucb", "ucb"), ("random_draw", "rd")):
+                results = [simulate(BudgetedSpec(method=method, budget=budget, seed=seed), labels, s, args.top_p) for seed in range(args.seeds)]
+                row[f"{tag}_Rs@{budget}"] = float(np.mean([r["Rs"] for r in results]))
+                row[f"{tag}_Rs@{budget}_std"] = float(np.std([r["Rs"] for r in results]))
+                row[f"{tag}_Rx@{budget}"] = float(np.mean([r["Rinf_excess"] for r in results]))
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=Path("."), help="a finished run's working directory (holds results/)")
@@ -84,6 +104,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--top-p", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=42, help="k-means seed (the run's master seed)")
+    parser.add_argument("--kmeans-seeds", type=int, default=1, help="k-means runs from seed, seed+1, ... averaged (a variant's luck of the draw)")
     parser.add_argument(
         "--features",
         default="warmup",
@@ -103,22 +124,13 @@ def main() -> None:
     rows = []
     for variant in [v for v in args.variants.split(",") if v]:
         for k in [int(v) for v in args.ks.split(",")]:
-            start = time.perf_counter()
-            labels = spherical_kmeans(x, k, args.seed, **VARIANTS[variant]).labels.numpy()
-            seconds = time.perf_counter() - start
-            for (task, ckpt), s in scores.items():
-                row = {"variant": variant, "k": k, "task": task, "checkpoint": ckpt, "kmeans_s": seconds, **cluster_concentration(labels, s, args.top_p, seed=args.seed)}
-                for budget in BUDGETS:
-                    for method in ("clusterucb", "random_draw"):
-                        results = [simulate(BudgetedSpec(method=method, budget=budget, seed=seed), labels, s, args.top_p) for seed in range(args.seeds)]
-                        tag = "ucb" if method == "clusterucb" else "rd"
-                        row[f"{tag}_Rs@{budget}"] = float(np.mean([r["Rs"] for r in results]))
-                        row[f"{tag}_Rs@{budget}_std"] = float(np.std([r["Rs"] for r in results]))
-                        row[f"{tag}_Rx@{budget}"] = float(np.mean([r["Rinf_excess"] for r in results]))
-                rows.append(row)
-            part = pd.DataFrame([r for r in rows if r["variant"] == variant and r["k"] == k])
+            part = []
+            for kseed in range(args.seed, args.seed + args.kmeans_seeds):
+                part += measure(x, scores, variant, k, kseed, args)
+            rows += part
+            part = pd.DataFrame(part)
             print(
-                f"{variant:12s} K={k:4d} ({seconds:5.1f} s): sizes {part.size_min.iloc[0]}/{part.size_median.iloc[0]:.0f}/{part.size_max.iloc[0]}, "
+                f"{variant:16s} K={k:4d} ({part.kmeans_s.mean():5.1f} s): sizes {part.size_min.mean():.0f}/{part.size_median.mean():.0f}/{part.size_max.mean():.0f}, "
                 f"eta2 {part.eta2.mean():.3f} vs {part.eta2_random_mean.mean():.3f} random; "
                 f"Rs@20 ucb {part['ucb_Rs@0.2'].mean():.3f} vs random_draw {part['rd_Rs@0.2'].mean():.3f}",
                 flush=True,
@@ -126,7 +138,7 @@ def main() -> None:
     frame = pd.DataFrame(rows)
     if args.out:
         frame.to_parquet(args.out)
-    columns = ["variant", "k", "task", "checkpoint", "size_min", "size_median", "size_max", "eta2", "eta2_random_mean"]
+    columns = ["variant", "k", "kmeans_seed", "task", "checkpoint", "size_min", "size_median", "size_max", "eta2", "eta2_random_mean"]
     columns += [f"{tag}_Rs@{b}" for b in BUDGETS for tag in ("ucb", "rd")]
     with pd.option_context("display.width", 250, "display.max_rows", 1000):
         print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
