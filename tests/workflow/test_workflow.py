@@ -239,8 +239,12 @@ def test_wrong_config_key_and_missing_data_give_clear_errors(tiny_run, datasets,
     proc = run(tiny_run, datasets, "-n", config=("selection={betta: 1.0}",), check=False)
     assert proc.returncode != 0 and "'betta' was unexpected" in proc.stdout + proc.stderr
     missing = tmp_path / "no-datasets"
-    proc = run(tmp_path / "work", missing, "-n", check=False)
+    # Offline (datasets_url: null), a missing dataset folder is an error naming it ...
+    proc = run(tmp_path / "work", missing, "-n", config=("datasets_url=null",), check=False)
     assert proc.returncode != 0 and str(missing) in proc.stdout + proc.stderr
+    # ... and with fetching on, its files are planned to be fetched into it.
+    jobs = planned_jobs(run(tmp_path / "work", missing, "-n").stdout)
+    assert jobs["fetch_dataset"] > 100 and jobs["build_pool"] == 1
 
 
 def _all_outputs_readable(workdir: Path) -> None:
