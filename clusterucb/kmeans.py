@@ -55,11 +55,11 @@ class RowBlocks:
         self.dim = self.parts[0].shape[1]
         self.preprocess = preprocess
 
-    def _unit(self, rows: torch.Tensor) -> torch.Tensor:
-        rows = F.normalize(rows, dim=-1)
-        if self.preprocess is not None:
-            rows = F.normalize(self.preprocess.apply(rows), dim=-1)
-        return rows
+    def _prepared(self, unit_rows: torch.Tensor) -> torch.Tensor:
+        """Unit rows after the preprocessing, unit again (the rows themselves without one)."""
+        if self.preprocess is None:
+            return unit_rows
+        return F.normalize(self.preprocess.apply(unit_rows), dim=-1)
 
     def raw_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
         """Unit-norm rows before the preprocessing."""
@@ -74,14 +74,22 @@ class RowBlocks:
 
     def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
         for start, block in self.raw_blocks():
-            yield start, (block if self.preprocess is None else F.normalize(self.preprocess.apply(block), dim=1))
+            yield start, self._prepared(block)
+
+    def raw_rows(self, indices: np.ndarray) -> torch.Tensor:
+        """Unit-norm rows at sorted global ``indices``, before the preprocessing (one indexed read per part)."""
+        out, start = [], 0
+        for part in self.parts:
+            local = indices[(indices >= start) & (indices < start + part.shape[0])] - start
+            if len(local):
+                out.append(part[torch.as_tensor(local)].to(self.device, torch.float32))
+            start += part.shape[0]
+        return F.normalize(torch.cat(out), dim=1)
 
     def row(self, index: int) -> torch.Tensor:
-        for part in self.parts:
-            if index < part.shape[0]:
-                return self._unit(part[index].to(self.device, torch.float32))
-            index -= part.shape[0]
-        raise IndexError(index)
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return self._prepared(self.raw_rows(np.array([index]))[0])
 
 
 @dataclass
@@ -108,35 +116,26 @@ def fit_preprocess(rows: RowBlocks, center: bool, remove_components: int, seed: 
     """
     if not center and remove_components == 0:
         return None
+    if remove_components and not 0 < remove_components < min(rows.n, rows.dim):
+        raise ValueError(f"remove_components={remove_components} must be below min(N, D) = {min(rows.n, rows.dim)}")
     mean = None
-    if center or remove_components:
+    if center:
         total = torch.zeros(rows.dim, dtype=torch.float64)
         for _, block in rows.raw_blocks():
             total += block.double().sum(0).cpu()
         mean = (total / rows.n).float()
     basis = None
     if remove_components:
-        if not 0 < remove_components < min(rows.n, rows.dim):
-            raise ValueError(f"remove_components={remove_components} must be below min(N, D) = {min(rows.n, rows.dim)}")
-        rng = np.random.default_rng(seed)
-        picked = np.sort(rng.choice(rows.n, size=min(sample, rows.n), replace=False))
-        x = torch.stack([F.normalize(_raw_row(rows, int(i)), dim=0) for i in picked])
-        if center:
+        picked = np.sort(np.random.default_rng(seed).choice(rows.n, size=min(sample, rows.n), replace=False))
+        x = rows.raw_rows(picked).cpu()
+        if mean is not None:
             x = x - mean
-        generator_state = torch.random.get_rng_state()
+        generator_state = torch.random.get_rng_state()  # svd_lowrank draws from torch's global generator
         torch.manual_seed(seed)
         _, _, v = torch.svd_lowrank(x, q=remove_components + 10, niter=4)
         torch.random.set_rng_state(generator_state)
         basis = v[:, :remove_components].contiguous()
-    return Preprocess(mean if center else None, basis)
-
-
-def _raw_row(rows: RowBlocks, index: int) -> torch.Tensor:
-    for part in rows.parts:
-        if index < part.shape[0]:
-            return part[index].to(torch.float32)
-        index -= part.shape[0]
-    raise IndexError(index)
+    return Preprocess(mean, basis)
 
 
 def _assign_torch(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
