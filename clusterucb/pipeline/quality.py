@@ -26,15 +26,12 @@ def recall(selection: str, draws: str, scores_path: str, assignments: str, recal
     drawn = pq.read_table(draws).to_pandas()
     k = n_selected(len(ids), top_p)
     labels = read_assignments(assignments)
+    pool_labels = np.array([labels.get(e, -1) for e in ids], dtype=np.int64)
     metrics = recall_metrics(
-        np.array([position[e] for e in selected_ids]),
-        np.array([position[e] for e in drawn.example_id]),
-        scores,
-        k,
-        np.array([labels.get(e, -1) for e in ids]),
+        np.array([position[e] for e in selected_ids]), np.array([position[e] for e in drawn.example_id]), scores, k, pool_labels
     )
     truth = set(top_k(scores, k).tolist())
-    frame = pd.DataFrame({"cluster": [labels.get(e, -1) for e in ids], "score": scores, "in_top_k": [i in truth for i in range(len(ids))]})
+    frame = pd.DataFrame({"cluster": pool_labels, "score": scores, "in_top_k": [i in truth for i in range(len(ids))]})
     arms = frame[frame.cluster >= 0].groupby("cluster").agg(size=("score", "size"), oracle_mean=("score", "mean"), oracle_std=("score", "std"), top_k_members=("in_top_k", "sum"))
     # The clusters the draws fell in, from the assignments (random_draw's draws do not carry them).
     drawn_cluster = drawn.example_id.map(labels).fillna(-1).astype(int)

@@ -31,10 +31,11 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_table(frame: pd.DataFrame, table_out: str, markdown_out: str, meta: dict) -> None:
+def _write_table(frame: pd.DataFrame, table_out: str, markdown_out: str, meta: dict, appendix: str = "") -> None:
+    """``frame`` as Parquet and as a markdown table, followed by ``appendix`` (more markdown) if any."""
     write_parquet(pa.Table.from_pandas(frame, preserve_index=False), table_out, meta)
     with atomic_path(markdown_out) as tmp:
-        tmp.write_text(markdown_table(frame))
+        tmp.write_text(markdown_table(frame) + appendix)
 
 
 def headline_metrics(metrics: dict) -> str:
@@ -100,15 +101,12 @@ def quality_table(sweep_paths: list[str], cluster_paths: list[str], table_out: s
     ).reset_index()
     agg = agg.sort_values(["task", "checkpoint", "method", "policy", "budget"], kind="stable").astype({"k": "Int64", "n_gradients": "Int64"})
     clusters = pd.concat([pq.read_table(p).to_pandas() for p in cluster_paths], ignore_index=True)
-    write_parquet(pa.Table.from_pandas(agg, preserve_index=False), table_out, {"sweeps": sweep_paths, "clusters": cluster_paths})
-    with atomic_path(markdown_out) as tmp:
-        tmp.write_text(
-            markdown_table(agg)
-            + "\nClusters: sizes, and the share of the influence scores' variance they explain (eta2) "
-            + "against random groupings of the same sizes (mean, std over 200 permutations); "
-            + "topk_clusters: clusters holding a top-k sample.\n\n"
-            + markdown_table(clusters)
-        )
+    appendix = (
+        "\nClusters: sizes, and the share of the influence scores' variance they explain (eta2) "
+        "against random groupings of the same sizes (mean, std over 200 permutations); "
+        "topk_clusters: clusters holding a top-k sample.\n\n" + markdown_table(clusters)
+    )
+    _write_table(agg, table_out, markdown_out, {"sweeps": sweep_paths, "clusters": cluster_paths}, appendix)
     recall_vs_budget_figure(agg, figure_out)
 
 
