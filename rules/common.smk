@@ -75,9 +75,7 @@ with open(workflow.source_path("../config.schema.yaml")) as schema_file:
 validate(config, schema="../config.schema.yaml")
 
 BUILTIN_MODEL = "builtin-tiny"
-HUB_MODEL = (
-    None if config["model"] == BUILTIN_MODEL else parse_hub_id(config["model"])
-)  # (repo, revision)
+HUB_MODEL = parse_hub_id(config["model"])  # (repo, revision) when the model is a hub id, else None
 REMOTE = read_manifest()  # dataset files fetchable from their public sources
 EPOCHS = int(config["train"]["epochs"])
 N_SHARDS = int(config["gradients"]["n_shards"])
