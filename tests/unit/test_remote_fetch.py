@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import subprocess
@@ -130,7 +131,7 @@ def test_a_server_that_always_drops_gives_up_with_no_final_file(mirror, entries,
 
 def test_a_missing_remote_file_is_an_error(mirror, entries, tmp_path):
     with pytest.raises(FetchError, match="HTTP 404"):
-        fetch(entries["gsm8k/train.jsonl.gz"].__class__(**{**entries[PLAIN].__dict__, "source_path": "nope.jsonl"}), tmp_path / "x", base_url=mirror.url)
+        fetch(dataclasses.replace(entries[PLAIN], source_path="nope.jsonl"), tmp_path / "x", base_url=mirror.url)
 
 
 @pytest.mark.workflow

@@ -14,11 +14,22 @@ TINY = REPO / "tests" / "config" / "tiny.yaml"
 CORES = ("--cores", "2", "--max-threads", "1")
 
 
-def snakemake_cmd(workdir: Path, datasets: Path, *args: str, config: tuple[str, ...] = ()) -> list[str]:
+def snakemake_cmd(workdir: Path, datasets: Path, *args: str, config: tuple[str, ...] = (), targets: tuple[str, ...] = ()) -> list[str]:
+    # Targets go before --config, which would read them as more key=value pairs.
     return [
         sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(TINY), "--config", f"datasets_dir={datasets}", *config, *args,
+        "--configfile", str(TINY), *targets, "--config", f"datasets_dir={datasets}", *config, *args,
     ]
+
+
+def rule_blocks() -> dict[str, str]:
+    """Rule name -> the indented body of its definition, for every rule in rules/*.smk."""
+    blocks = {}
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        text = smk.read_text()
+        for match in re.finditer(r"^( *)rule (\w+):\n((?:\1 {4}.*\n|\s*\n)+)", text, re.MULTILINE):
+            blocks[match.group(2)] = match.group(3)
+    return blocks
 
 
 def run(workdir: Path, datasets: Path, *args: str, config: tuple[str, ...] = (), check: bool = True) -> subprocess.CompletedProcess:

@@ -11,15 +11,16 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
 
-DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "mariadb-install-db", "sacct", "sbatch")
+TOOLS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "mariadb-install-db", "sacct", "sbatch")
 
 
 def missing_tools() -> list[str]:
-    return [tool for tool in DAEMONS if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()]
+    return [tool for tool in TOOLS if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()]
 
 
 def _free_port() -> int:
@@ -46,7 +47,7 @@ class SlurmCluster:
             (r / sub).mkdir(parents=True, exist_ok=True)
         gpu = r / "nvidia0"
         if not gpu.exists():
-            os.mknod(gpu, 0o666 | 0o020000, os.makedev(1, 3))  # a character device (the one /dev/null is)
+            os.mknod(gpu, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a character device (the one /dev/null is)
         self.ports = {name: _free_port() for name in ("ctld", "slurmd", "dbd", "mysql")}
         (r / "slurm.conf").write_text(
             f"""ClusterName=ci

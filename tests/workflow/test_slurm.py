@@ -11,14 +11,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from dag import REPO, TINY, planned_job_wildcards
+from dag import REPO, planned_job_wildcards, rule_blocks, snakemake_cmd
 from slurm_cluster import SlurmCluster, missing_tools
 
 pytestmark = pytest.mark.workflow
@@ -30,21 +29,12 @@ TARGETS = [f"results/runs/gsm8k/{run}/epoch-2/selection.parquet" for run in ("cl
 FAULT_RULE = "train_epoch"  # cancelled once while running; the profile's retries resubmit it
 
 
-def local_rules() -> set[str]:
-    text = "".join(p.read_text() for p in (REPO / "rules").glob("*.smk")) + (REPO / "Snakefile").read_text()
-    return {m.group(1) for m in re.finditer(r"^ *rule (\w+):\n((?: {4,}.*\n|\s*\n)+)", text, re.MULTILINE) if "localrule: True" in m.group(2)}
-
-
-def gpu_rules() -> set[str]:
-    text = "".join(p.read_text() for p in (REPO / "rules").glob("*.smk"))
-    return {m.group(1) for m in re.finditer(r"^ *rule (\w+):\n((?: {4,}.*\n|\s*\n)+)", text, re.MULTILINE) if re.search(r"^\s+gpu=1,", m.group(2), re.MULTILINE)}
+LOCAL_RULES = {name for name, body in rule_blocks().items() if "localrule: True" in body}
+GPU_RULES = {name for name, body in rule_blocks().items() if re.search(r"^\s+gpu=1,", body, re.MULTILINE)}
 
 
 def command(workdir: Path, datasets: Path, *args: str) -> list[str]:
-    return [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(TINY), *args, *TARGETS, "--config", f"datasets_dir={datasets}", *OVERRIDES,
-    ]
+    return snakemake_cmd(workdir, datasets, *args, config=OVERRIDES, targets=tuple(TARGETS))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +81,7 @@ def test_the_tiny_dag_runs_on_slurm_with_a_cancelled_job_and_a_drained_node(slur
     plan = subprocess.run(command(tmp_path, datasets, "-n"), capture_output=True, text=True, timeout=300)
     assert plan.returncode == 0, plan.stderr[-3000:]
     planned = [rule for rule, _ in planned_job_wildcards(plan.stdout)]
-    remote = [rule for rule in planned if rule not in local_rules()]
+    remote = [rule for rule in planned if rule not in LOCAL_RULES]
     assert FAULT_RULE in remote and "grads_pool_shard" in remote and "kmeans" in remote
 
     faults = Faults(slurm)
@@ -124,7 +114,7 @@ def test_the_tiny_dag_runs_on_slurm_with_a_cancelled_job_and_a_drained_node(slur
     # GPU rules asked for and got a GPU; CPU rules did not.
     for rule, jobs in by_rule.items():
         for job in jobs:
-            if rule in gpu_rules():
+            if rule in GPU_RULES:
                 assert "gres/gpu=1" in job["AllocTRES"] and "gres/gpu=1" in job["ReqTRES"], job
             else:
                 assert "gres/gpu" not in job["AllocTRES"], job

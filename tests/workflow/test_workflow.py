@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from dag import CORES, REPO, TINY, planned_job_wildcards, planned_jobs, run, snakemake_cmd
+from dag import CORES, REPO, TINY, planned_job_wildcards, planned_jobs, rule_blocks, run, snakemake_cmd
 
 pytestmark = pytest.mark.workflow
 
@@ -155,15 +155,6 @@ def test_a_hugging_face_hub_id_is_fetched_once_and_used_as_the_model(datasets, t
     jobs = planned_jobs(output)
     assert jobs["fetch_hub_model"] == 1 and "build_base_model" not in jobs
     assert "resources/models/hub/HuggingFaceTB--SmolLM2-135M-Instruct@main/config.json" in output
-
-
-def rule_blocks() -> dict[str, str]:
-    blocks = {}
-    for smk in sorted((REPO / "rules").glob("*.smk")):
-        text = smk.read_text()
-        for match in re.finditer(r"^( *)rule (\w+):\n((?:\1 {4}.*\n|\s*\n)+)", text, re.MULTILINE):
-            blocks[match.group(2)] = match.group(3)
-    return blocks
 
 
 HEAVY = {"build_base_model", "warmup_lora", "less_warmup", "grads_pool_shard", "grads_val", "full_scores", "kmeans", "select_budgeted", "train_epoch", "evaluate", "quality_sweep"}
