@@ -15,10 +15,10 @@ CORES = ("--cores", "2", "--max-threads", "1")
 
 
 def snakemake_cmd(workdir: Path, datasets: Path, *args: str, config: tuple[str, ...] = (), targets: tuple[str, ...] = ()) -> list[str]:
-    # Targets go before --config, which would read them as more key=value pairs.
+    # Targets go first: --configfile and --config take every value that follows them.
     return [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(TINY), *targets, "--config", f"datasets_dir={datasets}", *config, *args,
+        sys.executable, "-m", "snakemake", *targets, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--configfile", str(TINY), "--config", f"datasets_dir={datasets}", *config, *args,
     ]
 
 
