@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -184,8 +185,9 @@ def pad_batch(examples: Sequence[dict], pad_id: int, device) -> tuple[torch.Tens
     attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example["input_ids"])
-        input_ids[row, :n] = torch.as_tensor(example["input_ids"])
-        labels[row, :n] = torch.as_tensor(example["labels"])
+        # np.asarray copies: rows of a TokenTable are read-only int32 views into a memory map
+        input_ids[row, :n] = torch.as_tensor(np.asarray(example["input_ids"], dtype=np.int64))
+        labels[row, :n] = torch.as_tensor(np.asarray(example["labels"], dtype=np.int64))
         attention_mask[row, :n] = 1
     return input_ids.to(device), attention_mask.to(device), labels.to(device)
 
@@ -293,7 +295,7 @@ def featurize_resumable(featurizer: GradientFeaturizer, examples: Sequence[dict]
     for part_index, start in enumerate(range(0, n, chunk_size)):
         stop = min(start + chunk_size, n)
         part = scratch / f"part-{part_index:05d}.safetensors"
-        ids = [e["example_id"] for e in examples[start:stop]]
+        ids = [examples[i]["example_id"] for i in range(start, stop)]
         digest = hashlib.sha256(json.dumps([key, ids]).encode()).hexdigest()
         if part.exists():
             with safe_open(str(part), framework="pt") as handle:

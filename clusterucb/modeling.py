@@ -122,6 +122,42 @@ def pretrain(model, token_stream: np.ndarray, spec: PretrainSpec) -> list[float]
     return losses
 
 
+def enable_gradient_checkpointing(model) -> int:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them.
+
+    Non-reentrant ``torch.utils.checkpoint``: the layer's first forward stays in the
+    autograd graph, so gradients with respect to tensors inside a layer (the LoRA
+    outputs the per-sample hooks differentiate) are exact, and the recompute runs
+    after the hooks are removed. Wrapped here rather than with transformers' switch,
+    which checkpoints only in training mode (dropout on); the gradient pass runs in
+    eval mode. Returns how many layers were wrapped.
+    """
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    wrapped = 0
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and "forward" not in vars(module):
+            forward = module.forward
+
+            def checkpointed(*args, _forward=forward, **kwargs):
+                if not torch.is_grad_enabled():  # generation / evaluation: nothing to recompute
+                    return _forward(*args, **kwargs)
+                # A KV cache would be written twice (forward and recompute), as transformers' own switch knows.
+                for key in ("cache", "past_key_values", "past_key_value"):
+                    if key in kwargs:
+                        kwargs[key] = None
+                if "use_cache" in kwargs:
+                    kwargs["use_cache"] = False
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            module.forward = checkpointed
+            wrapped += 1
+    if not wrapped:
+        raise ValueError(f"gradient checkpointing: no decoder layer found in {type(model).__name__}")
+    return wrapped
+
+
 def load_base_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """Load ``(model, tokenizer)`` from a local HF directory or a ``.gguf`` file (eval mode).
 

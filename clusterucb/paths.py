@@ -22,11 +22,11 @@ ALL_TASKS = "all"  # the {task} of runs whose selection does not depend on the t
 
 # data
 POOL = "results/data/pool.parquet"
-POOL_TOKENS = "results/data/pool_tokens.parquet"
+POOL_TOKENS = "results/data/pool_tokens.arrow"  # memory-mapped Arrow IPC (clusterucb/tokens.py)
 TARGET_VAL = "results/data/targets/{task}/val.parquet"
 TARGET_TEST = "results/data/targets/{task}/test.parquet"
 TARGET_DECONTAM = "results/data/targets/{task}/decontamination.parquet"
-TARGET_VAL_TOKENS = "results/data/targets/{task}/val_tokens.parquet"
+TARGET_VAL_TOKENS = "results/data/targets/{task}/val_tokens.arrow"
 
 # models and checkpoints
 BASE_WEIGHTS = "results/model/base/model.safetensors"

@@ -377,11 +377,11 @@ def get_grad_params(wildcards=None):
     keys = ["projector", "proj_dim", "proj_seed", "dtype", "adam_eps_inside_sqrt"]
     if config["gradients"]["projector"] == "sjlt":  # the dense projector has no sjlt_c
         keys.append("sjlt_c")
-    return {k: config["gradients"][k] for k in keys}
+    return {**{k: config["gradients"][k] for k in keys}, "base_dtype": config["precision"]["base_dtype"]}
 
 
 def get_train_params(wildcards=None):
-    return dict(config["train"])
+    return {**config["train"], "base_dtype": config["precision"]["base_dtype"]}
 
 
 def get_eval_params(wildcards):
@@ -391,6 +391,7 @@ def get_eval_params(wildcards):
         "chat_template": config["data"]["chat_template"],
         "max_length": config["data"]["val_max_length"],
         "seed": config["seed"],
+        "base_dtype": config["precision"]["base_dtype"],
     }
 
 
@@ -423,6 +424,11 @@ def get_quality_inputs(wildcards):
 
 
 # ---------------------------------------------------------------- resources
+
+
+def mem_mb_tokenize(wildcards, threads, attempt):
+    """The parent plus one tokenizer per worker with its chunks in flight; independent of the pool's size."""
+    return (1500 + 400 * threads) * attempt
 
 
 def mem_mb_heavy(wildcards, attempt):

@@ -102,12 +102,18 @@ rule tokenize_pool:
         paths.POOL_TOKENS,
     log:
         "logs/tokenize_pool.log",
+    benchmark:
+        "results/benchmarks/tokenize_pool.tsv"
     conda:
         "../envs/torch.yaml"
+    # Worker processes over chunks of the pool (same file whatever the count; Snakemake lowers it to --cores).
+    threads: 8
     resources:
-        mem_mb=4000,
+        # Bounded by the chunks in flight (2 per worker), not by the pool.
+        mem_mb=mem_mb_tokenize,
         runtime=30,
     params:
+        scratch=get_scratch,
         max_length=config["data"]["max_length"],
         chat_template=config["data"]["chat_template"],
         overlong=config["data"]["overlong"],

@@ -9,5 +9,5 @@ from clusterucb.pipeline.reselect import select_budgeted  # noqa: E402
 i, o, p, w = snakemake.input, snakemake.output, snakemake.params, snakemake.wildcards  # noqa: F821
 select_budgeted(
     model_dir(i.model), str(Path(i.adapter).parent), i.optimizer, paths.checkpoint_dir(paths.checkpoint_of(i.adapter)), i.pool, i.val_tensors, i.val_index, i.val_tokens, i.arms,
-    o.selection, o.draws, {**p.grads, **throughput(snakemake, "gradients")}, p.run, p.top_p, w.task, w.run, int(w.epoch), p.scratch,  # noqa: F821
+    o.selection, o.draws, {**p.grads, **throughput(snakemake, "gradients"), **throughput(snakemake, "precision")}, p.run, p.top_p, w.task, w.run, int(w.epoch), p.scratch,  # noqa: F821
 )

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from _common import init, model_dir
+from _common import init, model_dir, throughput
 
 init(snakemake)  # noqa: F821
 from clusterucb.pipeline.train import train_epoch  # noqa: E402
@@ -12,5 +12,5 @@ prev_optimizer = i.prev_optimizer if epoch > 1 else None
 train_epoch(
     model_dir(i.model), i.pool, i.selection, prev_adapter, prev_optimizer,
     str(Path(o.adapter).parent), o.optimizer, o.train_log,
-    p.lora, p.train, epoch, p.train["epochs"], p.top_p, p.seed, p.scratch,
+    p.lora, {**p.train, **throughput(snakemake, "precision")}, epoch, p.train["epochs"], p.top_p, p.seed, p.scratch,
 )

@@ -154,19 +154,3 @@ def encode_rows(
             }
         )
     return out
-
-
-def tokens_schema(extra_fields=()):
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            pa.field("example_id", pa.string(), nullable=False),
-            *extra_fields,
-            pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("labels", pa.list_(pa.int32()), nullable=False),
-            pa.field("n_tokens", pa.int32(), nullable=False),
-            pa.field("n_target_tokens", pa.int32(), nullable=False),
-            pa.field("truncated", pa.bool_(), nullable=False),
-        ]
-    )

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,8 +15,9 @@ import pyarrow.parquet as pq
 
 from clusterucb.chat import ChatFormat
 from clusterucb.data.pool import build_pool, pool_table
-from clusterucb.data.tokenize import EncodeStats, encode_messages, encode_prompt_completion, encode_rows, tokens_schema
+from clusterucb.data.tokenize import EncodeStats, encode_messages, encode_prompt_completion, encode_rows
 from clusterucb.io import read_parquet_metadata, write_parquet
+from clusterucb.tokens import TokenTable, count_rows, token_meta, tokens_schema, write_tokens
 from clusterucb.tasks import get_task, resolve_settings
 from clusterucb.tasks.base import test_schema, validation_schema
 
@@ -78,27 +83,98 @@ def build_pool_table(sources: dict, datasets_dir: str, decontamination_files: li
     log.info("pool: %d examples from %d sources: %s", len(rows), len(reports), by_source)
 
 
-def _write_tokens(records: list[dict], out: str, stats: EncodeStats, meta: dict, extra_fields=(), extra_values=None) -> None:
-    schema = tokens_schema(extra_fields)
-    if extra_values:
-        for record in records:
-            record.update(extra_values[record["example_id"]])
-    write_parquet(pa.Table.from_pylist(records, schema=schema), out, {**meta, "encode_stats": stats.as_dict()})
-    log.info("tokenized: %s", stats.as_dict())
+def _records_table(records: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(records, schema=schema)
 
 
-def tokenize_pool(pool_path: str, model_dir: str, out: str, max_length: int, chat_template: str, overlong: str, on_unusable: str) -> None:
-    from transformers import AutoTokenizer
+# Rows per tokenization chunk: fixed, not derived from the worker count, so that the file does not depend on it.
+TOKENIZE_CHUNK_ROWS = 2048
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rows = pq.read_table(pool_path, columns=["example_id", "messages"]).to_pylist()
 
-    def encode(row):
-        return encode_messages(row["messages"], tokenizer, max_length, chat_template)
+class _PoolEncoder:
+    """Encodes chunks of pool rows; built once per worker process (the tokenizer load)."""
 
-    stats = EncodeStats()
-    records = encode_rows(rows, encode, max_length, overlong, on_unusable, stats)
-    _write_tokens(records, out, stats, {"model_dir": model_dir, "max_length": max_length, "chat_template": chat_template})
+    def __init__(self, model_dir: str, max_length: int, chat_template: str, overlong: str, on_unusable: str):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.settings = (max_length, chat_template, overlong, on_unusable)
+
+    def __call__(self, rows: list[dict]) -> tuple[pa.Table, dict]:
+        max_length, chat_template, overlong, on_unusable = self.settings
+        stats = EncodeStats()
+        records = encode_rows(rows, lambda row: encode_messages(row["messages"], self.tokenizer, max_length, chat_template), max_length, overlong, on_unusable, stats)
+        return _records_table(records, tokens_schema()), stats.as_dict()
+
+
+_WORKER_ENCODER: _PoolEncoder | None = None
+
+
+def _init_worker(*args) -> None:
+    global _WORKER_ENCODER
+    from clusterucb.logsetup import set_threads
+
+    set_threads(1)
+    _WORKER_ENCODER = _PoolEncoder(*args)
+
+
+def _encode_in_worker(rows: list[dict]) -> tuple[pa.Table, dict]:
+    return _WORKER_ENCODER(rows)
+
+
+def _encoded_chunks(pool_path: str, encoder_args: tuple, workers: int) -> Iterator[tuple[pa.Table, dict]]:
+    """The pool's chunks encoded in order, ``workers`` processes at a time; at most 2 chunks per worker in flight."""
+    chunks = (batch.to_pylist() for batch in pq.ParquetFile(pool_path).iter_batches(batch_size=TOKENIZE_CHUNK_ROWS, columns=["example_id", "messages"]))
+    if workers <= 1:
+        encoder = _PoolEncoder(*encoder_args)
+        yield from (encoder(rows) for rows in chunks)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: a forked worker would inherit the tokenizers library's thread pool (it disables itself and warns)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=encoder_args) as pool:
+        pending = deque()
+        for rows in chunks:
+            pending.append(pool.submit(_encode_in_worker, rows))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def tokenize_pool(pool_path: str, model_dir: str, out: str, max_length: int, chat_template: str, overlong: str, on_unusable: str, workers: int = 1, scratch: str | None = None) -> None:
+    """The tokenized pool, encoded in chunks of ``TOKENIZE_CHUNK_ROWS`` by ``workers`` processes.
+
+    Memory is bounded by the chunks in flight, not the pool. The chunks are
+    streamed into a file in ``scratch`` (or beside ``out``), then copied into
+    ``out`` under a schema that carries the totals; the output is the same
+    file, byte for byte, whatever ``workers`` is.
+    """
+    encoder_args = (model_dir, max_length, chat_template, overlong, on_unusable)
+    staging = Path(scratch) if scratch else Path(out).parent / f".{Path(out).name}.staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    body = staging / "chunks.arrow"
+    totals = EncodeStats()
+    n_chunks = 0
+
+    def tables():
+        nonlocal n_chunks
+        for table, stats in _encoded_chunks(pool_path, encoder_args, workers):
+            for key, value in stats.items():
+                setattr(totals, key, getattr(totals, key) + value)
+            n_chunks += 1
+            if n_chunks % 10 == 0:
+                log.info("tokenized %d rows (%d chunks)", totals.total, n_chunks)
+            yield table
+
+    started = time.perf_counter()
+    write_tokens(tables(), tokens_schema(), body)
+    meta = {"model_dir": model_dir, "max_length": max_length, "chat_template": chat_template, "encode_stats": totals.as_dict()}
+    rows = write_tokens(TokenTable.open(body).table.to_batches(), tokens_schema(metadata=meta), out)
+    shutil.rmtree(staging, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    log.info("tokenized: %s in %.1f s (%.0f rows/s, %d workers); %d rows written", totals.as_dict(), seconds, totals.total / max(seconds, 1e-9), workers, rows)
 
 
 def tokenize_target(val_path: str, model_dir: str, out: str, max_length: int, chat_template: str) -> None:
@@ -117,23 +193,24 @@ def tokenize_target(val_path: str, model_dir: str, out: str, max_length: int, ch
         records = encode_rows(rows, encode, max_length, "truncate", "error", stats)
     except ValueError as err:
         raise ValueError(f"{val_path}: {err}: its prompt alone is longer; raise data.val_max_length") from None
-    subtask = pa.field("subtask", pa.string(), nullable=False)
-    meta = {"model_dir": model_dir, "max_length": max_length, "chat_template": chat_template, "task": read_parquet_metadata(val_path)["task"]}
-    _write_tokens(records, out, stats, meta, (subtask,), {r["example_id"]: {"subtask": r["subtask"]} for r in rows})
+    subtask_of = {r["example_id"]: r["subtask"] for r in rows}
+    for record in records:
+        record["subtask"] = subtask_of[record["example_id"]]
+    meta = {"model_dir": model_dir, "max_length": max_length, "chat_template": chat_template, "task": read_parquet_metadata(val_path)["task"], "encode_stats": stats.as_dict()}
+    schema = tokens_schema((pa.field("subtask", pa.string(), nullable=False),), meta)
+    write_tokens([_records_table(records, schema)], schema, out)
+    log.info("tokenized: %s", stats.as_dict())
 
 
 def pool_size(path: str | Path) -> int:
-    """Rows of a Parquet table, from its footer (no row is read)."""
-    return pq.read_metadata(path).num_rows
+    """Rows of a tokenized file, from its batch headers (no row is read)."""
+    return count_rows(path)
 
 
 def pool_ids(path: str | Path) -> list[str]:
-    return pq.read_table(path, columns=["example_id"]).column("example_id").to_pylist()
+    return TokenTable.open(path).ids()
 
 
-def read_tokens(path: str | Path) -> list[dict]:
-    return pq.read_table(path).to_pylist()
-
-
-def token_meta(path: str | Path) -> dict:
-    return read_parquet_metadata(path)
+def read_tokens(path: str | Path) -> TokenTable:
+    """A tokenized file, memory-mapped: rows are read when touched."""
+    return TokenTable.open(path)

@@ -12,7 +12,7 @@ from clusterucb.io import read_parquet_metadata, write_json, write_parquet
 from clusterucb.lm import LanguageModel
 from clusterucb.lora import load_lora
 from clusterucb.modeling import load_base_model
-from clusterucb.pipeline.model import device
+from clusterucb.pipeline.model import base_dtype, device
 from clusterucb.tasks import get_task, resolve_settings
 from clusterucb.tasks.base import prediction_schema
 
@@ -24,7 +24,7 @@ def evaluate(task: str, model_dir: str, adapter_dir: str | None, test_path: str,
     target = get_task(task)
     settings = resolve_settings(target, params["settings"])
     dev = device()
-    model, tokenizer = load_base_model(model_dir)
+    model, tokenizer = load_base_model(model_dir, base_dtype(params.get("base_dtype", "float32")))
     if adapter_dir is not None:
         model = load_lora(model, adapter_dir, trainable=False).merge_and_unload()
     model = model.to(dev).eval()

@@ -13,18 +13,20 @@ import torch
 from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer, featurize_resumable
 from clusterucb.gradstore import merge_manifest, write_shard
 from clusterucb.io import file_sha256
+from clusterucb.modeling import enable_gradient_checkpointing
 from clusterucb.lora import ADAPTER_WEIGHTS, adam_state_for, load_optimizer_state
-from clusterucb.pipeline.data import read_tokens, token_meta
+from clusterucb.pipeline.data import read_tokens
 from clusterucb.pipeline.model import device, load_checkpoint
 from clusterucb.projection import make_projector
 from clusterucb.throughput import THROUGHPUT
+from clusterucb.tokens import token_meta
 
 log = logging.getLogger(__name__)
 
 
 # How the work is cut, not what it computes: left out of the resume key, so that a job killed for memory
 # resumes with a smaller batch and keeps its finished parts.
-THROUGHPUT_FIELDS = THROUGHPUT["gradients"]
+THROUGHPUT_FIELDS = THROUGHPUT["gradients"] + THROUGHPUT["precision"]
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,11 @@ class GradParams:
     sjlt_c: int = 1
     dtype: str = "float32"
     adam_eps_inside_sqrt: bool = True
+    base_dtype: str = "float32"
     max_batch_size: int = 8
     max_batch_tokens: int = 4096
     resume_chunk: int = 512
+    gradient_checkpointing: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> GradParams:
@@ -50,7 +54,9 @@ class GradParams:
 def make_featurizer(model_dir: str, adapter_dir: str, optimizer_path: str, checkpoint: str, grad_type: str, params: GradParams):
     """The model with the adapter in ``adapter_dir`` and a featurizer for ``grad_type`` "adam" (pool, preconditioned
     with the AdamW state in ``optimizer_path``) or "sgd" (validation); ``checkpoint`` labels the features."""
-    peft_model, tokenizer = load_checkpoint(model_dir, adapter_dir)
+    peft_model, tokenizer = load_checkpoint(model_dir, adapter_dir, params.base_dtype)
+    if params.gradient_checkpointing:
+        enable_gradient_checkpointing(peft_model)
     dev = device()
     peft_model.to(dev)
     preconditioner = None
@@ -73,6 +79,7 @@ def make_featurizer(model_dir: str, adapter_dir: str, optimizer_path: str, check
         "grad_dim": n_params,
         "eps_inside_sqrt": params.adam_eps_inside_sqrt if grad_type == "adam" else "n/a",
         "dtype": params.dtype,
+        "base_dtype": params.base_dtype,
     }
     return featurizer, meta
 
@@ -90,15 +97,15 @@ def grads_pool_shard(model_dir: str, adapter_dir: str, optimizer_path: str, chec
     declared outputs): a killed job resumes where it stopped.
     """
     grad_params = GradParams.from_dict(params)
-    examples = read_tokens(pool_tokens)
-    start, stop = shard_bounds(len(examples), shard, n_shards)
-    examples = examples[start:stop]
+    pool = read_tokens(pool_tokens)  # memory-mapped: the job reads its own rows only
+    start, stop = shard_bounds(len(pool), shard, n_shards)
+    examples = pool[start:stop]
     featurizer, meta = make_featurizer(model_dir, adapter_dir, optimizer_path, checkpoint, "adam", grad_params)
     meta["max_length"] = _max_length(pool_tokens)
     space = {k: v for k, v in asdict(grad_params).items() if k not in THROUGHPUT_FIELDS}
     key = json.dumps([meta, file_sha256(Path(adapter_dir) / ADAPTER_WEIGHTS), space], sort_keys=True)
     result = featurize_resumable(featurizer, examples, scratch, key, grad_params.resume_chunk, desc=f"shard {shard}")
-    write_shard(tensors_out, index_out, shard, [e["example_id"] for e in examples], result.features, result.losses, result.failures, meta)
+    write_shard(tensors_out, index_out, shard, examples.ids(), result.features, result.losses, result.failures, meta)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("shard %d: %d examples (rows %d-%d), %d failed", shard, len(examples), start, stop, len(result.failures))
@@ -114,7 +121,7 @@ def grads_val(model_dir: str, adapter_dir: str, checkpoint: str, val_tokens: str
     if result.failures:
         first = next(iter(result.failures.items()))
         raise RuntimeError(f"{len(result.failures)} validation examples failed (e.g. {examples[first[0]]['example_id']}: {first[1]})")
-    write_shard(tensors_out, index_out, 0, [e["example_id"] for e in examples], result.features, result.losses, {}, meta)
+    write_shard(tensors_out, index_out, 0, examples.ids(), result.features, result.losses, {}, meta)
     log.info("validation gradients: %d examples, mean loss %.4f", len(examples), float(torch.nanmean(result.losses)))
 
 

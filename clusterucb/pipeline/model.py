@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import torch
 
 from clusterucb.data.tokenize import concat_messages
+from clusterucb.devices import base_dtype, device  # noqa: F401  (device: the stages' one accessor)
 from clusterucb.io import atomic_dir
 from clusterucb.lora import load_lora
 from clusterucb.modeling import PretrainSpec, TinyLlamaSpec, build_tiny_llama, load_base_model, pretrain, train_tokenizer
@@ -52,13 +53,10 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     log.info("converted %s: %d parameters", gguf_path, sum(p.numel() for p in model.parameters()))
 
 
-def load_checkpoint(model_dir: str, adapter_dir: str | Path):
-    """Base model + LoRA adapter for gradients: eval mode (no dropout), LoRA weights requiring grad."""
-    model, tokenizer = load_base_model(model_dir)
+def load_checkpoint(model_dir: str, adapter_dir: str | Path, dtype: str = "float32"):
+    """Base model (weights in ``dtype``) + LoRA adapter (float32) for gradients: eval mode (no dropout), LoRA weights requiring grad."""
+    model, tokenizer = load_base_model(model_dir, base_dtype(dtype))
     peft_model = load_lora(model, adapter_dir, trainable=True)
     peft_model.eval()
     return peft_model, tokenizer
 
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -56,13 +56,14 @@ def select_budgeted(
     a killed job resumes without recomputing them and ends with the same selection.
     """
     spec = BudgetedSpec(**{k: v for k, v in run_params.items() if k in BudgetedSpec.__dataclass_fields__})
-    pool = read_tokens(pool_tokens)
+    pool = read_tokens(pool_tokens)  # memory-mapped: only the drawn rows are read
+    pool_ids = pool.ids()
     if spec.method == "clusterucb":
         labels = read_assignments(arms)
-        pool_label = np.array([labels.get(row["example_id"], -1) for row in pool], dtype=np.int64)
+        pool_label = np.array([labels.get(example_id, -1) for example_id in pool_ids], dtype=np.int64)
     else:
         ok = set(GradientStore(arms, verify=False).ok_ids())
-        pool_label = np.array([0 if row["example_id"] in ok else -1 for row in pool], dtype=np.int64)
+        pool_label = np.array([0 if example_id in ok else -1 for example_id in pool_ids], dtype=np.int64)
     if (pool_label < 0).any():
         log.warning("%d pool samples are not in any cluster (no warmup gradient) and cannot be drawn", int((pool_label < 0).sum()))
 
@@ -70,7 +71,7 @@ def select_budgeted(
     val, subtask, _ = val_features(val_tensors, val_index, val_tokens)
 
     def reward_fn(indices: np.ndarray) -> np.ndarray:
-        result = featurizer.featurize([pool[i] for i in indices], desc="draws")
+        result = featurizer.featurize(pool.take(indices), desc="draws")
         return influence_scores(result.features, val, subtask).numpy()
 
     rewards = None
@@ -82,7 +83,7 @@ def select_budgeted(
                 "checkpoint": checkpoint,
                 "task": task,
                 "epoch": epoch,
-                "pool": [row["example_id"] for row in pool],
+                "pool": pool_ids,
                 "labels": pool_label.tolist(),
                 "val": file_sha256(val_tensors),
             }
@@ -96,7 +97,7 @@ def select_budgeted(
     log.info("%s: %d draws in %.1f s (%.2f draws/s computed; %d rewards taken from an interrupted run)", spec.method, len(result.draws), seconds, computed / max(seconds, 1e-9), rewards.reused if rewards else 0)
     draws = result.draws
     position = {int(d.index): n for n, d in enumerate(draws)}
-    draw_ids = [pool[d.index]["example_id"] for d in draws]
+    draw_ids = [pool_ids[d.index] for d in draws]
     draw_scores = np.array([d.score for d in draws])
     draw_clusters = [int(pool_label[d.index]) if spec.method == "clusterucb" else None for d in draws]
     run_meta = {**run_params, "task": task, "run": run, "epoch": epoch, "checkpoint": checkpoint}

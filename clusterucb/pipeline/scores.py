@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import torch
 
 from clusterucb.gradstore import GradientStore
-from clusterucb.io import read_parquet_metadata, write_parquet
+from clusterucb.io import write_parquet
 from clusterucb.matching import subtask_scores
 from clusterucb.pipeline.tables import scores_schema
+from clusterucb.tokens import TokenTable, token_meta
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,8 @@ def val_features(tensors: str, index: str, val_tokens: str) -> tuple[torch.Tenso
 
     table = pq.read_table(index)
     rows = torch.as_tensor(table.column("row").to_numpy(), dtype=torch.long)
-    tokens = pq.read_table(val_tokens, columns=["example_id", "subtask"])
-    subtask_of = dict(zip(tokens.column("example_id").to_pylist(), tokens.column("subtask").to_pylist()))
+    tokens = TokenTable.open(val_tokens)
+    subtask_of = dict(zip(tokens.ids(), tokens.column("subtask")))
     names = sorted(set(subtask_of.values()))
     subtask = torch.as_tensor([names.index(subtask_of[eid]) for eid in table.column("example_id").to_pylist()])
     return load_file(tensors)["features"].float()[rows], subtask, names
@@ -46,6 +47,6 @@ def full_scores(manifest: str, val_tensors: str, val_index: str, val_tokens: str
         {"example_id": ids + failed, "score": pa.array(scores, pa.float32()), "subtask_scores": pa.array([r.tolist() for r in rows], pa.list_(pa.float32()))},
         schema=scores_schema(),
     )
-    task = read_parquet_metadata(val_tokens).get("task")
+    task = token_meta(val_tokens).get("task")
     write_parquet(table, out, {"checkpoint": store.meta["checkpoint"], "task": task, "subtasks": names, "n_gradients": len(store.index), "n_failed": len(failed)})
     log.info("full scores at %s: %d samples (%d failed), mean %.4f", store.meta["checkpoint"], len(ids) + len(failed), len(failed), float(np.nanmean(scores)))

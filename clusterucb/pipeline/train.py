@@ -10,14 +10,22 @@ import pyarrow.parquet as pq
 
 from clusterucb.io import write_parquet
 from clusterucb.lora import LoraSpec, attach_lora, load_lora, load_optimizer_state, save_adapter, save_optimizer_state
-from clusterucb.modeling import load_base_model
+from clusterucb.modeling import enable_gradient_checkpointing, load_base_model
 from clusterucb.pipeline.data import read_tokens
-from clusterucb.pipeline.model import device
+from clusterucb.pipeline.model import base_dtype, device
 from clusterucb.schedule import plan_steps, steps_per_epoch
 from clusterucb.selection import n_selected
 from clusterucb.training import TrainSpec, train_lora
 
 log = logging.getLogger(__name__)
+
+
+def load_base_model_for_training(model_dir: str, train: dict):
+    """The base model in ``train['base_dtype']`` (LoRA and AdamW stay float32), checkpointed if asked."""
+    model, tokenizer = load_base_model(model_dir, base_dtype(train.get("base_dtype", "float32")))
+    if train.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(model)
+    return model, tokenizer
 
 
 def _write_log(steps: list[dict], out: str, meta: dict) -> None:
@@ -34,7 +42,7 @@ def warmup(model_dir: str, pool_tokens: str, adapter_dir: str, optimizer_out: st
     """
     examples = read_tokens(pool_tokens)
     dev = device()
-    model, tokenizer = load_base_model(model_dir)
+    model, tokenizer = load_base_model_for_training(model_dir, train)
     peft_model = attach_lora(model.to(dev), LoraSpec.from_dict({**lora, "seed": seed}))
     spec = TrainSpec.from_dict({**train, "seed": seed})
     total = epochs * steps_per_epoch(len(examples), spec.effective_batch)
@@ -54,9 +62,9 @@ def less_warmup(model_dir: str, pool_tokens: str, adapter_dirs: list[str], optim
     pool = read_tokens(pool_tokens)
     n = max(1, int(less["warmup_fraction"] * len(pool)))
     subset = np.random.default_rng([seed, 1]).permutation(len(pool))[:n]
-    examples = [pool[i] for i in sorted(subset)]
+    examples = pool.take(sorted(subset))
     dev = device()
-    model, tokenizer = load_base_model(model_dir)
+    model, tokenizer = load_base_model_for_training(model_dir, train)
     peft_model = attach_lora(model.to(dev), LoraSpec.from_dict({**lora, "seed": seed}))
     spec = TrainSpec.from_dict({**train, "seed": seed})
     epochs = int(less["warmup_epochs"])
@@ -93,15 +101,15 @@ def train_epoch(
 ) -> None:
     """One epoch on the epoch's selection; epoch 1 starts a fresh LoRA on the base model (spec §7),
     later epochs resume the previous epoch's adapter and AdamW state and continue the LR schedule."""
-    pool = read_tokens(pool_tokens)
-    by_id = {row["example_id"]: row for row in pool}
+    pool = read_tokens(pool_tokens)  # memory-mapped: only the selected rows are read
     selected_ids = pq.read_table(selection, columns=["example_id"]).column("example_id").to_pylist()
-    missing = [i for i in selected_ids if i not in by_id]
-    if missing:
+    rows = pool.indices_of(selected_ids)
+    if (rows < 0).any():
+        missing = [selected_ids[i] for i in np.flatnonzero(rows < 0)]
         raise KeyError(f"{selection}: {len(missing)} selected ids are not in {pool_tokens} (first: {missing[0]})")
-    examples = [by_id[i] for i in selected_ids]
+    examples = pool.take(rows)
     dev = device()
-    model, tokenizer = load_base_model(model_dir)
+    model, tokenizer = load_base_model_for_training(model_dir, train)
     model = model.to(dev)
     spec = TrainSpec.from_dict({**train, "seed": seed})
     # Steps per epoch come from the nominal selection size, so every epoch (and

@@ -11,6 +11,8 @@ import pytest
 
 from clusterucb.data.pool import Decontaminator, build_pool, example_id, pool_table
 from clusterucb.data.sources import DataError
+from clusterucb.io import write_parquet
+from clusterucb.tokens import TokenTable, count_rows, tokens_schema, write_tokens
 from clusterucb.data.tokenize import (
     IGNORE_INDEX,
     EncodeStats,
@@ -369,3 +371,75 @@ def test_encode_rows_unusable(tok):
     stats = EncodeStats()
     out = encode_rows([{"example_id": "m-1", "messages": MULTI}], _rows_encoder(tok, 8), 8, stats=stats)
     assert out == [] and stats.skipped_no_target == 1 and stats.total == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenized pool on disk: chunked, parallel, memory-mapped (clusterucb.tokens)
+# ---------------------------------------------------------------------------------------------
+
+
+def _pool_parquet(path: Path, n: int) -> None:
+    rows = [{"example_id": f"ex-{i:05d}", "messages": [{"role": "user", "content": f"What is {i} plus {i + 1}?"}, {"role": "assistant", "content": f"It is {2 * i + 1}."}]} for i in range(n)]
+    write_parquet(pool_table_like(rows), path)
+
+
+def pool_table_like(rows):
+    import pyarrow as pa
+
+    message = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
+    return pa.Table.from_pylist(rows, schema=pa.schema([pa.field("example_id", pa.string()), pa.field("messages", pa.list_(message))]))
+
+
+def test_tokenize_pool_same_file_for_any_worker_count(tok, tmp_path, monkeypatch):
+    from clusterucb.pipeline import data
+
+    model_dir = tmp_path / "tok"
+    tok.save_pretrained(str(model_dir))
+    pool = tmp_path / "pool.parquet"
+    _pool_parquet(pool, 50)
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK_ROWS", 8)  # several chunks, more than the workers
+    outputs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"tokens-{workers}.arrow"
+        data.tokenize_pool(str(pool), str(model_dir), str(out), 64, "tulu", "truncate", "skip", workers=workers, scratch=str(tmp_path / f"scratch-{workers}"))
+        outputs[workers] = out.read_bytes()
+        assert not (tmp_path / f"scratch-{workers}").exists()
+    assert outputs[1] == outputs[2]
+
+    table = TokenTable.open(tmp_path / "tokens-2.arrow")
+    meta = table.meta
+    assert meta["max_length"] == 64 and meta["encode_stats"]["total"] == 50
+    assert len(table) == meta["encode_stats"]["kept"] == count_rows(tmp_path / "tokens-2.arrow")
+    # every row equals what the serial encoder makes of it, in pool order
+    for i in (0, 9, len(table) - 1):
+        row = table[i]
+        messages = [{"role": "user", "content": f"What is {int(row['example_id'][3:])} plus {int(row['example_id'][3:]) + 1}?"}]
+        ids, labels, _ = encode_messages(messages + [{"role": "assistant", "content": f"It is {2 * int(row['example_id'][3:]) + 1}."}], tok, 64)
+        assert row["input_ids"].tolist() == ids and row["labels"].tolist() == labels and row["n_tokens"] == len(ids)
+    assert table.ids() == sorted(table.ids())
+
+
+def test_token_table_rows_slices_and_lookup(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    schema = tokens_schema(metadata={"max_length": 4})
+    records = [{"example_id": f"e{i}", "input_ids": list(range(i + 1)), "labels": [-100] + list(range(1, i + 1)), "n_tokens": i + 1, "n_target_tokens": i, "truncated": False} for i in range(10)]
+    # two record batches, so row lookup crosses a batch boundary
+    path = tmp_path / "t.arrow"
+    write_tokens([pa.Table.from_pylist(records[:6], schema=schema), pa.Table.from_pylist(records[6:], schema=schema)], schema, path)
+    table = TokenTable.open(path)
+    assert len(table) == 10 and table.meta["max_length"] == 4
+    assert table[7]["input_ids"].tolist() == list(range(8)) and table[7]["example_id"] == "e7" and table[-1]["n_tokens"] == 10
+    part = table[5:8]
+    assert part.ids() == ["e5", "e6", "e7"] and part[1]["labels"].tolist() == [-100, 1, 2, 3, 4, 5, 6]
+    assert table.take([9, 0]).ids() == ["e9", "e0"]
+    assert table.indices_of(["e3", "nope", "e9"]).tolist() == [3, -1, 9]
+    assert np.array_equal(table.lengths(), np.arange(1, 11))
+    with pytest.raises(IndexError):
+        table[10]
+    # a TokenTable row feeds the batcher like a list row
+    from clusterucb.gradients import pad_batch
+
+    input_ids, mask, labels = pad_batch([table[2], records[3]], pad_id=0, device="cpu")
+    assert input_ids.tolist() == [[0, 1, 2, 0], [0, 1, 2, 3]] and mask.sum().item() == 7

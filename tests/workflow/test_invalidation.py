@@ -121,6 +121,8 @@ MATRIX: dict[str, tuple[str, set[str]]] = {
     "train.micro_batch": ("train={{micro_batch: 2}}", AFTER_TOKENS - {"tokenize_pool", "select_random"}),
     "train.weight_decay": ("train={{weight_decay: 0.01}}", AFTER_TOKENS - {"tokenize_pool", "select_random"}),
     "train.epochs": ("train={{epochs: 3}}", AFTER_TOKENS - {"tokenize_pool"}),
+    "precision.base_dtype": ("precision={{base_dtype: bfloat16}}", AFTER_TOKENS - {"tokenize_pool", "select_random"}),
+    "precision.gradient_checkpointing": ("precision={{gradient_checkpointing: true}}", NOTHING),
     "warmup.steps": (
         "warmup={{steps: 4}}",
         WARMUP | CLUSTERS | RUN_GRADIENTS - {"select_less"},  # LESS has its own warmup

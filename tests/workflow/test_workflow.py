@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from clusterucb.tokens import TokenTable
 from dag import CORES, REPO, TINY, planned_job_wildcards, planned_jobs, rule_blocks, run, snakemake_cmd
 
 pytestmark = pytest.mark.workflow
@@ -44,7 +45,7 @@ def test_tiny_dag_writes_the_comparison_table(tiny_run):
     assert metrics == {"gsm8k": "exact_match", "mmlu": "accuracy", "bbh": "exact_match", "tydiqa": "f1", "humaneval": "pass@1"}
     assert (tiny_run / "results/report/comparison.md").read_text().startswith("| task | run |")
 
-    pool = pq.read_table(tiny_run / "results/data/pool_tokens.parquet").to_pandas()
+    pool = TokenTable.open(tiny_run / "results/data/pool_tokens.arrow").table.to_pandas()
     n_pool = len(pool)
     k = int(n_pool * config["selection"]["top_p"])
     epochs = config["train"]["epochs"]

@@ -1,0 +1,166 @@
+"""Memory knobs that must not change numbers (gradient checkpointing), base weights in bfloat16 with
+float32 LoRA / loss / per-sample sums, and one GPU per job (simulated device counts, on CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from clusterucb import devices
+from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients, pad_batch
+from clusterucb.modeling import enable_gradient_checkpointing
+from clusterucb.projection import SJLTProjector
+from clusterucb.schedule import plan_steps
+from clusterucb.training import TrainSpec, train_lora
+
+from tinymodels import random_adam_state, ragged_examples, tiny_lora_llama
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_checkpointing_keeps_per_sample_features_exact():
+    examples = ragged_examples(9, seed=4)
+    plain, checkpointed = tiny_lora_llama(), tiny_lora_llama()
+    batch = pad_batch(examples, 0, "cpu")
+    reference, ref_losses = PerSampleLoraGradients(plain)(*batch)
+
+    assert enable_gradient_checkpointing(checkpointed) == 2
+    mlp_calls = _count_calls(checkpointed.base_model.model.model.layers[0].mlp)
+    grads, losses = PerSampleLoraGradients(checkpointed)(*batch)
+    assert mlp_calls[0] == 2  # the layer really was recomputed in the backward pass
+    rel = (grads - reference).norm(dim=1) / reference.norm(dim=1)
+    assert float(rel.max()) < 1e-5 and torch.allclose(losses, ref_losses, rtol=1e-6)
+
+    # the fused path the workflow runs (Adam per module + sjlt), too
+    dim = PerSampleLoraGradients(plain).dim
+    state = random_adam_state(dim)
+    features = [
+        GradientFeaturizer(model, 0, SJLTProjector(dim, 256, seed=3), AdamPreconditioner(state), max_batch_size=4).featurize(examples).features
+        for model in (plain, checkpointed)
+    ]
+    assert float(((features[0] - features[1]).norm(dim=1) / features[0].norm(dim=1)).max()) < 1e-5
+
+
+def test_checkpointed_training_takes_the_same_steps():
+    examples = ragged_examples(12, seed=5)
+    spec = TrainSpec(lr=1e-2, effective_batch=4, micro_batch=2, warmup_ratio=0.0)
+    plan = plan_steps(0, 3, 3, 0.0)
+    runs = []
+    for checkpointing in (False, True):
+        model = tiny_lora_llama()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        _, steps = train_lora(model, examples, spec, plan, 0, [7, 1])
+        weights = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+        runs.append(([s["loss"] for s in steps], weights))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)  # dropout is on: its RNG is replayed exactly
+    assert float((runs[0][1] - runs[1][1]).norm() / runs[0][1].norm()) < 1e-5
+
+
+def test_bfloat16_base_keeps_lora_loss_and_per_sample_sums_in_float32():
+    examples = ragged_examples(6, seed=6)
+    reference_model = tiny_lora_llama()
+    bf16_model = tiny_lora_llama()
+    for name, param in bf16_model.named_parameters():  # the frozen base in bf16, the adapter stays fp32
+        if "lora_" not in name:
+            param.data = param.data.to(torch.bfloat16)
+    # A model whose gradients are far below float16's smallest subnormal (6e-8): the official code
+    # casts per-sample gradients to fp16 before projecting, which flushes them to zero (spec §10.10).
+    for model in (reference_model, bf16_model):
+        with torch.no_grad():
+            model.base_model.model.lm_head.weight.mul_(1e-7)
+    assert {p.dtype for p in bf16_model.parameters() if p.requires_grad} == {torch.float32}
+
+    batch = pad_batch(examples, 0, "cpu")
+    reference, _ = PerSampleLoraGradients(reference_model)(*batch)
+    grads, losses = PerSampleLoraGradients(bf16_model)(*batch)
+    assert grads.dtype == torch.float32 and losses.dtype == torch.float32
+    assert float((reference.abs() < 6e-8).float().mean()) > 0.9 and float((reference.half() == 0).float().mean()) > 0.5
+    assert (grads.norm(dim=1) > 0).all()
+    cosine = torch.nn.functional.cosine_similarity(grads, reference, dim=1)
+    assert float(cosine.min()) > 0.99, cosine
+
+    dim = PerSampleLoraGradients(bf16_model).dim
+    result = GradientFeaturizer(bf16_model, 0, SJLTProjector(dim, 128, seed=0), max_batch_size=3).featurize(examples)
+    assert result.features.dtype == torch.float32 and not result.failures
+    assert torch.allclose(result.features.norm(dim=1), torch.ones(len(examples)), atol=1e-5)
+
+
+def test_base_dtype_names():
+    assert devices.base_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(ValueError, match="precision.base_dtype"):
+        devices.base_dtype("int8")
+
+
+# ------------------------------------------------------------------ one GPU per job
+
+
+@pytest.fixture
+def release_all():
+    yield
+    for index in list(devices._held):
+        devices.release_device_index(index)
+
+
+def test_each_claim_gets_its_own_device_and_waits_when_all_are_taken(tmp_path, release_all):
+    assert devices.claim_device_index(2, tmp_path) == 0
+    assert devices.claim_device_index(2, tmp_path) == 1
+    with pytest.raises(TimeoutError, match="all 2 GPUs"):
+        devices.claim_device_index(2, tmp_path, wait_s=0.2, poll_s=0.05)
+    devices.release_device_index(0)
+    assert devices.claim_device_index(2, tmp_path) == 0
+
+
+def test_locks_name_physical_devices():
+    assert devices.physical_ids(2, "3,5") == ["3", "5"]
+    assert devices.physical_ids(3, None) == ["0", "1", "2"]
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from clusterucb import devices
+    print(devices.claim_device_index(int(sys.argv[1]), sys.argv[2]), flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_concurrent_jobs_on_a_simulated_three_gpu_machine(tmp_path, monkeypatch, release_all):
+    """Two other job processes hold GPUs 0 and 1; this job's device() gets cuda:2; a killed job frees its GPU."""
+    holders = []
+    try:
+        for expected in (0, 1):
+            proc = subprocess.Popen([sys.executable, "-c", HOLDER, "3", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+            holders.append(proc)
+            assert proc.stdout.readline().strip() == str(expected)
+        monkeypatch.setenv(devices.LOCK_DIR_ENV, str(tmp_path))
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+        chosen = []
+        monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+        assert devices.device() == torch.device("cuda:2") and chosen == [2]
+        assert devices.device() == torch.device("cuda:2")  # one claim per process
+        holders[0].kill()
+        holders[0].wait()
+        assert devices.claim_device_index(3, tmp_path, wait_s=5) == 0  # the killed job's lock went with it
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()
+
+
+def test_single_visible_gpu_is_taken_without_a_lock(monkeypatch, tmp_path):
+    monkeypatch.setenv(devices.LOCK_DIR_ENV, str(tmp_path / "locks"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert devices.device() == torch.device("cuda:0") and not (tmp_path / "locks").exists()
