@@ -3,9 +3,13 @@
 Fixes over the official KeOps loop (spec §10.14): k-means++ seeding from an
 explicit seed, empty clusters re-seeded with the worst-fitted point, early
 stop when no assignment changes, and returned labels that are consistent with
-the returned centroids. The assignment step is a chunked GEMM (``torch``
-backend, the fast one on CPU) or a KeOps reduction (``pykeops``, the paper's
-choice; worth it on GPU only).
+the returned centroids. The assignment step of each row block is a GEMM
+(``torch``), a KeOps reduction (``pykeops``, the paper's choice; worth it on GPU
+only) or ``faiss.knn`` (``faiss``, CPU only, needs faiss-cpu: faster than the
+torch GEMM on CPU in benchmarks/kmeans.py). Only the assignment is delegated:
+seeding, restarts, preprocessing, empty-cluster re-seeding and the result are
+the same whatever the backend (faiss's own Lloyd loop would split clusters
+instead of re-seeding them, and needs every row in memory as float32).
 
 The features can be one tensor or a list of row blocks (e.g. memory-mapped
 shards in fp16/bf16): every pass streams over blocks of ``chunk`` rows,
@@ -67,9 +71,12 @@ class RowBlocks:
         for part in self.parts:
             for lo in range(0, part.shape[0], self.chunk):
                 block = part[lo : lo + self.chunk].to(self.device, torch.float32)
-                if not torch.isfinite(block).all():
+                norms = torch.linalg.vector_norm(block, dim=1, keepdim=True)
+                # A NaN or inf entry makes its row's norm non-finite: checking the N norms, and the N x D
+                # entries only then, saves a full pass per block on every Lloyd iteration (benchmarks/kmeans.py).
+                if not torch.isfinite(norms).all() and not torch.isfinite(block).all():
                     raise ValueError("features contain NaN or inf; failed samples must be excluded before clustering")
-                yield start + lo, F.normalize(block, dim=1)
+                yield start + lo, block / norms.clamp_min(1e-12)  # = F.normalize(block, dim=1)
             start += part.shape[0]
 
     def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
@@ -153,11 +160,40 @@ def _assign_keops(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch
     return labels, best
 
 
+def _assign_faiss(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    import faiss
+
+    best, labels = faiss.knn(x.numpy(), c.numpy(), 1, metric=faiss.METRIC_INNER_PRODUCT)
+    return torch.from_numpy(labels[:, 0]), torch.from_numpy(best[:, 0])
+
+
+def _faiss_importable() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+ASSIGN = {"torch": _assign_torch, "pykeops": _assign_keops, "faiss": _assign_faiss}
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
+    """The assignment backend to use: ``auto`` is the fastest one available (benchmarks/kmeans.py).
+
+    On GPU that is ``pykeops``; on CPU ``faiss`` when faiss is importable, else ``torch``.
+    """
     if backend == "auto":
-        return "pykeops" if device.type == "cuda" else "torch"
-    if backend not in ("torch", "pykeops"):
-        raise ValueError(f"unknown k-means backend {backend!r} (torch, pykeops or auto)")
+        if device.type == "cuda":
+            return "pykeops"
+        return "faiss" if _faiss_importable() else "torch"
+    if backend not in ASSIGN:
+        raise ValueError(f"unknown k-means backend {backend!r} ({', '.join(ASSIGN)} or auto)")
+    if backend == "faiss":
+        if device.type != "cpu":
+            raise ValueError(f"the faiss k-means backend runs on CPU only (faiss-cpu), not on {device}: use torch or pykeops there")
+        if not _faiss_importable():
+            raise ImportError("the faiss k-means backend needs faiss: pip install faiss-cpu (or pick backend torch)")
     return backend
 
 
@@ -187,7 +223,7 @@ def spherical_kmeans(
     k: int,
     seed: int,
     max_iter: int = 20,
-    init: str = "k-means++",
+    init: str | torch.Tensor = "k-means++",
     backend: str = "torch",
     device: str | torch.device | None = None,
     chunk: int = 16384,
@@ -202,6 +238,10 @@ def spherical_kmeans(
     :class:`Preprocess`); the official code does neither. ``restarts``: run
     k-means that many times from seeds derived from ``seed`` and keep the run
     with the highest mean cosine to its centroid (the official code: one run).
+    ``init``: ``"k-means++"``, ``"random"`` (the official code's), or a (k, D)
+    tensor of initial centroids in the space that is clustered (after any
+    preprocessing), e.g. one seeding shared by several implementations in a
+    benchmark; it allows a single run only.
     """
     parts = [x] if isinstance(x, torch.Tensor) else list(x)
     device = torch.device(device) if device is not None else (parts[0].device if parts else torch.device("cpu"))
@@ -212,8 +252,10 @@ def spherical_kmeans(
         raise ValueError(f"k={k} must be between 1 and the number of points ({rows.n})")
     if restarts < 1:
         raise ValueError(f"restarts={restarts} must be at least 1")
+    if isinstance(init, torch.Tensor) and (init.shape != (k, rows.dim) or restarts > 1):
+        raise ValueError(f"initial centroids must be one ({k}, {rows.dim}) matrix (restarts=1), got {tuple(init.shape)} with restarts={restarts}")
     rows.preprocess = fit_preprocess(rows, center, remove_components, seed)
-    assign = _assign_keops if resolve_backend(backend, device) == "pykeops" else _assign_torch
+    assign = ASSIGN[resolve_backend(backend, device)]
     best_result = None
     for attempt, run_seed in enumerate(np.random.SeedSequence(seed).generate_state(restarts) if restarts > 1 else [seed]):
         result = _lloyd(rows, k, int(run_seed), max_iter, init, assign)
@@ -224,10 +266,12 @@ def spherical_kmeans(
     return best_result
 
 
-def _lloyd(rows: RowBlocks, k: int, seed: int, max_iter: int, init: str, assign) -> KMeansResult:
+def _lloyd(rows: RowBlocks, k: int, seed: int, max_iter: int, init: str | torch.Tensor, assign) -> KMeansResult:
     """One k-means run from ``seed``: seeding, then Lloyd iterations until no assignment changes."""
     rng = np.random.default_rng(seed)
-    if init == "k-means++":
+    if isinstance(init, torch.Tensor):
+        centroids = F.normalize(init.to(rows.device, torch.float32), dim=1)
+    elif init == "k-means++":
         centroids = kmeans_plusplus(rows, k, rng)
     elif init == "random":  # the official code's uniform init
         centroids = torch.stack([rows.row(int(i)) for i in rng.choice(rows.n, size=k, replace=False)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clusterucb.kmeans import spherical_kmeans
+from clusterucb.kmeans import RowBlocks, kmeans_plusplus, resolve_backend, spherical_kmeans
 from clusterucb.projection import RademacherProjector, SJLTProjector, make_projector, rademacher_block, sjlt_block
 
 
@@ -146,6 +147,37 @@ def test_pykeops_backend_agrees_with_torch():
     keops_result = spherical_kmeans(x, 3, seed=2, backend="pykeops")
     assert torch.equal(torch_result.labels, keops_result.labels)
     assert torch.allclose(torch_result.centroids, keops_result.centroids, atol=1e-5)
+
+
+def test_faiss_backend_agrees_with_torch():
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install -e '.[bench]')")
+    x, _ = separable_sphere(n_per=40, k=3, dim=16, seed=5)
+    torch_result = spherical_kmeans(x, 3, seed=2, backend="torch")
+    faiss_result = spherical_kmeans(x, 3, seed=2, backend="faiss")
+    assert torch.equal(torch_result.labels, faiss_result.labels)
+    assert torch.allclose(torch_result.centroids, faiss_result.centroids, atol=1e-5)
+    assert torch.allclose(torch_result.similarity, faiss_result.similarity, atol=1e-5)
+    assert resolve_backend("auto", torch.device("cpu")) == "faiss"
+
+
+def test_faiss_backend_names_the_install_when_faiss_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail as if not installed
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        resolve_backend("faiss", torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="unknown k-means backend"):
+        resolve_backend("sklearn", torch.device("cpu"))
+
+
+def test_given_initial_centroids_replace_the_seeding():
+    x, _ = separable_sphere(k=5, noise=0.8, seed=2)
+    seeded = kmeans_plusplus(RowBlocks(x, torch.device("cpu")), 5, np.random.default_rng(1))
+    given = spherical_kmeans(x, 5, seed=0, init=seeded)
+    assert torch.equal(given.labels, spherical_kmeans(x, 5, seed=1).labels)  # seed 1's k-means++ is ``seeded``
+    with pytest.raises(ValueError, match="initial centroids"):
+        spherical_kmeans(x, 5, seed=0, init=seeded[:4])
+    with pytest.raises(ValueError, match="initial centroids"):
+        spherical_kmeans(x, 5, seed=0, init=seeded, restarts=2)
 
 
 def shared_direction_sphere(k=4, n_per=60, dim=64, share=8.0, seed=0):
