@@ -50,7 +50,7 @@ class RowBlocks:
     direction they all share.
     """
 
-    def __init__(self, x: torch.Tensor | Sequence[torch.Tensor], device: torch.device, chunk: int = 16384, preprocess: Preprocess | None = None):
+    def __init__(self, x: torch.Tensor | Sequence[torch.Tensor], device: torch.device, chunk: int = 16384, preprocess: Preprocess | None = None, cache_mb: float = 0):
         self.parts = [x] if isinstance(x, torch.Tensor) else list(x)
         if not self.parts or any(p.ndim != 2 for p in self.parts) or len({p.shape[1] for p in self.parts}) != 1:
             raise ValueError("expected one or more (rows, D) matrices with the same D")
@@ -58,6 +58,15 @@ class RowBlocks:
         self.n = sum(p.shape[0] for p in self.parts)
         self.dim = self.parts[0].shape[1]
         self.preprocess = preprocess
+        # Prepared (unit, preprocessed, float32) blocks kept after the first pass when they fit in
+        # ``cache_mb``: the same tensors the streamed pass computes, so the results do not change; every
+        # later pass is then one GEMM per block instead of a read + convert + normalise + project.
+        self.cache_mb = cache_mb
+        self._cache: list[tuple[int, torch.Tensor]] | None = None
+
+    @property
+    def prepared_mb(self) -> float:
+        return self.n * self.dim * 4 / 2**20
 
     def _prepared(self, unit_rows: torch.Tensor) -> torch.Tensor:
         """Unit rows after the preprocessing, unit again (the rows themselves without one)."""
@@ -80,8 +89,18 @@ class RowBlocks:
             start += part.shape[0]
 
     def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        if self._cache is not None:
+            yield from self._cache
+            return
+        keep = self.prepared_mb <= self.cache_mb
+        kept = []
         for start, block in self.raw_blocks():
-            yield start, self._prepared(block)
+            block = self._prepared(block)
+            if keep:
+                kept.append((start, block))
+            yield start, block
+        if keep:
+            self._cache = kept
 
     def raw_rows(self, indices: np.ndarray) -> torch.Tensor:
         """Unit-norm rows at sorted global ``indices``, before the preprocessing (one indexed read per part)."""
@@ -230,6 +249,7 @@ def spherical_kmeans(
     center: bool = False,
     remove_components: int = 0,
     restarts: int = 1,
+    cache_mb: float = 0,
 ) -> KMeansResult:
     """Cluster the unit-norm rows of ``x`` (a tensor or a list of row blocks) into ``k`` cosine clusters.
 
@@ -238,6 +258,8 @@ def spherical_kmeans(
     :class:`Preprocess`); the official code does neither. ``restarts``: run
     k-means that many times from seeds derived from ``seed`` and keep the run
     with the highest mean cosine to its centroid (the official code: one run).
+    ``cache_mb``: keep the prepared float32 rows in memory after the first pass
+    when they fit (N x D x 4 bytes); same result, every later pass a GEMM.
     ``init``: ``"k-means++"``, ``"random"`` (the official code's), or a (k, D)
     tensor of initial centroids in the space that is clustered (after any
     preprocessing), e.g. one seeding shared by several implementations in a
@@ -245,7 +267,7 @@ def spherical_kmeans(
     """
     parts = [x] if isinstance(x, torch.Tensor) else list(x)
     device = torch.device(device) if device is not None else (parts[0].device if parts else torch.device("cpu"))
-    rows = RowBlocks(parts, device, chunk)
+    rows = RowBlocks(parts, device, chunk, cache_mb=cache_mb)
     if rows.n == 0:
         raise ValueError("expected a non-empty (N, D) matrix")
     if not 1 <= k <= rows.n:

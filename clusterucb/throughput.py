@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 
-THROUGHPUT = {"gradients": ("max_batch_size", "max_batch_tokens", "resume_chunk"), "target": ("eval_batch_size",), "precision": ("gradient_checkpointing",)}
+THROUGHPUT = {"gradients": ("max_batch_size", "max_batch_tokens", "resume_chunk"), "target": ("eval_batch_size",), "precision": ("gradient_checkpointing",), "cluster": ("cache_mb",)}
 
 
 def throughput_settings(config: dict, section: str) -> dict:

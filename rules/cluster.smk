@@ -16,7 +16,7 @@ rule kmeans:
         "../envs/torch.yaml"
     threads: 2
     resources:
-        mem_mb=mem_mb_heavy,
+        mem_mb=mem_mb_kmeans,
         runtime=runtime_heavy,
     params:
         max_iter=config["cluster"]["max_iter"],

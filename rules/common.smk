@@ -3,9 +3,11 @@
 
 import fnmatch
 import glob
+import math
 import os
 import re
 import sys
+from argparse import Namespace
 
 import yaml
 
@@ -66,6 +68,15 @@ from clusterucb import paths  # noqa: E402
 from clusterucb.data.remote import read_manifest  # noqa: E402
 from clusterucb.hub import hub_model_dir, parse_hub_id  # noqa: E402
 from clusterucb.io import scratch_dir_for  # noqa: E402
+from clusterucb.resources import (  # noqa: E402
+    DTYPE_BYTES,
+    RUNTIME_MB,
+    ModelShape,
+    features_mb,
+    kmeans_job_mb,
+    model_job_mb,
+)
+from clusterucb.tokens import count_rows  # noqa: E402
 from clusterucb.runs import BUDGETED, SHARED_EPOCH1, defaults_from_config, expand_runs  # noqa: E402
 from clusterucb.tasks import get_task, resolve_settings, task_names  # noqa: E402
 from clusterucb.throughput import result_config  # noqa: E402
@@ -377,7 +388,10 @@ def get_grad_params(wildcards=None):
     keys = ["projector", "proj_dim", "proj_seed", "dtype", "adam_eps_inside_sqrt"]
     if config["gradients"]["projector"] == "sjlt":  # the dense projector has no sjlt_c
         keys.append("sjlt_c")
-    return {**{k: config["gradients"][k] for k in keys}, "base_dtype": config["precision"]["base_dtype"]}
+    return {
+        **{k: config["gradients"][k] for k in keys},
+        "base_dtype": config["precision"]["base_dtype"],
+    }
 
 
 def get_train_params(wildcards=None):
@@ -432,7 +446,113 @@ def mem_mb_tokenize(wildcards, threads, attempt):
 
 
 def mem_mb_heavy(wildcards, attempt):
+    """Rules whose memory is not modelled (building / converting the base model)."""
     return 8000 * attempt
+
+
+# Computed job memory (clusterucb/resources.py): what each job holds. Snakemake evaluates these again
+# right before a job runs, when its inputs exist; until then (planning, a dry run) the config's sizes stand in.
+# A model not fetched / converted yet: its config.json is not there to size it.
+PROVISIONAL_MB = 16000
+
+
+def model_shape():
+    """The base model's shape: the built-in sizes, or config.json of its directory once it exists."""
+    if config["model"] == BUILTIN_MODEL:
+        sizes = config["model_builtin"]
+        return ModelShape(
+            sizes["vocab_size"],
+            sizes["hidden_size"],
+            sizes["intermediate_size"],
+            sizes["num_layers"],
+        )
+    base = get_base_model()
+    return ModelShape.from_dir(base if os.path.isdir(base) else os.path.dirname(base))
+
+
+def pool_rows(input):
+    """Rows of the tokenized pool (its batch headers) once it exists, else the sources' caps."""
+    if os.path.exists(input.pool):
+        return count_rows(input.pool)
+    caps = [source["max_examples"] for source in config["data"]["sources"].values()]
+    return sum(caps) if None not in caps else 300_000  # an uncapped source: the paper's pool size
+
+
+def model_mem_mb(batch_tokens, training, held_mb, attempt):
+    shape = model_shape()
+    if shape is None:
+        return PROVISIONAL_MB * attempt
+    precision = config["precision"]
+    mb = model_job_mb(
+        shape,
+        precision["base_dtype"],
+        batch_tokens,
+        config["lora"]["r"],
+        training,
+        activations_in_host=not precision["activations_on_gpu"],
+        checkpointing=precision["gradient_checkpointing"],
+        held_mb=held_mb,
+    )
+    return mb * attempt
+
+
+def mem_mb_train(wildcards, input, attempt):
+    """Training: model, LoRA + AdamW, one micro-batch; the rows it touches are read from the memory map."""
+    tokens = config["train"]["micro_batch"] * config["data"]["max_length"]
+    return model_mem_mb(tokens, True, 0, attempt)
+
+
+def mem_mb_grads_shard(wildcards, input, attempt):
+    """A gradient shard: model, one batch, and its own rows' features (not the pool's)."""
+    rows = math.ceil(pool_rows(input) / N_SHARDS)
+    held = features_mb(rows, config["gradients"]["proj_dim"])
+    return model_mem_mb(config["gradients"]["max_batch_tokens"], False, held, attempt)
+
+
+def mem_mb_grads_small(wildcards, input, attempt):
+    """Validation gradients and budgeted re-selection: model, one batch, small tables (ids, labels, rewards)."""
+    held = pool_rows(input) * 400 / 2**20 if "pool" in input.keys() else 0
+    return model_mem_mb(config["gradients"]["max_batch_tokens"], False, held, attempt)
+
+
+def mem_mb_evaluate(wildcards, input, attempt):
+    tokens = config["target"]["eval_batch_size"] * config["data"]["val_max_length"]
+    return model_mem_mb(tokens, False, 0, attempt)
+
+
+def mem_mb_kmeans(wildcards, input, attempt):
+    """k-means: the prepared features in memory when they fit in cluster.cache_mb, plus a few row blocks."""
+    store_mb = sum(os.path.getsize(f) for f in input.shards if os.path.exists(f)) / 2**20
+    if store_mb == 0:  # planning: the shards are not written yet
+        store_mb = (
+            pool_rows_planned()
+            * config["gradients"]["proj_dim"]
+            * DTYPE_BYTES[config["gradients"]["dtype"]]
+            / 2**20
+        )
+    mb = kmeans_job_mb(
+        store_mb,
+        config["gradients"]["dtype"],
+        config["cluster"]["cache_mb"],
+        16384,
+        config["gradients"]["proj_dim"],
+    )
+    return mb * attempt
+
+
+def mem_mb_scores(wildcards, input, attempt):
+    """Full matching: the largest shard's features in float32, the validation features, the scores."""
+    sizes = [os.path.getsize(f) for f in input.shards if os.path.exists(f)]
+    shard_mb = max(sizes, default=0) / 2**20 * 4 / DTYPE_BYTES[config["gradients"]["dtype"]]
+    if not sizes:
+        shard_mb = pool_rows_planned() / N_SHARDS * config["gradients"]["proj_dim"] * 4 / 2**20
+    return (
+        math.ceil(1.25 * (RUNTIME_MB + 2 * shard_mb + pool_rows_planned() * 400 / 2**20)) * attempt
+    )
+
+
+def pool_rows_planned():
+    return pool_rows(Namespace(pool=paths.POOL_TOKENS))
 
 
 def runtime_heavy(wildcards, attempt):

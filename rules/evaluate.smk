@@ -18,7 +18,7 @@ rule evaluate:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=mem_mb_heavy,
+        mem_mb=mem_mb_evaluate,
         runtime=runtime_heavy,
     params:
         eval=get_eval_params,

@@ -20,7 +20,7 @@ rule grads_pool_shard:
     threads: 1
     resources:
         gpu=1,
-        mem_mb=mem_mb_heavy,
+        mem_mb=mem_mb_grads_shard,
         runtime=runtime_heavy,
     params:
         n_shards=N_SHARDS,
@@ -61,7 +61,7 @@ rule grads_val:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=mem_mb_heavy,
+        mem_mb=mem_mb_grads_small,
         runtime=runtime_heavy,
     params:
         grads=get_grad_params(),
@@ -83,7 +83,7 @@ rule full_scores:
         "../envs/torch.yaml"
     threads: 2
     resources:
-        mem_mb=mem_mb_heavy,
+        mem_mb=mem_mb_scores,
         runtime=runtime_heavy,
     script:
         "../workflow_scripts/full_scores.py"

@@ -42,7 +42,7 @@ rule select_budgeted:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=mem_mb_heavy,
+        mem_mb=mem_mb_grads_small,
         runtime=runtime_heavy,
     params:
         grads=get_grad_params(),

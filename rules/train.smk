@@ -20,7 +20,7 @@ rule warmup_lora:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=mem_mb_heavy,
+        mem_mb=mem_mb_train,
         runtime=runtime_heavy,
     params:
         lora=config["lora"],
@@ -50,7 +50,7 @@ rule less_warmup:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=mem_mb_heavy,
+        mem_mb=mem_mb_train,
         runtime=runtime_heavy,
     params:
         lora=config["lora"],
@@ -81,7 +81,7 @@ rule train_epoch:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=mem_mb_heavy,
+        mem_mb=mem_mb_train,
         runtime=runtime_heavy,
     params:
         lora=config["lora"],

@@ -28,8 +28,10 @@ def cluster(
     center: bool = False,
     remove_components: int = 0,
     restarts: int = 1,
+    cache_mb: float = 0,
 ) -> None:
-    """k-means streamed over the memory-mapped shards of the warmup features."""
+    """k-means streamed over the memory-mapped shards of the warmup features (kept in memory after
+    the first pass when they fit in ``cache_mb``)."""
     store = GradientStore(manifest)
     parts = store.shard_features()
     ids = [i for part_ids, _ in parts for i in part_ids]
@@ -46,6 +48,7 @@ def cluster(
         center=center,
         remove_components=remove_components,
         restarts=restarts,
+        cache_mb=cache_mb,
     )
     counts = np.bincount(result.labels.numpy(), minlength=k)
     meta = {"k": k, "seed": seed, "init": init, "backend": backend, "center": center, "remove_components": remove_components, "restarts": restarts, "n_iter": result.n_iter, "converged": result.converged, "reseeded": result.reseeded, "empty_clusters": int((counts == 0).sum()), "features": store.meta}

@@ -112,6 +112,28 @@ def test_kmeans_recovers_separable_clusters_and_is_deterministic():
     assert torch.equal(result.labels, again.labels) and torch.equal(result.centroids, again.centroids)
 
 
+def test_kmeans_in_memory_cache_changes_nothing_but_is_used(monkeypatch):
+    """cache_mb keeps the prepared blocks after the first pass: bit-identical results, and no second read."""
+    from clusterucb import kmeans
+
+    x, _ = separable_sphere(k=5, noise=0.8, seed=4)
+    parts = [x[:100].half(), x[100:].half()]  # fp16 shards, as the store keeps them
+    reads = {"n": 0}
+    original = kmeans.RowBlocks.raw_blocks
+
+    def counting(self):
+        reads["n"] += 1
+        return original(self)
+
+    monkeypatch.setattr(kmeans.RowBlocks, "raw_blocks", counting)
+    streamed = spherical_kmeans(parts, 6, seed=1, max_iter=5, center=True, remove_components=1, chunk=64)
+    streamed_reads, reads["n"] = reads["n"], 0
+    cached = spherical_kmeans(parts, 6, seed=1, max_iter=5, center=True, remove_components=1, chunk=64, cache_mb=1)
+    assert torch.equal(streamed.labels, cached.labels) and torch.equal(streamed.centroids, cached.centroids)
+    assert torch.equal(streamed.similarity, cached.similarity)
+    assert streamed_reads > 5 and reads["n"] == 2  # the mean's pass and the first prepared pass
+
+
 def test_kmeans_labels_are_consistent_with_returned_centroids():
     x, _ = separable_sphere(k=5, noise=0.8, seed=2)
     result = spherical_kmeans(x, 7, seed=0, max_iter=3)

@@ -123,6 +123,7 @@ MATRIX: dict[str, tuple[str, set[str]]] = {
     "train.epochs": ("train={{epochs: 3}}", AFTER_TOKENS - {"tokenize_pool"}),
     "precision.base_dtype": ("precision={{base_dtype: bfloat16}}", AFTER_TOKENS - {"tokenize_pool", "select_random"}),
     "precision.gradient_checkpointing": ("precision={{gradient_checkpointing: true}}", NOTHING),
+    "precision.activations_on_gpu": ("precision={{activations_on_gpu: true}}", NOTHING),
     "warmup.steps": (
         "warmup={{steps: 4}}",
         WARMUP | CLUSTERS | RUN_GRADIENTS - {"select_less"},  # LESS has its own warmup
@@ -144,6 +145,7 @@ MATRIX: dict[str, tuple[str, set[str]]] = {
     "cluster.center": ("cluster={{center: false}}", CLUSTERS | BUDGETED_RUNS | QUALITY),
     "cluster.remove_components": ("cluster={{remove_components: 2}}", CLUSTERS | BUDGETED_RUNS | QUALITY),
     "cluster.restarts": ("cluster={{restarts: 2}}", CLUSTERS | BUDGETED_RUNS | QUALITY),
+    "cluster.cache_mb": ("cluster={{cache_mb: 0}}", NOTHING),
     "selection.methods": ("selection={{methods: [clusterucb, random_draw, dynamic, random]}}", SUMMARY),
     "selection.sweep": ("selection={{sweep: [{{method: clusterucb, beta: [2.0]}}]}}", BUDGETED_RUNS - {"plot_cluster_influence"}),
     "selection.top_p": ("selection={{top_p: 0.2}}", (RUN_GRADIENTS | {"select_random"}) - {"plot_cluster_influence"}),
