@@ -109,8 +109,8 @@ def cosine_inertia(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384)
     return total / len(x)
 
 
-def run_ours(x, init, iters, backend):
-    result = spherical_kmeans(x, len(init), seed=0, max_iter=iters, init=init, backend=backend)
+def run_ours(x, init, iters, backend, cache_mb):
+    result = spherical_kmeans(x, len(init), seed=0, max_iter=iters, init=init, backend=backend, cache_mb=cache_mb)
     return result.centroids, result.n_iter
 
 
@@ -147,16 +147,16 @@ def timed(fn, *args, repeats: int = 1):
 
 def bench_size(x: torch.Tensor, k: int, args) -> dict[str, dict]:
     start = time.perf_counter()
-    init = kmeans_plusplus(RowBlocks(x, torch.device("cpu")), k, np.random.default_rng(args.seed))
+    init = kmeans_plusplus(RowBlocks(x, torch.device("cpu"), cache_mb=args.cache_mb), k, np.random.default_rng(args.seed))
     print(f"\nN={len(x)} d={x.shape[1]} K={k} iters<={args.iters} threads={args.threads} (shared k-means++ seeding {time.perf_counter() - start:.1f} s, not timed)")
     methods = {
-        "ours[torch]": partial(run_ours, backend="torch"),
-        "ours[faiss]": partial(run_ours, backend="faiss"),
+        "ours[torch]": partial(run_ours, backend="torch", cache_mb=args.cache_mb),
+        "ours[faiss]": partial(run_ours, backend="faiss", cache_mb=args.cache_mb),
         "faiss": run_faiss,
         "sklearn": run_sklearn,
     }
     if not args.no_pykeops:
-        methods["ours[pykeops]"] = partial(run_ours, backend="pykeops")
+        methods["ours[pykeops]"] = partial(run_ours, backend="pykeops", cache_mb=args.cache_mb)
     results = {}
     for name, run in methods.items():
         try:  # untimed warm-up on a small slice: thread pools, BLAS, and for pykeops the compilation for this d
@@ -184,6 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="20000:8192,20000:2048,100000:8192,100000:2048", help="comma-separated N:d")
     parser.add_argument("--k", type=int, default=150)
+    parser.add_argument("--cache-mb", type=float, default=16384, help="ours: cluster.cache_mb (the workflow default; 0 = stream every pass)")
     parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations (at most, for ours and sklearn)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch, faiss and BLAS/OpenMP threads")
     parser.add_argument("--repeats", type=int, default=1, help="time each method this many times, keep the fastest")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -175,16 +175,19 @@ class GradientStore:
         Nothing is read until used: consumers stream over the shards (and over
         row chunks of each) instead of loading the store.
         """
+        return list(self.iter_shard_features())
+
+    def iter_shard_features(self) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """:meth:`shard_features` one shard at a time: a consumer that drops each view unmaps it, so the
+        pages it read leave the job's resident set (one pass over the store keeps one shard resident)."""
         ok = self.index[self.index.status == "ok"]
         paths = {int(s["shard"]): self.path.parent / s["path"] for s in self.shards}
-        out = []
         for shard_id, group in ok.groupby("shard", sort=True):
             rows = group.row.to_numpy()
             features = mmap_tensor(paths[int(shard_id)])
             if len(rows) != features.shape[0] or not (rows == np.arange(len(rows))).all():
                 raise ValueError(f"{paths[int(shard_id)]}: rows in the manifest do not match the shard")
-            out.append((group.example_id.tolist(), features))
-        return out
+            yield group.example_id.tolist(), features
 
     def load(self) -> tuple[list[str], torch.Tensor]:
         """All successful rows as one float32 tensor in manifest order (a copy; small stores only)."""

@@ -118,8 +118,17 @@ class TokenTable(Sequence):
         return out
 
     def take(self, indices: Sequence[int] | np.ndarray) -> TokenTable:
-        """The rows at ``indices`` (in that order), copied out of the mapping: only those rows are read."""
-        return TokenTable(self.table.take(pa.array(np.asarray(indices, dtype=np.int64))), self.path)
+        """The rows at ``indices`` (in that order), as zero-copy one-row slices of the mapping.
+
+        Not ``Table.take``: on a table of many record batches it first concatenates
+        every batch of a list column, a copy of the whole pool per call.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) == 0:
+            return TokenTable(self.table.slice(0, 0), self.path)
+        if indices.min() < 0 or indices.max() >= len(self):
+            raise IndexError(f"row indices out of range for {len(self)} rows")
+        return TokenTable(pa.concat_tables([self.table.slice(int(i), 1) for i in indices]), self.path)
 
     def ids(self) -> list[str]:
         return self.table.column("example_id").to_pylist()

@@ -143,6 +143,14 @@ def _encoded_chunks(pool_path: str, encoder_args: tuple, workers: int) -> Iterat
             yield pending.popleft().result()
 
 
+def _read_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """The record batches of an Arrow IPC file read one at a time (not mapped: the copy's memory stays one batch)."""
+    with pa.OSFile(str(path), "rb") as source:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+
+
 def tokenize_pool(pool_path: str, model_dir: str, out: str, max_length: int, chat_template: str, overlong: str, on_unusable: str, workers: int = 1, scratch: str | None = None) -> None:
     """The tokenized pool, encoded in chunks of ``TOKENIZE_CHUNK_ROWS`` by ``workers`` processes.
 
@@ -171,7 +179,7 @@ def tokenize_pool(pool_path: str, model_dir: str, out: str, max_length: int, cha
     started = time.perf_counter()
     write_tokens(tables(), tokens_schema(), body)
     meta = {"model_dir": model_dir, "max_length": max_length, "chat_template": chat_template, "encode_stats": totals.as_dict()}
-    rows = write_tokens(TokenTable.open(body).table.to_batches(), tokens_schema(metadata=meta), out)
+    rows = write_tokens(_read_batches(body), tokens_schema(metadata=meta), out)
     shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
     log.info("tokenized: %s in %.1f s (%.0f rows/s, %d workers); %d rows written", totals.as_dict(), seconds, totals.total / max(seconds, 1e-9), workers, rows)

@@ -36,9 +36,10 @@ def full_scores(manifest: str, val_tensors: str, val_index: str, val_tokens: str
     store = GradientStore(manifest)
     val, subtask, names = val_features(val_tensors, val_index, val_tokens)
     ids, blocks = [], []
-    for part_ids, features in store.shard_features():
+    for part_ids, features in store.iter_shard_features():
         ids += part_ids
         blocks.append(subtask_scores(features, val, subtask).numpy())
+        del features  # unmapped: the pages read leave this job's resident set
     per_subtask = np.concatenate(blocks) if blocks else np.empty((0, len(names)), dtype=np.float32)
     failed = list(store.failures())
     scores = np.concatenate([per_subtask.max(axis=1), np.full(len(failed), np.nan)])
