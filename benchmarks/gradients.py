@@ -74,7 +74,7 @@ from clusterucb.fetch import fetch_wheel_member
 from clusterucb.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, length_batches, pad_batch
 from clusterucb.lora import LoraSpec, attach_lora
 from clusterucb.matching import influence_scores
-from clusterucb.modeling import TinyLlamaSpec, build_tiny_llama, load_base_model, train_tokenizer
+from clusterucb.modeling import TinyLlamaSpec, build_tiny_llama, drop_gguf_quantizer, load_base_model, train_tokenizer
 from clusterucb.projection import RademacherProjector, SJLTProjector, make_projector
 from clusterucb.tasks import gsm8k
 
@@ -377,6 +377,7 @@ def main() -> None:
 
         hf_logging.disable_progress_bar()
         base_dir = work / "base"
+        drop_gguf_quantizer(model)  # a GGUF-loaded model (SmolLM2) is plain floats already
         model.save_pretrained(str(base_dir), safe_serialization=True)
     model = attach_lora(model, LoraSpec(r=args.rank, alpha=4 * args.rank, dropout=0.0, target_modules=None, seed=0)).eval().to(device)
     with torch.no_grad():  # a trained adapter has B != 0 (a fresh one gives dA = 0)

@@ -286,6 +286,9 @@ def main() -> None:
         r_exp = [exponent(results[n1][name]["rss"], results[n2][name]["rss"], n1, n2) for n1, n2 in zip(sizes, sizes[1:])]
         worst = max([worst, *t_exp])
         print(f"| {name} | " + " | ".join(cells) + f" | {', '.join(f'{e:.2f}' for e in t_exp)} | {', '.join(f'{e:.2f}' for e in r_exp)} |")
+    # The paper's claim: a ClusterUCB re-selection costs ~budget of a full gradient pass on the same checkpoint.
+    rounds = ", ".join(f"N={n}: {results[n]['reselect']['s'] / results[n]['grad_shards']['s']:.3f}" for n in sizes)
+    print(f"re-selection wall time / full gradient pass wall time (budget {a.budget}): {rounds}")
     shard_rss = results[sizes[-1]]["grad_shards"]["shard_rss"] / results[sizes[0]]["grad_shards"]["shard_rss"]
     print(f"(* gradient stage total = mean shard job x shards; {a.shard_rows} rows a shard job at every N)")
     print(f"rss_ratio_shard={shard_rss:.3f} time_exponent_max={worst:.3f}")

@@ -158,6 +158,15 @@ def enable_gradient_checkpointing(model) -> int:
     return wrapped
 
 
+def drop_gguf_quantizer(model) -> None:
+    """transformers dequantises GGUF weights on load but keeps the quantizer marker, which makes
+    save_pretrained refuse; the tensors are plain floats by then."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load_base_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """Load ``(model, tokenizer)`` from a local HF directory or a ``.gguf`` file (eval mode).
 

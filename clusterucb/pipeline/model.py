@@ -14,7 +14,7 @@ from clusterucb.data.tokenize import concat_messages
 from clusterucb.devices import base_dtype, device  # noqa: F401  (device: the stages' one accessor)
 from clusterucb.io import atomic_dir
 from clusterucb.lora import load_lora
-from clusterucb.modeling import PretrainSpec, TinyLlamaSpec, build_tiny_llama, load_base_model, pretrain, train_tokenizer
+from clusterucb.modeling import PretrainSpec, TinyLlamaSpec, build_tiny_llama, drop_gguf_quantizer, load_base_model, pretrain, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,7 @@ def build_builtin_model(pool_path: str, out_dir: str, sizes: dict, pretrain_para
 def convert_gguf(gguf_path: str, out_dir: str) -> None:
     """Dequantise a GGUF model once into a Hugging Face directory (fp32 safetensors)."""
     model, tokenizer = load_base_model(gguf_path)
-    # transformers dequantises GGUF weights on load but keeps the quantizer marker,
-    # which makes save_pretrained refuse; the tensors are plain floats by now.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    drop_gguf_quantizer(model)
     with atomic_dir(out_dir, last=WEIGHTS) as tmp:
         tokenizer.save_pretrained(str(tmp))
         model.save_pretrained(str(tmp), safe_serialization=True)
