@@ -293,7 +293,7 @@ def test_killed_run_resumes_with_rerun_incomplete_and_selects_the_same(tiny_run,
 
 
 # Conda package names whose import name differs.
-IMPORT_NAMES = {"pytorch": "torch", "pytorch-cpu": "torch", "matplotlib-base": "matplotlib", "pyyaml": "yaml"}
+IMPORT_NAMES = {"pytorch": "torch", "pytorch-cpu": "torch", "matplotlib-base": "matplotlib", "pyyaml": "yaml", "faiss-cpu": "faiss"}
 
 BLOCKER = """
 import sys
