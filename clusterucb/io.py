@@ -96,22 +96,23 @@ def write_parquet(table, path: str | os.PathLike, metadata: Mapping[str, Any] | 
     """Write a pyarrow Table atomically; ``metadata`` values are JSON-encoded into the schema."""
     import pyarrow.parquet as pq
 
-    meta = dict(table.schema.metadata or {})
-    meta[b"clusterucb.schema_version"] = SCHEMA_VERSION.encode()
-    for key, value in (metadata or {}).items():
-        meta[f"clusterucb.{key}".encode()] = json.dumps(value, default=str).encode()
-    table = table.replace_schema_metadata(meta)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **encode_metadata(metadata)})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=64 * 1024)
 
 
-def read_parquet_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``clusterucb.*`` key/value metadata of a Parquet file, JSON-decoded."""
-    import pyarrow.parquet as pq
+def encode_metadata(metadata: Mapping[str, Any] | None) -> dict[bytes, bytes]:
+    """Schema metadata of an Arrow table: ``clusterucb.<key>`` -> JSON, plus the schema version."""
+    meta = {b"clusterucb.schema_version": SCHEMA_VERSION.encode()}
+    for key, value in (metadata or {}).items():
+        meta[f"clusterucb.{key}".encode()] = json.dumps(value, default=str).encode()
+    return meta
 
-    raw = pq.read_schema(path).metadata or {}
+
+def decode_metadata(raw: Mapping[bytes, bytes] | None) -> dict[str, Any]:
+    """The ``clusterucb.*`` entries of Arrow schema metadata, JSON-decoded (plain strings kept as such)."""
     out = {}
-    for key, value in raw.items():
+    for key, value in (raw or {}).items():
         key = key.decode()
         if key.startswith("clusterucb."):
             try:
@@ -119,6 +120,13 @@ def read_parquet_metadata(path: str | os.PathLike) -> dict[str, Any]:
             except json.JSONDecodeError:
                 out[key[len("clusterucb.") :]] = value.decode()
     return out
+
+
+def read_parquet_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``clusterucb.*`` key/value metadata of a Parquet file, JSON-decoded."""
+    import pyarrow.parquet as pq
+
+    return decode_metadata(pq.read_schema(path).metadata)
 
 
 def save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, Any]) -> None:

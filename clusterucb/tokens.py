@@ -9,7 +9,6 @@ reader turned the whole pool into Python lists, ~70 bytes a token, in every job)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clusterucb.io import SCHEMA_VERSION, atomic_path
-
-META_PREFIX = "clusterucb."
+from clusterucb.io import atomic_path, decode_metadata, encode_metadata
 
 
 def tokens_schema(extra_fields=(), metadata: dict[str, Any] | None = None) -> pa.Schema:
     """The columns of a tokenized file; ``metadata`` values are JSON-encoded under ``clusterucb.*``."""
-    meta = {f"{META_PREFIX}schema_version": SCHEMA_VERSION}
-    for key, value in (metadata or {}).items():
-        meta[f"{META_PREFIX}{key}"] = json.dumps(value, default=str)
     return pa.schema(
         [
             pa.field("example_id", pa.string(), nullable=False),
@@ -38,7 +32,7 @@ def tokens_schema(extra_fields=(), metadata: dict[str, Any] | None = None) -> pa
             pa.field("n_target_tokens", pa.int32(), nullable=False),
             pa.field("truncated", pa.bool_(), nullable=False),
         ],
-        metadata=meta,
+        metadata=encode_metadata(metadata),
     )
 
 
@@ -52,18 +46,6 @@ def write_tokens(batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema
                 writer.write_table(batch)
                 rows += batch.num_rows
     return rows
-
-
-def read_meta(schema: pa.Schema) -> dict[str, Any]:
-    out = {}
-    for key, value in (schema.metadata or {}).items():
-        key = key.decode()
-        if key.startswith(META_PREFIX):
-            try:
-                out[key[len(META_PREFIX) :]] = json.loads(value)
-            except json.JSONDecodeError:
-                out[key[len(META_PREFIX) :]] = value.decode()
-    return out
 
 
 class TokenTable(Sequence):
@@ -85,7 +67,7 @@ class TokenTable(Sequence):
 
     @property
     def meta(self) -> dict[str, Any]:
-        return read_meta(self.table.schema)
+        return decode_metadata(self.table.schema.metadata)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -148,7 +130,7 @@ class TokenTable(Sequence):
 def token_meta(path: str | Path) -> dict[str, Any]:
     """The ``clusterucb.*`` metadata of a tokenized file (its schema; no row is read)."""
     with pa.memory_map(str(path), "r") as source:
-        return read_meta(pa.ipc.open_file(source).schema)
+        return decode_metadata(pa.ipc.open_file(source).schema.metadata)
 
 
 def count_rows(path: str | Path) -> int:

@@ -7,7 +7,6 @@ import math
 import os
 import re
 import sys
-from argparse import Namespace
 
 import yaml
 
@@ -470,10 +469,10 @@ def model_shape():
     return ModelShape.from_dir(base if os.path.isdir(base) else os.path.dirname(base))
 
 
-def pool_rows(input):
+def pool_rows(pool_tokens=paths.POOL_TOKENS):
     """Rows of the tokenized pool (its batch headers) once it exists, else the sources' caps."""
-    if os.path.exists(input.pool):
-        return count_rows(input.pool)
+    if os.path.exists(pool_tokens):
+        return count_rows(pool_tokens)
     caps = [source["max_examples"] for source in config["data"]["sources"].values()]
     return sum(caps) if None not in caps else 300_000  # an uncapped source: the paper's pool size
 
@@ -504,14 +503,14 @@ def mem_mb_train(wildcards, input, attempt):
 
 def mem_mb_grads_shard(wildcards, input, attempt):
     """A gradient shard: model, one batch, and its own rows' features (not the pool's)."""
-    rows = math.ceil(pool_rows(input) / N_SHARDS)
+    rows = math.ceil(pool_rows(input.pool) / N_SHARDS)
     held = features_mb(rows, config["gradients"]["proj_dim"])
     return model_mem_mb(config["gradients"]["max_batch_tokens"], False, held, attempt)
 
 
 def mem_mb_grads_small(wildcards, input, attempt):
     """Validation gradients and budgeted re-selection: model, one batch, small tables (ids, labels, rewards)."""
-    held = pool_rows(input) * 400 / 2**20 if "pool" in input.keys() else 0
+    held = pool_rows(input.pool) * 400 / 2**20 if "pool" in input.keys() else 0
     return model_mem_mb(config["gradients"]["max_batch_tokens"], False, held, attempt)
 
 
@@ -525,7 +524,7 @@ def mem_mb_kmeans(wildcards, input, attempt):
     store_mb = sum(os.path.getsize(f) for f in input.shards if os.path.exists(f)) / 2**20
     if store_mb == 0:  # planning: the shards are not written yet
         store_mb = (
-            pool_rows_planned()
+            pool_rows()
             * config["gradients"]["proj_dim"]
             * DTYPE_BYTES[config["gradients"]["dtype"]]
             / 2**20
@@ -545,14 +544,8 @@ def mem_mb_scores(wildcards, input, attempt):
     sizes = [os.path.getsize(f) for f in input.shards if os.path.exists(f)]
     shard_mb = max(sizes, default=0) / 2**20 * 4 / DTYPE_BYTES[config["gradients"]["dtype"]]
     if not sizes:
-        shard_mb = pool_rows_planned() / N_SHARDS * config["gradients"]["proj_dim"] * 4 / 2**20
-    return (
-        math.ceil(1.25 * (RUNTIME_MB + 2 * shard_mb + pool_rows_planned() * 400 / 2**20)) * attempt
-    )
-
-
-def pool_rows_planned():
-    return pool_rows(Namespace(pool=paths.POOL_TOKENS))
+        shard_mb = pool_rows() / N_SHARDS * config["gradients"]["proj_dim"] * 4 / 2**20
+    return math.ceil(1.25 * (RUNTIME_MB + 2 * shard_mb + pool_rows() * 400 / 2**20)) * attempt
 
 
 def runtime_heavy(wildcards, attempt):

@@ -11,7 +11,7 @@ import torch
 from clusterucb.gradstore import GradientStore
 from clusterucb.io import save_safetensors, write_parquet
 from clusterucb.kmeans import spherical_kmeans
-from clusterucb.pipeline.model import device
+from clusterucb.devices import device
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from clusterucb.chat import ChatFormat
 from clusterucb.data.pool import build_pool, pool_table
 from clusterucb.data.tokenize import EncodeStats, encode_messages, encode_prompt_completion, encode_rows
 from clusterucb.io import read_parquet_metadata, write_parquet
-from clusterucb.tokens import TokenTable, count_rows, token_meta, tokens_schema, write_tokens
+from clusterucb.tokens import TokenTable, count_rows, tokens_schema, write_tokens
 from clusterucb.tasks import get_task, resolve_settings
 from clusterucb.tasks.base import test_schema, validation_schema
 
@@ -83,10 +83,6 @@ def build_pool_table(sources: dict, datasets_dir: str, decontamination_files: li
     log.info("pool: %d examples from %d sources: %s", len(rows), len(reports), by_source)
 
 
-def _records_table(records: list[dict], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist(records, schema=schema)
-
-
 # Rows per tokenization chunk: fixed, not derived from the worker count, so that the file does not depend on it.
 TOKENIZE_CHUNK_ROWS = 2048
 
@@ -104,7 +100,7 @@ class _PoolEncoder:
         max_length, chat_template, overlong, on_unusable = self.settings
         stats = EncodeStats()
         records = encode_rows(rows, lambda row: encode_messages(row["messages"], self.tokenizer, max_length, chat_template), max_length, overlong, on_unusable, stats)
-        return _records_table(records, tokens_schema()), stats.as_dict()
+        return pa.Table.from_pylist(records, schema=tokens_schema()), stats.as_dict()
 
 
 _WORKER_ENCODER: _PoolEncoder | None = None
@@ -206,7 +202,7 @@ def tokenize_target(val_path: str, model_dir: str, out: str, max_length: int, ch
         record["subtask"] = subtask_of[record["example_id"]]
     meta = {"model_dir": model_dir, "max_length": max_length, "chat_template": chat_template, "task": read_parquet_metadata(val_path)["task"], "encode_stats": stats.as_dict()}
     schema = tokens_schema((pa.field("subtask", pa.string(), nullable=False),), meta)
-    write_tokens([_records_table(records, schema)], schema, out)
+    write_tokens([pa.Table.from_pylist(records, schema=schema)], schema, out)
     log.info("tokenized: %s", stats.as_dict())
 
 

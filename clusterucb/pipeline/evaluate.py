@@ -12,7 +12,7 @@ from clusterucb.io import read_parquet_metadata, write_json, write_parquet
 from clusterucb.lm import LanguageModel
 from clusterucb.lora import load_lora
 from clusterucb.modeling import load_base_model
-from clusterucb.pipeline.model import base_dtype, device
+from clusterucb.devices import base_dtype, device
 from clusterucb.tasks import get_task, resolve_settings
 from clusterucb.tasks.base import prediction_schema
 

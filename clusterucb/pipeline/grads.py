@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer, featurize_resumable
+from clusterucb.devices import device
 from clusterucb.gradstore import merge_manifest, write_shard
 from clusterucb.io import file_sha256
-from clusterucb.modeling import enable_gradient_checkpointing
 from clusterucb.lora import ADAPTER_WEIGHTS, adam_state_for, load_optimizer_state
+from clusterucb.modeling import enable_gradient_checkpointing
 from clusterucb.pipeline.data import read_tokens
-from clusterucb.pipeline.model import device, load_checkpoint
+from clusterucb.pipeline.model import load_checkpoint
 from clusterucb.projection import make_projector
 from clusterucb.throughput import THROUGHPUT
 from clusterucb.tokens import token_meta

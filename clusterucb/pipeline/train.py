@@ -12,7 +12,7 @@ from clusterucb.io import write_parquet
 from clusterucb.lora import LoraSpec, attach_lora, load_lora, load_optimizer_state, save_adapter, save_optimizer_state
 from clusterucb.modeling import enable_gradient_checkpointing, load_base_model
 from clusterucb.pipeline.data import read_tokens
-from clusterucb.pipeline.model import base_dtype, device
+from clusterucb.devices import base_dtype, device
 from clusterucb.schedule import plan_steps, steps_per_epoch
 from clusterucb.selection import n_selected
 from clusterucb.training import TrainSpec, train_lora

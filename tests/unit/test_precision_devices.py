@@ -181,10 +181,10 @@ def test_job_memory_follows_what_the_job_holds():
     cpu = {**gpu, "activations_in_host": True}
     assert model_job_mb(llama7b, "bfloat16", **cpu) > bf16
     assert model_job_mb(llama7b, "bfloat16", **cpu, checkpointing=True) < model_job_mb(llama7b, "bfloat16", **cpu)
-    # a shard job holds its own rows' features: the same for any pool at a fixed shard size
+    # a shard job holds its own rows' features, not the pool's
     tiny = ModelShape(8192, 128, 384, 4)
     shard = model_job_mb(tiny, "float32", 4096, 8, False, True, held_mb=features_mb(1000, 8192))
-    assert shard == model_job_mb(tiny, "float32", 4096, 8, False, True, held_mb=features_mb(1000, 8192))
+    assert model_job_mb(tiny, "float32", 4096, 8, False, True, held_mb=features_mb(2000, 8192)) > shard
     assert 1219 < shard < 4000  # above the 1219 MB benchmarks/scale.py measured for such a job
     # k-means keeps the prepared float32 rows only when they fit in cache_mb
     store_mb = 270_000 * 8192 * 2 / 2**20  # fp16 store of the paper's pool
