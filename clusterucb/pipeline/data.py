@@ -153,7 +153,9 @@ def tokenize_pool(pool_path: str, model_dir: str, out: str, max_length: int, cha
     Memory is bounded by the chunks in flight, not the pool. The chunks are
     streamed into a file in ``scratch`` (or beside ``out``), then copied into
     ``out`` under a schema that carries the totals; the output is the same
-    file, byte for byte, whatever ``workers`` is.
+    file, byte for byte, whatever ``workers`` is. With ``workers > 1`` the
+    workers are spawned, and spawn re-imports the caller's main script: its
+    top-level code must sit under ``if __name__ == "__main__":``.
     """
     encoder_args = (model_dir, max_length, chat_template, overlong, on_unusable)
     staging = Path(scratch) if scratch else Path(out).parent / f".{Path(out).name}.staging"

@@ -227,6 +227,19 @@ def test_changing_proj_dim_recomputes_the_gradient_shards(tiny_run, datasets):
     assert "warmup_lora" not in jobs and "build_base_model" not in jobs
 
 
+def test_tokenization_with_two_workers_under_snakemake_writes_the_same_tokens(tiny_run, datasets, tmp_path):
+    # The tiny run tokenizes with one process (--max-threads 1); here Snakemake gives the rule 2 threads, so
+    # tokenize_pool's spawn workers re-import the rule's script: it must not run again in them.
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(tiny_run, workdir, symlinks=True)
+    tokens = "results/data/pool_tokens.arrow"
+    run(workdir, datasets, "--cores", "2", "--forcerun", "tokenize_pool", targets=(tokens,))
+    assert (workdir / tokens).read_bytes() == (tiny_run / tokens).read_bytes()
+    assert "2 workers" in (workdir / "logs" / "tokenize_pool.log").read_text()
+
+
 def test_wrong_config_key_and_missing_data_give_clear_errors(tiny_run, datasets, tmp_path):
     proc = run(tiny_run, datasets, "-n", config=("selection={betta: 1.0}",), check=False)
     assert proc.returncode != 0 and "'betta' was unexpected" in proc.stdout + proc.stderr
