@@ -1,5 +1,7 @@
 """Shared start of every workflow script: find the clusterucb package, log to the rule's log, pin threads."""
 
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +15,20 @@ def init(snakemake):
 
     setup_logging(snakemake.log[0])
     set_threads(snakemake.threads)
+
+
+def finish():
+    """Call last: end the script's process once its outputs are written, skipping the interpreter's teardown.
+
+    With torch and transformers loaded, tearing the interpreter down takes ~1.5 s (measured on 2 cores: 1.6 s
+    of a 7.5 s tiny-model job), paid by every job of the DAG. Everything the library writes is closed by then
+    (temp name, then rename); the log is flushed here. Not reached when the script raises, so a failure keeps
+    its exit status.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def model_dir(path):

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from _common import init, model_dir, throughput
+from _common import finish, init, model_dir, throughput
 
 init(snakemake)  # noqa: F821
 from clusterucb.pipeline.train import less_warmup  # noqa: E402
@@ -10,3 +10,4 @@ less_warmup(
     model_dir(i.model), i.pool, [str(Path(a).parent) for a in o.adapters], list(o.optimizers), o.train_log,
     p.lora, {**p.train, **throughput(snakemake, "precision")}, p.less, p.seed, p.scratch,
 )
+finish()

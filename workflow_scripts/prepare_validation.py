@@ -1,7 +1,8 @@
-from _common import init, named_inputs
+from _common import finish, init, named_inputs
 
 init(snakemake)  # noqa: F821
 from clusterucb.pipeline.data import prepare_validation  # noqa: E402
 
 p, w = snakemake.params, snakemake.wildcards  # noqa: F821
 prepare_validation(w.task, named_inputs(snakemake), snakemake.output[0], p.settings, p.seed)  # noqa: F821
+finish()

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from _common import init, model_dir, throughput
+from _common import finish, init, model_dir, throughput
 
 init(snakemake)  # noqa: F821
 from clusterucb.pipeline.train import train_epoch  # noqa: E402
@@ -14,3 +14,4 @@ train_epoch(
     str(Path(o.adapter).parent), o.optimizer, o.train_log,
     p.lora, {**p.train, **throughput(snakemake, "precision")}, epoch, p.train["epochs"], p.top_p, p.seed, p.scratch,
 )
+finish()
