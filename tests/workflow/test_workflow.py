@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,8 +231,6 @@ def test_changing_proj_dim_recomputes_the_gradient_shards(tiny_run, datasets):
 def test_tokenization_with_two_workers_under_snakemake_writes_the_same_tokens(tiny_run, datasets, tmp_path):
     # The tiny run tokenizes with one process (--max-threads 1); here Snakemake gives the rule 2 threads, so
     # tokenize_pool's spawn workers re-import the rule's script: it must not run again in them.
-    import shutil
-
     workdir = tmp_path / "copy"
     shutil.copytree(tiny_run, workdir, symlinks=True)
     tokens = "results/data/pool_tokens.arrow"
