@@ -19,8 +19,10 @@ project one LoRA module at a time without materialising the flat gradient.
 from __future__ import annotations
 
 import math
+import sys
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
@@ -47,19 +49,68 @@ def _row_keys(seed_key: int, row_start: int, row_stop: int, device) -> torch.Ten
     return _fmix32((rows * 0x9E3779B1 + seed_key) & _MASK32)
 
 
+def _fmix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """``_fmix32`` in place, with ``tmp`` (same shape) as scratch: no allocation per call, which
+    matters when the dense matrix is regenerated block by block for a large LoRA."""
+    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, None)):
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        x.bitwise_xor_(tmp)
+        if multiplier is not None:
+            x.mul_(multiplier).bitwise_and_(_MASK32)
+    return x
+
+
+def rademacher_words(seed: int, row_start: int, row_stop: int, proj_dim: int, device=None, out=None, tmp=None) -> torch.Tensor:
+    """(rows, ceil(proj_dim / 32)) int64 hashes of (seed, row, column // 32); bit j of word w is
+    the sign bit of column 32 w + j. ``out`` and ``tmp`` (int64, at least that many rows) are reused if given."""
+    device = torch.device(device or "cpu")
+    rows, words = row_stop - row_start, (proj_dim + 31) // 32
+    row_key = _row_keys(_seed_key(seed), row_start, row_stop, device)
+    word_key = (torch.arange(words, device=device, dtype=torch.int64) * 0x7FEB352D) & _MASK32
+    out = torch.empty(rows, words, device=device, dtype=torch.int64) if out is None else out[:rows]
+    tmp = torch.empty_like(out) if tmp is None else tmp[:rows]
+    torch.bitwise_xor(row_key[:, None], word_key[None, :], out=out)
+    out.add_(0x68E31DA4).bitwise_and_(_MASK32)
+    return _fmix32_(out, tmp)
+
+
+_SIGN_TABLES: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _sign_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(256, 8): row v holds 1 - 2 * bit k of v, so one byte of a hash word expands to 8 signs by one lookup."""
+    key = (str(device), dtype)
+    if key not in _SIGN_TABLES:
+        bits = (torch.arange(256, dtype=torch.int64)[:, None] >> torch.arange(8)) & 1
+        _SIGN_TABLES[key] = (1 - 2 * bits).to(device=device, dtype=dtype)
+    return _SIGN_TABLES[key]
+
+
+def expand_signs(words: torch.Tensor, out: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
+    """(rows, 32 * words) ±1 from ``rademacher_words``' hashes, written into ``out`` (contiguous) if given.
+
+    A byte lookup instead of shifting out 32 bits per word: 8 to 10 times faster on a CPU,
+    where regenerating the matrix of a 15M-dim LoRA otherwise dominates the projection.
+    """
+    rows, n_words = words.shape
+    if sys.byteorder == "little":  # the low 4 bytes of each int64 word, lowest first
+        index = words.view(torch.uint8).view(rows, n_words, 8)[:, :, :4].to(torch.int32)
+    else:
+        index = (words[:, :, None] >> torch.tensor([0, 8, 16, 24], device=words.device)) & 255
+    table = _sign_table(words.device, dtype if out is None else out.dtype)
+    if out is None:
+        out = torch.empty(rows, 32 * n_words, device=words.device, dtype=table.dtype)
+    torch.index_select(table, 0, index.reshape(-1), out=out.view(-1, 8))
+    return out
+
+
 def rademacher_block(seed: int, row_start: int, row_stop: int, proj_dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Rows ``row_start:row_stop`` of the seeded ±1 matrix, shape (rows, proj_dim).
 
     One 32-bit hash of (seed, row, column // 32) gives the signs of 32 columns.
     """
-    device = torch.device(device or "cpu")
-    row_key = _row_keys(_seed_key(seed), row_start, row_stop, device)
-    words = torch.arange((proj_dim + 31) // 32, device=device, dtype=torch.int64)
-    word_key = (words * 0x7FEB352D) & _MASK32
-    hashes = _fmix32(((row_key[:, None] ^ word_key[None, :]) + 0x68E31DA4) & _MASK32)
-    shifts = torch.arange(32, device=device, dtype=torch.int64)
-    bits = ((hashes[:, :, None] >> shifts) & 1).view(len(row_key), -1)[:, :proj_dim]
-    return bits.to(dtype).mul_(-2).add_(1)
+    signs = expand_signs(rademacher_words(seed, row_start, row_stop, proj_dim, device), dtype=dtype)
+    return signs if signs.shape[1] == proj_dim else signs[:, :proj_dim].contiguous()
 
 
 def sjlt_block(seed: int, row_start: int, row_stop: int, proj_dim: int, c: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,15 +159,22 @@ class Projector(ABC):
         self._cache: dict[tuple, object] = {}
         self._cached_bytes = 0
 
-    def _cached(self, key: tuple, nbytes: int, make):
-        """Generated randomness for ``key``, kept while the cache stays under ``cache_bytes``."""
-        value = self._cache.get(key)
-        if value is None:
-            value = make()
-            if self._cached_bytes + nbytes <= self.cache_bytes:
-                self._cache[key] = value
-                self._cached_bytes += nbytes
-        return value
+    def _block(self, block_start: int, block_stop: int, device: torch.device):
+        """The randomness of rows ``block_start:block_stop``: cached while the cache stays under
+        ``cache_bytes``, else a transient block that is only valid until the next call."""
+        key = (block_start, str(device))
+        block = self._cache.get(key)
+        if block is None:
+            nbytes = self._block_bytes(block_stop - block_start)
+            if self._cached_bytes + nbytes > self.cache_bytes:
+                return self._transient_block(block_start, block_stop, device)
+            block = self._cache[key] = self._make_block(block_start, block_stop, device)
+            self._cached_bytes += nbytes
+        return block
+
+    def _transient_block(self, block_start: int, block_stop: int, device: torch.device) -> object:
+        """A block that will not be cached; subclasses may return a cheaper form ``_accumulate`` understands."""
+        return self._make_block(block_start, block_stop, device)
 
     @abstractmethod
     def _make_block(self, block_start: int, block_stop: int, device) -> object:
@@ -141,11 +199,7 @@ class Projector(ABC):
         # Blocks aligned to multiples of block_rows, so pieces of any size share the cache.
         for block_start in range((start // self.block_rows) * self.block_rows, stop, self.block_rows):
             block_stop = min(block_start + self.block_rows, self.grad_dim)
-            block = self._cached(
-                (block_start, str(grads.device)),
-                self._block_bytes(block_stop - block_start),
-                lambda: self._make_block(block_start, block_stop, grads.device),
-            )
+            block = self._block(block_start, block_stop, grads.device)
             lo, hi = max(start, block_start), min(stop, block_stop)
             self._accumulate(out, grads[:, lo - start : hi - start], block, lo - block_start, hi - block_start)
         return out.mul_(self._scale)
@@ -160,28 +214,55 @@ class Projector(ABC):
         return {"projector": self.name, "grad_dim": self.grad_dim, "proj_dim": self.proj_dim, "proj_seed": self.seed}
 
 
+class _SignWords(NamedTuple):
+    """A transient Rademacher block: its hash words and the buffer they are expanded into."""
+
+    words: torch.Tensor
+    signs: torch.Tensor
+
+
 class RademacherProjector(Projector):
     """Dense ±1/sqrt(d) projection, generated block-wise from a seed.
 
     Blocks of ``block_rows`` rows are generated on the gradients' device and
     kept while their total stays under ``cache_bytes`` (the whole matrix for
     LoRA-sized gradients of small models); past that they are regenerated per
-    call, so a p x d matrix never has to fit in memory.
+    call, so a p x d matrix never has to fit in memory: as hash words, expanded
+    ``stream_rows`` rows at a time into one reused buffer that stays in cache
+    (a fresh 32 MB block per 1024 rows made page faults dominate on a CPU).
     """
 
     name = "rademacher"
 
-    def __init__(self, grad_dim: int, proj_dim: int, seed: int, block_rows: int = 1024, cache_bytes: int = 2 << 30):
+    def __init__(self, grad_dim: int, proj_dim: int, seed: int, block_rows: int = 1024, cache_bytes: int = 2 << 30, stream_rows: int = 64):
         super().__init__(grad_dim, proj_dim, seed, block_rows, 1.0 / math.sqrt(proj_dim), cache_bytes)
+        self.stream_rows = int(stream_rows)
+        self._scratch: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _make_block(self, block_start: int, block_stop: int, device) -> torch.Tensor:
         return rademacher_block(self.seed, block_start, block_stop, self.proj_dim, device=device)
 
+    def _transient_block(self, block_start: int, block_stop: int, device) -> _SignWords:
+        key = str(device)
+        if key not in self._scratch:
+            words = (self.proj_dim + 31) // 32
+            hashes = torch.empty(self.block_rows, words, device=device, dtype=torch.int64)
+            signs = torch.empty(self.stream_rows, 32 * words, device=device, dtype=torch.float32)
+            self._scratch[key] = (hashes, torch.empty_like(hashes), signs)
+        hashes, tmp, signs = self._scratch[key]
+        return _SignWords(rademacher_words(self.seed, block_start, block_stop, self.proj_dim, device, out=hashes, tmp=tmp), signs)
+
     def _block_bytes(self, rows: int) -> int:
         return rows * self.proj_dim * 4
 
-    def _accumulate(self, out: torch.Tensor, piece: torch.Tensor, block: torch.Tensor, lo: int, hi: int) -> None:
-        out.addmm_(piece, block[lo:hi])
+    def _accumulate(self, out: torch.Tensor, piece: torch.Tensor, block, lo: int, hi: int) -> None:
+        if isinstance(block, torch.Tensor):
+            out.addmm_(piece, block[lo:hi])
+            return
+        for a in range(lo, hi, self.stream_rows):
+            b = min(a + self.stream_rows, hi)
+            signs = expand_signs(block.words[a:b], out=block.signs[: b - a])
+            out.addmm_(piece[:, a - lo : b - lo], signs[:, : self.proj_dim])
 
 
 class SJLTProjector(Projector):

@@ -40,6 +40,43 @@ def test_sign_matrix_is_a_fixed_function_of_seed_row_and_column():
     assert rademacher_block(0, 0, 2, 6).int().tolist() == [[1, 1, 1, 1, 1, -1], [1, 1, -1, -1, -1, -1]]
 
 
+def _signs_by_shifting_bits(seed: int, row_start: int, row_stop: int, proj_dim: int) -> torch.Tensor:
+    """The sign matrix's definition, written out bit by bit (how it was generated before the byte lookup)."""
+    mask = 0xFFFFFFFF
+
+    def fmix(x):
+        x = x ^ (x >> 16)
+        x = (x * 0x85EBCA6B) & mask
+        x = x ^ (x >> 13)
+        x = (x * 0xC2B2AE35) & mask
+        return x ^ (x >> 16)
+
+    seed_key = int(fmix(torch.tensor([seed & mask]))[0])
+    rows = torch.arange(row_start, row_stop, dtype=torch.int64)
+    row_key = fmix((rows * 0x9E3779B1 + seed_key) & mask)
+    word_key = (torch.arange((proj_dim + 31) // 32, dtype=torch.int64) * 0x7FEB352D) & mask
+    hashes = fmix(((row_key[:, None] ^ word_key[None, :]) + 0x68E31DA4) & mask)
+    bits = ((hashes[:, :, None] >> torch.arange(32)) & 1).view(len(rows), -1)[:, :proj_dim]
+    return 1 - 2 * bits.float()
+
+
+@pytest.mark.parametrize("proj_dim", [8192, 100, 33])
+def test_sign_matrix_equals_its_bitwise_definition(proj_dim):
+    assert torch.equal(rademacher_block(7, 5000, 5130, proj_dim), _signs_by_shifting_bits(7, 5000, 5130, proj_dim))
+
+
+def test_streamed_projection_of_uncached_blocks_matches_the_cached_one():
+    dim, proj_dim = 2500, 200
+    grads = torch.randn(5, dim, generator=torch.Generator().manual_seed(2))
+    cached = RademacherProjector(dim, proj_dim, seed=9, block_rows=300)
+    streamed = RademacherProjector(dim, proj_dim, seed=9, block_rows=300, cache_bytes=0, stream_rows=7)
+    full = cached.project(grads)
+    assert torch.allclose(full, streamed.project(grads), atol=1e-5)
+    assert streamed._cached_bytes == 0 and not streamed._cache
+    pieces = sum(streamed.project_block(grads[:, a:b], a) for a, b in ((0, 299), (299, 1001), (1001, dim)))
+    assert torch.allclose(full, pieces, atol=1e-5)
+
+
 def test_projection_preserves_inner_products_within_jl_error():
     dim, proj_dim = 5000, 2048
     x = F.normalize(torch.randn(40, dim, generator=torch.Generator().manual_seed(1)), dim=1)
