@@ -2,8 +2,8 @@
 
     python benchmarks/gradients.py                                    # tiny default model (random init), 128 samples
     python benchmarks/gradients.py --samples 32 --quality no          # a quick check
-    python benchmarks/gradients.py --model smollm2 --rank 128 --samples 32     # every row: hours on 2 CPU cores, see below
-    python benchmarks/gradients.py --model smollm2 --rank 128 --samples 32 --rows a,a-sjlt,b,c
+    python benchmarks/gradients.py --model smollm2 --rank 128 --samples 16 --bergson-max-seconds 3000  # every row: 73 min on 2 CPU cores
+    python benchmarks/gradients.py --model smollm2 --rank 128 --samples 96 --rows c,c-dense --agreement yes --val 8  # agreement, a subset
     python benchmarks/gradients.py --device cuda --batch-size 32 --model DIR --random-init   # a GPU; DIR: config + tokenizer only
 
 Every row runs on the same ``--samples`` pool samples (default 128: at the tiny model's ~3.5 samples/s (a)
@@ -20,7 +20,7 @@ takes well under a minute on 2 cores), each with one untimed warm-up, and its cl
 (c)       ours, the workflow's path: ``GradientFeaturizer`` (batched hooks, per-module Adam + sjlt, fused);
 (c-dense) the same featurizer with our dense ``RademacherProjector``, as the workflow's ``projector:
           rademacher`` (its 2 GiB cache holds the whole matrix of a small LoRA, filled in the warm-up; a
-          larger one is regenerated every batch, e.g. SmolLM2 r=128: 14.7M x 8192);
+          larger one is regenerated every batch, e.g. SmolLM2 r=128: 14.7M x 8192, 1-3.5 min a batch on 2 cores);
 (d)       EleutherAI bergson 2.5.1 (``benchmarks/bergson_row.py``, run by ``--bergson-python``, default
           .venv-bergson/bin/python, made as that file says; missing, it is an error): its hooks and its global dense Rademacher projection to
           ``--proj-dim``, with its Adam, which divides by sqrt(v) + 1e-8 of the same AdamW state (no first
@@ -29,7 +29,8 @@ takes well under a minute on 2 cores), each with one untimed warm-up, and its cl
           the run fails, or when on the CPU its projection, regenerated every batch (about
           870 s per batch for SmolLM2 r=128 at d=8192), is estimated over ``--bergson-max-seconds``.
 ``--rows`` picks rows (default all). On SmolLM2 r=128 on the CPU, (a) and (c-dense) generate the dense
-14.7M x 8192 matrix N/16 and N/8 times (tens of minutes each time on 2 cores) and (d) is skipped.
+14.7M x 8192 matrix N/16 and N/8 times (trak's BasicProjector: 23-35 min each time on 2 cores; ours: 1-3.5 min),
+and (d), ~870 s a batch, is skipped unless ``--bergson-max-seconds`` allows it.
 On a GPU a line (c') gives sjlt with atomic (run-to-run varying) bucket sums.
 
 Exactness (min cosine over the samples): (c) against an unfused reference with the same SJLTProjector
@@ -266,6 +267,20 @@ def scores(train: torch.Tensor, val: torch.Tensor) -> np.ndarray:
     return influence_scores(F.normalize(train.float(), dim=1), F.normalize(val.float(), dim=1), torch.zeros(len(val), dtype=torch.long)).numpy()
 
 
+def exact_scores(model, examples, val_grads: torch.Tensor, pad_id: int, batch_size: int, device: torch.device,
+                 targets: dict, chunk_rows: int) -> dict[str, np.ndarray]:
+    """Influence scores of exact per-sample gradients under each named ``(transform, validation features)``,
+    ``chunk_rows`` samples at a time: the N x p gradients of a large LoRA (96 x 14.7M floats for SmolLM2
+    r=128, 5.7 GB, times the copies the transforms make) need not fit in memory; scores are per row."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in targets}
+    for start in range(0, len(examples), chunk_rows):
+        grads = per_sample(model, examples[start:start + chunk_rows], pad_id, batch_size, device, lambda g: g)
+        for name, (transform, val) in targets.items():
+            parts[name].append(scores(transform(grads), val))
+        del grads
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
 def agreement(got: np.ndarray, exact: np.ndarray, top: float = 0.05) -> tuple[float, float]:
     """Top-``top`` overlap and Spearman rank correlation of ``got`` against ``exact``."""
     k = max(1, int(top * len(exact)))
@@ -477,11 +492,21 @@ def main() -> None:
         print("  none (needs row c; with a-sjlt, or c-dense with a, for the others)")
 
     if do_agreement:
-        grads = per_sample(model, examples, pad_id, args.batch_size, device, lambda g: g)
         val_grads = per_sample(model, val_examples, pad_id, args.batch_size, device, lambda g: g)
-        exact_less = scores(adam(grads.to(device)).cpu(), val_grads)
-        v = adam.state.exp_avg_sq.float().cpu()
-        exact_v = scores(grads / (v.sqrt() + BERGSON_EPS) if args.bergson_adam == "v" else grads, val_grads)
+        denominator = adam.state.exp_avg_sq.float().cpu().sqrt() + BERGSON_EPS if args.bergson_adam == "v" else None
+
+        def to_v(g: torch.Tensor) -> torch.Tensor:  # bergson's target: its v-only Adam, or none
+            return g / denominator if denominator is not None else g
+
+        targets = {"less": (lambda g: adam(g.to(device)).cpu(), val_grads)}
+        if "d" in rows:
+            targets["v"] = (to_v, val_grads)
+        if "d" in val_features:  # is a low (d) line bergson's doing, or its target's? our dense projector on the same target
+            reference = dense or RademacherProjector(grad_dim, args.proj_dim, seed=0)
+            targets["ref"] = (lambda g: reference.project(to_v(g)), reference.project(val_grads))
+        chunk_rows = max(args.batch_size, (1 << 31) // (4 * grad_dim))  # ~2 GiB of float32 gradients at a time
+        exact_by = exact_scores(model, examples, val_grads, pad_id, args.batch_size, device, targets, chunk_rows)
+        exact_less, exact_v = exact_by["less"], exact_by.get("v")
         target_v = "v-only exact" if args.bergson_adam == "v" else "no-Adam exact"
         print(f"agreement with exact unprojected scores ({n} samples, {len(val_examples)} GSM8K validation examples, "
               f"top 5 % = {max(1, int(0.05 * n))} samples; mean cosine with the validation gradients):")
@@ -492,10 +517,8 @@ def main() -> None:
         for row, target, exact in lines:
             overlap, rank = agreement(scores(features[row], val_features[row]), exact)
             print(f"  {row:<8}  {target:<22}  {overlap:>12.3f}  {rank:>8.4f}")
-        if "d" in val_features:  # is a low (d) line bergson's doing, or its target's? our dense projector on the same target
-            v_grads = grads / (v.sqrt() + BERGSON_EPS) if args.bergson_adam == "v" else grads
-            reference = dense or RademacherProjector(grad_dim, args.proj_dim, seed=0)
-            overlap, rank = agreement(scores(reference.project(v_grads), reference.project(val_grads)), exact_v)
+        if "d" in val_features:
+            overlap, rank = agreement(exact_by["ref"], exact_v)
             print(f"  {'ref':<8}  {target_v:<22}  {overlap:>12.3f}  {rank:>8.4f}   (our dense projector on d's target, for reference)")
         if "d" in rows:
             overlap, rank = agreement(exact_v, exact_less)
