@@ -267,7 +267,7 @@ def scores(train: torch.Tensor, val: torch.Tensor) -> np.ndarray:
     return influence_scores(F.normalize(train.float(), dim=1), F.normalize(val.float(), dim=1), torch.zeros(len(val), dtype=torch.long)).numpy()
 
 
-def exact_scores(model, examples, val_grads: torch.Tensor, pad_id: int, batch_size: int, device: torch.device,
+def exact_scores(model, examples, pad_id: int, batch_size: int, device: torch.device,
                  targets: dict, chunk_rows: int) -> dict[str, np.ndarray]:
     """Influence scores of exact per-sample gradients under each named ``(transform, validation features)``,
     ``chunk_rows`` samples at a time: the N x p gradients of a large LoRA (96 x 14.7M floats for SmolLM2
@@ -505,7 +505,7 @@ def main() -> None:
             reference = dense or RademacherProjector(grad_dim, args.proj_dim, seed=0)
             targets["ref"] = (lambda g: reference.project(to_v(g)), reference.project(val_grads))
         chunk_rows = max(args.batch_size, (1 << 31) // (4 * grad_dim))  # ~2 GiB of float32 gradients at a time
-        exact_by = exact_scores(model, examples, val_grads, pad_id, args.batch_size, device, targets, chunk_rows)
+        exact_by = exact_scores(model, examples, pad_id, args.batch_size, device, targets, chunk_rows)
         exact_less, exact_v = exact_by["less"], exact_by.get("v")
         target_v = "v-only exact" if args.bergson_adam == "v" else "no-Adam exact"
         print(f"agreement with exact unprojected scores ({n} samples, {len(val_examples)} GSM8K validation examples, "
