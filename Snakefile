@@ -1,26 +1,27 @@
 # clusterucb: targeted instruction-tuning data selection with Dynamic-ClusterUCB.
 #
-# Data flow (every path below is under results/):
-#   data/target/{val,test}.parquet   GSM8K validation (train split) and test sets
-#   data/pool.parquet                the pool, open-instruct messages, stable example_id
+# Data flow (every path below is under results/; clusterucb/paths.py defines them):
+#   data/pool.parquet                the pool: your rows (id, dataset, messages) with a stable example_id
+#   data/targets/<task>/             each target's validation and test sets
 #   model/base/                      base model (built-in tiny Llama, or converted GGUF)
-#   data/pool_tokens.parquet         tokenized pool, prompt tokens masked
+#   data/pool_tokens.arrow           tokenized pool, prompt tokens masked (memory-mapped)
 #   warmup/                          LoRA warmup checkpoint: adapter/ + optimizer.safetensors
 #   grads/warmup/pool/               per-sample Adam gradient features, one shard per job + manifest
-#   grads/<ckpt>/val.*               validation gradient features at each selecting checkpoint
-#   grads/<ckpt>/scores.parquet      full-pool influence at a checkpoint (Dynamic, LESS, oracle)
+#   grads/<ckpt>/val/<task>.*        validation gradient features at each selecting checkpoint
+#   grads/<ckpt>/scores/<task>.*     full-pool influence at a checkpoint (Dynamic, LESS, oracle)
 #   cluster/k-<k>/                   cosine k-means of the warmup features
 #   less/ckpt-<i>/                   LESS warmup checkpoints (random subset, a few epochs)
-#   runs/<run>/epoch-<e>/            selection.parquet (+ draws.parquet, recall.json), adapter/, optimizer.safetensors
-#   eval/<run>/metrics.json          target-task metrics of the final adapter
-#   quality/<ckpt>/sweep.parquet     budgeted selection replayed on full-pool scores (recall sweep)
-#   report/                          comparison and quality tables, figures, resolved config
-# <ckpt> is "warmup", "less/ckpt-<i>" or "runs/<run>/epoch-<e>"; a <run> is a method and the
+#   runs/<task>/<run>/epoch-<e>/     selection.parquet (+ draws.parquet, recall.json), adapter/, optimizer.safetensors
+#   selected/<task>/<run>/           the selected examples as JSONL (epoch-<e>.jsonl, final.jsonl)
+#   eval/<task>/<run>/metrics.json   target-task metrics of the final adapter
+#   quality/<task>/<ckpt>/           budgeted selection replayed on full-pool scores (recall sweep)
+#   report/                          comparison, pool and quality tables, figures, resolved config
+# <ckpt> is "warmup", "less/ckpt-<i>" or "runs/<task>/<run>/epoch-<e>"; a <run> is a method and the
 # parameters it changes (clusterucb/runs.py). Logs mirror these under logs/, per-job timings
 # under results/benchmarks/.
-
-
-configfile: "config.yaml"
+#
+# The config is config.yaml's defaults, then your --configfile overlays (or, with none, the embedded
+# demo configs/demo.yaml), then --config: rules/common.smk builds it (clusterucb/config_layers.py).
 
 
 report: "report/workflow.rst"
@@ -35,6 +36,7 @@ include: "rules/cluster.smk"
 include: "rules/select.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/export.smk"
 
 
 rule all:

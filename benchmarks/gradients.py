@@ -108,7 +108,7 @@ def build_model(name: str, conversations, random_init: bool):
     if name == "tiny":
         texts = [concat_messages(c, "</s>") for c in conversations]
         tokenizer = train_tokenizer(texts, TinyLlamaSpec().vocab_size)
-        return build_tiny_llama(TinyLlamaSpec(), tokenizer, seed=0), tokenizer, "tiny Llama (config.yaml sizes, random init)"
+        return build_tiny_llama(TinyLlamaSpec(), tokenizer, seed=0), tokenizer, "tiny Llama (the demo's sizes, random init)"
     path = smollm2_gguf(REPO / "resources" / "models") if name == "smollm2" else Path(name)
     if random_init:  # the architecture and tokenizer of ``path``, fresh weights: timings need no trained weights
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

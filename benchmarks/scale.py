@@ -94,12 +94,12 @@ def run_job(name: str, log_path: Path, threads: int, **kwargs) -> tuple[float, f
 
 
 def base_pool(datasets: Path, seed: int):
-    """The embedded default's pool (config.yaml's sources), undecontaminated: real rows to repeat."""
+    """The embedded demo's pool (configs/demo.yaml's sources), undecontaminated: real rows to repeat."""
     import yaml
 
     from clusterucb.data.pool import build_pool, pool_table
 
-    sources = yaml.safe_load((REPO / "config.yaml").read_text())["data"]["sources"]
+    sources = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["data"]["sources"]
     rows, _ = build_pool(sources, datasets, [], seed, "skip")
     return pool_table(rows)
 

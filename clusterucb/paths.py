@@ -56,6 +56,10 @@ DRAWS = RUN_DIR + "/draws.parquet"
 RECALL = RUN_DIR + "/recall.json"
 ARMS = RUN_DIR + "/arms.parquet"
 
+# the selected examples as JSONL (the pool's own format), per epoch and the run's last
+SELECTED = "results/selected/{task}/{run}/epoch-{epoch}.jsonl"
+SELECTED_FINAL = "results/selected/{task}/{run}/final.jsonl"
+
 # evaluation, quality, report
 METRICS = "results/eval/{task}/{run}/metrics.json"
 PREDICTIONS = "results/eval/{task}/{run}/predictions.parquet"

@@ -64,6 +64,7 @@ def coerce_cli_values(value, schema, root=None):
 
 sys.path.insert(0, workflow.basedir)  # the clusterucb package, installed or not
 from clusterucb import paths  # noqa: E402
+from clusterucb.config_layers import layer_files, layered_config  # noqa: E402
 from clusterucb.data.remote import read_manifest  # noqa: E402
 from clusterucb.hub import hub_model_dir, parse_hub_id  # noqa: E402
 from clusterucb.io import scratch_dir_for  # noqa: E402
@@ -76,16 +77,43 @@ from clusterucb.resources import (  # noqa: E402
     model_job_mb,
 )
 from clusterucb.tokens import count_rows  # noqa: E402
-from clusterucb.runs import BUDGETED, SHARED_EPOCH1, defaults_from_config, expand_runs  # noqa: E402
+from clusterucb.runs import (
+    BUDGETED,
+    METHODS,
+    SHARED_EPOCH1,
+    defaults_from_config,
+    expand_runs,
+)  # noqa: E402
 from clusterucb.tasks import get_task, resolve_settings, task_names  # noqa: E402
 from clusterucb.throughput import result_config  # noqa: E402
 
+# The config, layer by layer (clusterucb/config_layers.py): config.yaml's defaults, then the --configfile
+# files (or, when none is given, the embedded demo configs/demo.yaml), then --config. Rebuilt from the
+# files rather than taken from Snakemake's merge, so that a user's data.sources replaces the defaults'
+# instead of being added to them. Jobs Snakemake spawns get the same files and --config: the same config.
+CONFIG_FILES = layer_files(workflow.basedir, workflow.config_settings.configfiles)
+try:
+    LAYERED = layered_config(
+        workflow.basedir, workflow.config_settings.configfiles, workflow.config_settings.config
+    )
+except ValueError as err:
+    raise WorkflowError(str(err))
+config.clear()
+config.update(LAYERED)
 with open(workflow.source_path("../config.schema.yaml")) as schema_file:
     coerce_cli_values(config, yaml.safe_load(schema_file))
+if not (config.get("data") or {}).get("sources"):
+    raise WorkflowError(
+        "config key 'data.sources' is empty: name your pool's files in an overlay, e.g. "
+        "data: {sources: {mine: {format: messages, files: [/path/to/pool.jsonl]}}} "
+        f"(config files read: {', '.join(map(str, CONFIG_FILES))}; README, 'Select data for your own model')"
+    )
 validate(config, schema="../config.schema.yaml")
 
 BUILTIN_MODEL = "builtin-tiny"
-HUB_MODEL = parse_hub_id(config["model"])  # (repo, revision) when the model is a hub id, else None
+MODEL = config["model"]  # None until a config names one: only the jobs that load the model need it
+# (repo, revision) when the model is a hub id, else None
+HUB_MODEL = parse_hub_id(MODEL) if MODEL else None
 REMOTE = read_manifest()  # dataset files fetchable from their public sources
 EPOCHS = int(config["train"]["epochs"])
 N_SHARDS = int(config["gradients"]["n_shards"])
@@ -161,21 +189,29 @@ wildcard_constraints:
 
 def model_is_built():
     """The workflow builds the base model itself (built-in tiny) or converts it (GGUF)."""
-    return config["model"] == BUILTIN_MODEL or config["model"].endswith(".gguf")
+    return MODEL == BUILTIN_MODEL or (MODEL or "").endswith(".gguf")
 
 
-def get_base_model():
-    """The file that stands for the base model: built weights, a fetched hub model's config, or the user's directory."""
+def get_base_model(wildcards=None):
+    """The file that stands for the base model: built weights, a fetched hub model's config, or the user's directory.
+
+    An input function of the rules that load the model, so a config without a model still builds its pool.
+    """
+    if not MODEL:
+        raise WorkflowError(
+            "config key 'model' is not set: name a Hugging Face hub id (org/name[@revision]), a local model "
+            f"directory, a .gguf file or '{BUILTIN_MODEL}'"
+        )
     if model_is_built():
         return paths.BASE_WEIGHTS
     if HUB_MODEL:
         return f"{hub_model_dir(*HUB_MODEL)}/config.json"
-    if not os.path.isdir(config["model"]):
+    if not os.path.isdir(MODEL):
         raise WorkflowError(
-            f"config key 'model': {config['model']!r} is not '{BUILTIN_MODEL}', a .gguf file, an existing model "
+            f"config key 'model': {MODEL!r} is not '{BUILTIN_MODEL}', a .gguf file, an existing model "
             "directory or a Hugging Face hub id (org/name[@revision])"
         )
-    return config["model"]
+    return MODEL
 
 
 def get_builtin_sizes():
@@ -457,7 +493,7 @@ PROVISIONAL_MB = 16000
 
 def model_shape():
     """The base model's shape: the built-in sizes, or config.json of its directory once it exists."""
-    if config["model"] == BUILTIN_MODEL:
+    if MODEL == BUILTIN_MODEL:
         sizes = config["model_builtin"]
         return ModelShape(
             sizes["vocab_size"],
@@ -621,8 +657,28 @@ def get_arm_inputs(wildcards):
     ]
 
 
+def get_run_selections(wildcards):
+    """A run's selection of every epoch for one target task (the export's inputs)."""
+    return selection_files(wildcards.task, get_run(wildcards).name)
+
+
+def selected_exports():
+    """Every run's selected examples as JSONL, per task and epoch, and each run's final selection."""
+    return [
+        path
+        for task in TASKS
+        for run in RUNS
+        for path in [
+            *expand(paths.SELECTED, task=task, run=run, epoch=range(1, EPOCHS + 1)),
+            paths.SELECTED_FINAL.format(task=task, run=run),
+        ]
+    ]
+
+
 def get_final_outputs():
     outputs = [
+        *selected_exports(),
+        f"{paths.REPORT}/pool.md",
         f"{paths.REPORT}/comparison.md",
         f"{paths.REPORT}/comparison.parquet",
         f"{paths.REPORT}/config.yaml",

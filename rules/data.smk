@@ -97,7 +97,7 @@ rule build_pool:
 rule tokenize_pool:
     input:
         pool=paths.POOL,
-        model=get_base_model(),
+        model=get_base_model,
     output:
         paths.POOL_TOKENS,
     log:
@@ -125,7 +125,7 @@ rule tokenize_pool:
 rule tokenize_target:
     input:
         val=paths.TARGET_VAL,
-        model=get_base_model(),
+        model=get_base_model,
     output:
         paths.TARGET_VAL_TOKENS,
     log:

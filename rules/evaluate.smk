@@ -3,7 +3,7 @@
 
 rule evaluate:
     input:
-        model=get_base_model(),
+        model=get_base_model,
         test=paths.TARGET_TEST,
         adapter=get_eval_adapter,
     output:

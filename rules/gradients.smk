@@ -6,7 +6,7 @@
 rule grads_pool_shard:
     input:
         unpack(get_checkpoint),
-        model=get_base_model(),
+        model=get_base_model,
         pool=paths.POOL_TOKENS,
     output:
         tensors=paths.POOL_SHARD,
@@ -47,7 +47,7 @@ rule grads_manifest:
 rule grads_val:
     input:
         unpack(get_checkpoint),
-        model=get_base_model(),
+        model=get_base_model,
         val=paths.TARGET_VAL_TOKENS,
     output:
         tensors=paths.VAL_GRADS,

@@ -1,6 +1,6 @@
 # The base model: built (tiny Llama), converted once (GGUF), fetched once (hub id) or used in place (HF directory).
 
-if config["model"] == BUILTIN_MODEL:
+if MODEL == BUILTIN_MODEL:
 
     rule build_base_model:
         input:
@@ -24,11 +24,11 @@ if config["model"] == BUILTIN_MODEL:
         script:
             "../workflow_scripts/build_base_model.py"
 
-elif config["model"].endswith(".gguf"):
+elif (MODEL or "").endswith(".gguf"):
 
     rule convert_gguf:
         input:
-            gguf=config["model"],
+            gguf=MODEL,
         output:
             weights="results/model/base/model.safetensors",
         log:

@@ -7,6 +7,7 @@ rule select_top_scores:
     input:
         scores=get_top_scores_input,
         pool=paths.POOL_TOKENS,
+        pool_table=paths.POOL,
     output:
         selection=paths.SELECTION,
     log:
@@ -25,8 +26,9 @@ rule select_top_scores:
 rule select_budgeted:
     input:
         unpack(get_budgeted_inputs),
-        model=get_base_model(),
+        model=get_base_model,
         pool=paths.POOL_TOKENS,
+        pool_table=paths.POOL,
     output:
         selection=paths.SELECTION,
         draws=paths.DRAWS,
@@ -56,6 +58,7 @@ rule select_budgeted:
 rule select_random:
     input:
         pool=paths.POOL_TOKENS,
+        pool_table=paths.POOL,
     output:
         selection=paths.SELECTION,
     log:
@@ -77,6 +80,7 @@ rule select_less:
         scores=get_less_scores,
         train_log=paths.LESS_TRAIN_LOG,
         pool=paths.POOL_TOKENS,
+        pool_table=paths.POOL,
     output:
         selection=paths.SELECTION,
     log:

@@ -4,7 +4,7 @@
 
 rule warmup_lora:
     input:
-        model=get_base_model(),
+        model=get_base_model,
         pool=paths.POOL_TOKENS,
     output:
         adapter=paths.ADAPTER.format(ckpt="warmup"),
@@ -34,7 +34,7 @@ rule warmup_lora:
 
 rule less_warmup:
     input:
-        model=get_base_model(),
+        model=get_base_model,
         pool=paths.POOL_TOKENS,
     output:
         adapters=get_less_outputs("ADAPTER"),
@@ -65,7 +65,7 @@ rule less_warmup:
 rule train_epoch:
     input:
         unpack(get_train_inputs),
-        model=get_base_model(),
+        model=get_base_model,
         pool=paths.POOL_TOKENS,
     output:
         adapter=paths.ADAPTER.format(ckpt=paths.RUN_CKPT),

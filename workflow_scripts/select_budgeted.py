@@ -8,7 +8,24 @@ from clusterucb.pipeline.reselect import select_budgeted  # noqa: E402
 
 i, o, p, w = snakemake.input, snakemake.output, snakemake.params, snakemake.wildcards  # noqa: F821
 select_budgeted(
-    model_dir(i.model), str(Path(i.adapter).parent), i.optimizer, paths.checkpoint_dir(paths.checkpoint_of(i.adapter)), i.pool, i.val_tensors, i.val_index, i.val_tokens, i.arms,
-    o.selection, o.draws, {**p.grads, **throughput(snakemake, "gradients"), **throughput(snakemake, "precision")}, p.run, p.top_p, w.task, w.run, int(w.epoch), p.scratch,  # noqa: F821
+    model_dir=model_dir(i.model),
+    adapter_dir=str(Path(i.adapter).parent),
+    optimizer_path=i.optimizer,
+    checkpoint=paths.checkpoint_dir(paths.checkpoint_of(i.adapter)),
+    pool_tokens=i.pool,
+    val_tensors=i.val_tensors,
+    val_index=i.val_index,
+    val_tokens=i.val_tokens,
+    arms=i.arms,
+    selection_out=o.selection,
+    draws_out=o.draws,
+    grad_params={**p.grads, **throughput(snakemake, "gradients"), **throughput(snakemake, "precision")},  # noqa: F821
+    run_params=p.run,
+    top_p=p.top_p,
+    task=w.task,
+    run=w.run,
+    epoch=int(w.epoch),
+    pool_table=i.pool_table,
+    scratch=p.scratch,
 )
 finish()

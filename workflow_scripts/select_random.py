@@ -3,6 +3,9 @@ from _common import finish, init
 init(snakemake)  # noqa: F821
 from clusterucb.pipeline.select import select_random  # noqa: E402
 
-p, w = snakemake.params, snakemake.wildcards  # noqa: F821
-select_random(snakemake.input.pool, snakemake.output.selection, p.top_p, p.seed, w.task, w.run, int(w.epoch))  # noqa: F821
+i, o, p, w = snakemake.input, snakemake.output, snakemake.params, snakemake.wildcards  # noqa: F821
+select_random(
+    pool_tokens=i.pool, pool_table=i.pool_table, selection_out=o.selection,
+    top_p=p.top_p, seed=p.seed, task=w.task, run=w.run, epoch=int(w.epoch),
+)
 finish()

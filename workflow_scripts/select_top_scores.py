@@ -4,5 +4,8 @@ init(snakemake)  # noqa: F821
 from clusterucb.pipeline.select import select_top_scores  # noqa: E402
 
 i, o, p, w = snakemake.input, snakemake.output, snakemake.params, snakemake.wildcards  # noqa: F821
-select_top_scores(i.scores, i.pool, o.selection, p.top_p, w.task, w.run, int(w.epoch))
+select_top_scores(
+    scores_path=i.scores, pool_tokens=i.pool, pool_table=i.pool_table, selection_out=o.selection,
+    top_p=p.top_p, task=w.task, run=w.run, epoch=int(w.epoch),
+)
 finish()

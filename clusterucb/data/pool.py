@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clusterucb.data.sources import RawExample, ReadStats, read_source
+from clusterucb.data.sources import DataError, RawExample, ReadStats, read_source
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,42 @@ class Decontaminator:
 
 @dataclass
 class SourceReport:
+    """What happened to one source's rows; ``duplicates`` and ``contaminated`` are counted among the candidates
+    visited before the cap was reached, ``left_by_cap`` is the rest."""
+
     source: str
     rows_read: int = 0
     malformed: int = 0
-    duplicates: int = 0
-    contaminated: int = 0  # among the candidates visited before the cap was reached
-    selected: int = 0
+    empty_files: int = 0
+    duplicate_ids: int = 0  # rows whose own id an earlier row of the source already used (skipped under "skip")
+    duplicates: int = 0  # the same conversation again: the first copy in file order is kept
+    contaminated: int = 0
+    left_by_cap: int = 0
+    kept: int = 0
+    integer_ids: bool = False  # every row's own id was a JSON integer (exports write them back as integers)
     malformed_examples: list[str] = field(default_factory=list)
+
+
+def _drop_duplicate_ids(name: str, examples: list[RawExample], on_malformed: str, report: SourceReport) -> list[RawExample]:
+    """The examples without a repeated own id (file order): an error naming both rows, or counted skips."""
+    first: dict[str, RawExample] = {}
+    out = []
+    for example in examples:
+        if example.id is None:
+            out.append(example)
+            continue
+        earlier = first.get(example.id)
+        if earlier is not None and (earlier.path, earlier.row) != (example.path, example.row):
+            message = f"data.sources.{name}: id {example.id!r} is used twice: {earlier.path} row {earlier.row} and {example.path} row {example.row}"
+            if on_malformed == "error":
+                raise DataError(message + " (data.on_malformed: skip keeps the first and counts the rest)")
+            report.duplicate_ids += 1
+            if len(report.malformed_examples) < 20:
+                report.malformed_examples.append(message)
+            continue
+        first.setdefault(example.id, example)
+        out.append(example)
+    return out
 
 
 def build_pool(
@@ -96,11 +125,14 @@ def build_pool(
     """Read every configured source and draw at most ``max_examples`` clean examples from each.
 
     ``sources`` maps a source name to ``{"format", "files", "max_examples"}``;
-    files are relative to ``datasets_dir``. Within a source, candidates are
-    visited in a seeded random order; duplicates and examples containing a
-    target-task text are skipped (and counted) until the cap is reached.
-    (A duplicate keeps the id of its first visited copy; ids are content hashes.)
-    Rows come out grouped by source (config order), in source-file order.
+    files are absolute or relative to ``datasets_dir``. A repeated own ``id``
+    within a source is an error naming both rows (or a counted skip under
+    ``on_malformed: skip``). Within a source, candidates are visited in a seeded
+    random order; repeated conversations and examples containing a target-task
+    text are skipped (and counted) until the cap is reached. A repeated
+    conversation is represented by its first copy in file order (its id, origin
+    and dataset), whichever copy the draw visited first. Rows come out grouped
+    by source (config order), in source-file order.
     """
     decon = Decontaminator(exclude_texts)
     log.info("decontaminating against %d target-task texts (%d of fewer than %d words left out)", len(decon), decon.too_short, MIN_WORDS)
@@ -110,45 +142,56 @@ def build_pool(
         files = [Path(datasets_dir) / f for f in spec["files"]]
         stats = ReadStats()
         examples: list[RawExample] = list(read_source(files, spec["format"], on_malformed, stats))
-        report = SourceReport(name, rows_read=stats.rows, malformed=stats.malformed)
-        report.malformed_examples = stats.malformed_examples
+        report = SourceReport(name, rows_read=stats.rows, malformed=stats.malformed, empty_files=stats.empty_files)
+        report.malformed_examples = list(stats.malformed_examples)
+        examples = _drop_duplicate_ids(name, examples, on_malformed, report)
+        report.integer_ids = bool(examples) and all(e.integer_id for e in examples)
         cap = spec.get("max_examples")
         cap = len(examples) if cap is None else int(cap)
+        ids = [example_id(name, e.messages) for e in examples]
+        canonical: dict[str, int] = {}  # example id -> its first copy in file order
+        for index, eid in enumerate(ids):
+            canonical.setdefault(eid, index)
         # One generator per source, derived from (seed, source position), so adding a
         # source at the end does not change the others' draws.
         order = np.random.default_rng([seed, source_index]).permutation(len(examples))
         seen: set[str] = set()
         chosen: list[int] = []
+        visited = 0
         for index in order:
-            example = examples[index]
-            eid = example_id(name, example.messages)
+            if len(chosen) >= cap:
+                break
+            visited += 1
+            eid = ids[index]
             if eid in seen:
                 report.duplicates += 1
                 continue
             seen.add(eid)
-            if decon.contaminated(example.messages):
+            if decon.contaminated(examples[index].messages):
                 report.contaminated += 1
                 continue
-            chosen.append(int(index))
-            if len(chosen) >= cap:
-                break
-        report.selected = len(chosen)
+            chosen.append(canonical[eid])
+        report.kept = len(chosen)
+        report.left_by_cap = len(examples) - visited
         for index in sorted(chosen):
             example = examples[index]
             rows.append(
                 {
-                    "example_id": example_id(name, example.messages),
+                    "example_id": ids[index],
+                    "id": example.id,
+                    "dataset": example.dataset,
                     "source": name,
                     "origin": example.origin,
                     "messages": example.messages,
                 }
             )
         reports.append(report)
-        if report.malformed:
-            log.warning("source %s: skipped %d malformed rows, e.g. %s", name, report.malformed, report.malformed_examples[:3])
+        skipped = report.malformed + report.duplicate_ids + report.empty_files
+        if skipped:
+            log.warning("source %s: skipped %d malformed rows, %d repeated ids, %d empty files, e.g. %s", name, report.malformed, report.duplicate_ids, report.empty_files, report.malformed_examples[:3])
         log.info(
-            "source %s: %d rows read, %d malformed skipped, %d duplicates, %d contaminated, %d selected (cap %s)",
-            name, report.rows_read, report.malformed, report.duplicates, report.contaminated, report.selected, cap,
+            "source %s: %d rows read, %d malformed, %d repeated ids, %d duplicates, %d decontaminated, %d left by the cap (%s), %d kept",
+            name, report.rows_read, report.malformed, report.duplicate_ids, report.duplicates, report.contaminated, report.left_by_cap, cap, report.kept,
         )
     if not rows:
         raise ValueError("the pool is empty: no source produced any example")
@@ -162,6 +205,8 @@ def pool_schema():
     return pa.schema(
         [
             pa.field("example_id", pa.string(), nullable=False),
+            pa.field("id", pa.string()),  # the row's own id (messages format), null when it has none
+            pa.field("dataset", pa.string()),  # the row's own dataset field, null when it has none
             pa.field("source", pa.string(), nullable=False),
             pa.field("origin", pa.string(), nullable=False),
             pa.field("messages", pa.list_(message), nullable=False),

@@ -31,12 +31,18 @@ class DataError(ValueError):
 class RawExample:
     messages: list[dict[str, str]]
     origin: str  # "<file>:<row>" for tracing a pool row back to its source
+    id: str | None = None  # the row's own id (messages format), as text; None when it has none
+    dataset: str | None = None  # the row's own dataset field (messages format)
+    integer_id: bool = False  # the id was a JSON integer (exports write it back as one)
+    path: str = ""  # the file it was read from, and its 1-based row (for error messages)
+    row: int = 0
 
 
 @dataclass
 class ReadStats:
     rows: int = 0
     malformed: int = 0
+    empty_files: int = 0
     malformed_examples: list[str] = field(default_factory=list)
 
 
@@ -217,23 +223,47 @@ def convert_gsm8k(record: Any) -> list[list[dict[str, str]]]:
 
 
 def convert_messages(record: Any) -> list[list[dict[str, str]]]:
-    """open-instruct rows {messages: [{role, content}, ...]} (users' own Tulu-format files)."""
+    """open-instruct / LESS rows {"dataset", "id", "messages": [{"role", "content"}, ...]} (users' own pools).
+
+    Messages are numbered from 1 in errors. The row's ``id`` and ``dataset`` are read by :func:`row_provenance`."""
     if not isinstance(record, dict):
         raise ValueError(f"expected an object, got {type(record).__name__}")
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("missing or empty 'messages'")
+    if "messages" not in record:
+        raise ValueError("missing field 'messages'")
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        raise ValueError(f"field 'messages' is {type(messages).__name__}, expected a list of {{role, content}} objects")
+    if not messages:
+        raise ValueError("field 'messages' is an empty list")
     out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ValueError(f"message {i}: role must be one of {ROLES}")
+    for i, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} is {type(message).__name__}, expected an object with 'role' and 'content'")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ValueError(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
         content = message.get("content")
-        if not isinstance(content, str) or not content.strip():
-            raise ValueError(f"message {i}: empty or non-string content")
-        out.append({"role": message["role"], "content": content})
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}: 'content' is {type(content).__name__}, expected a string")
+        if not content.strip():
+            raise ValueError(f"message {i}: empty content")
+        out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
-        raise ValueError("no assistant message")
+        raise ValueError("no assistant message (nothing to train on)")
     return [out]
+
+
+def row_provenance(record: dict) -> tuple[str | None, str | None, bool]:
+    """A messages row's own ``id`` (as text, and whether it was an integer) and ``dataset``; absent or null = None."""
+    row_id, dataset = record.get("id"), record.get("dataset")
+    integer = isinstance(row_id, int) and not isinstance(row_id, bool)
+    if row_id is not None and not (integer or isinstance(row_id, str)):
+        raise ValueError(f"field 'id' is {type(row_id).__name__}, expected a string or an integer")
+    if isinstance(row_id, str) and not row_id.strip():
+        raise ValueError("field 'id' is an empty string")
+    if dataset is not None and not isinstance(dataset, str):
+        raise ValueError(f"field 'dataset' is {type(dataset).__name__}, expected a string")
+    return (None if row_id is None else str(row_id)), dataset, integer
 
 
 CONVERTERS: dict[str, Callable[[Any], list[list[dict[str, str]]]]] = {
@@ -281,6 +311,7 @@ def read_source(
                 if isinstance(record, DataError):
                     raise record
                 conversations = convert(record)
+                provenance = row_provenance(record) if fmt == "messages" else (None, None, False)
             except (ValueError, TypeError) as err:
                 message = str(err) if isinstance(err, DataError) else f"{path}: row {row}: {err}"
                 if on_malformed == "error":
@@ -290,8 +321,12 @@ def read_source(
                     stats.malformed_examples.append(message)
                 log.debug("skipping malformed row: %s", message)
                 continue
+            row_id, dataset, integer_id = provenance
             for index, messages in enumerate(conversations):
                 origin = f"{path.name}:{row}" if len(conversations) == 1 else f"{path.name}:{row}.{index}"
-                yield RawExample(messages=messages, origin=origin)
+                yield RawExample(messages, origin, row_id, dataset, integer_id, str(path), row)
         if stats.rows == rows_before:
-            log.warning("0 rows read from %s (an empty file)", path)
+            if on_malformed == "error":
+                raise DataError(f"{path}: empty file, 0 rows read (data.on_malformed: skip counts it instead)")
+            stats.empty_files += 1
+            log.warning("0 rows read from %s (an empty file, counted)", path)

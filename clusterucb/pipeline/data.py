@@ -79,7 +79,7 @@ def build_pool_table(sources: dict, datasets_dir: str, decontamination_files: li
     rows, reports = build_pool(sources, datasets_dir, texts, seed, on_malformed)
     tasks = [read_parquet_metadata(p)["task"] for p in decontamination_files]
     write_parquet(pool_table(rows), out, {"seed": seed, "sources": [asdict(r) for r in reports], "datasets_dir": str(datasets_dir), "decontaminated_against": tasks})
-    by_source = {r.source: r.selected for r in reports}
+    by_source = {r.source: r.kept for r in reports}
     log.info("pool: %d examples from %d sources: %s", len(rows), len(reports), by_source)
 
 

@@ -220,3 +220,33 @@ def arm_pulls_figure(arms_paths: list[str], task: str, out: str) -> None:
             ax.set_ylabel("share of the cluster drawn")
             ax.grid(alpha=0.3)
     _save(fig, out)
+
+
+POOL_COUNTS = ("rows_read", "malformed", "empty_files", "duplicate_ids", "duplicates", "contaminated", "left_by_cap", "kept")
+
+
+def pool_report(pool_table: str, pool_tokens: str, markdown_out: str) -> None:
+    """What each source gave the pool (from the pool's metadata) and what tokenization kept of it."""
+    from clusterucb.tokens import token_meta
+
+    meta = read_parquet_metadata(pool_table)
+    frame = pd.DataFrame([{"source": s["source"], **{c: int(s.get(c, 0)) for c in POOL_COUNTS}} for s in meta["sources"]])
+    total = {"source": "total", **{c: int(frame[c].sum()) for c in POOL_COUNTS}}
+    frame = pd.concat([frame, pd.DataFrame([total])], ignore_index=True).rename(columns={"contaminated": "decontaminated"})
+    encoded = token_meta(pool_tokens).get("encode_stats", {})
+    notes = [
+        "",
+        "Counts per source: rows read; malformed rows, empty files and repeated ids (skipped and counted under "
+        "`data.on_malformed: skip`, an error otherwise); duplicates (the same conversation again) and decontaminated "
+        "rows among the candidates visited before the source's cap; rows left by the cap; rows kept in the pool.",
+        f"Decontaminated against: {', '.join(meta.get('decontaminated_against', []))}.",
+        "Tokenization (`data.max_length`, `data.overlong`, `data.on_unusable`): "
+        + ", ".join(f"{k} {v}" for k, v in encoded.items())
+        + ".",
+    ]
+    for source in meta["sources"]:
+        for example in source.get("malformed_examples", [])[:3]:
+            notes.append(f"- {source['source']}: {example}")
+    with atomic_path(markdown_out) as tmp:
+        tmp.write_text(markdown_table(frame) + "\n".join(notes) + "\n")
+    log.info("pool by source:\n%s", frame.to_string(index=False))

@@ -42,6 +42,7 @@ def select_budgeted(
     task: str,
     run: str,
     epoch: int,
+    pool_table: str,
     scratch: str | None = None,
 ) -> None:
     """ClusterUCB (or random_draw) at the previous epoch's checkpoint: gradients only for the drawn samples (spec §6).
@@ -119,6 +120,6 @@ def select_budgeted(
     )
     order = [position[int(i)] for i in selected]
     meta = {**run_meta, "rule": spec.method if spec.method != "clusterucb" else f"clusterucb/{spec.policy}", "n_pool": len(pool), "n_gradients": len(draws), "n_failed": int((~np.isfinite(draw_scores)).sum()), "top_p": top_p}
-    write_selection([draw_ids[i] for i in order], draw_scores[order], [draw_clusters[i] for i in order], selection_out, meta)
+    write_selection([draw_ids[i] for i in order], draw_scores[order], [draw_clusters[i] for i in order], selection_out, meta, pool_table)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -17,7 +17,7 @@ from clusterucb.selection import n_selected, random_subset, top_k
 log = logging.getLogger(__name__)
 
 
-def select_top_scores(scores_path: str, pool_tokens: str, selection_out: str, top_p: float, task: str, run: str, epoch: int) -> None:
+def select_top_scores(scores_path: str, pool_tokens: str, pool_table: str, selection_out: str, top_p: float, task: str, run: str, epoch: int) -> None:
     """Full matching: the top ``top_p`` of the pool by influence at one checkpoint (epoch 1 of the Dynamic
     family, every epoch of Dynamic). Clusters are not read: they do not change the selection, so ``cluster.k``
     must not rerun it (the report joins the assignments where it needs them)."""
@@ -26,15 +26,15 @@ def select_top_scores(scores_path: str, pool_tokens: str, selection_out: str, to
     order = top_k(scores, n_selected(n_pool, top_p))
     method = "full_matching" if run == "full_matching" else "dynamic"
     info = {"method": method, "task": task, "run": run, "epoch": epoch, "rule": "full_matching", "checkpoint": meta["checkpoint"], "n_pool": n_pool, "n_gradients": meta["n_gradients"], "top_p": top_p}
-    write_selection([ids[i] for i in order], scores[order], None, selection_out, info)
+    write_selection([ids[i] for i in order], scores[order], None, selection_out, info, pool_table)
 
 
-def select_random(pool_tokens: str, selection_out: str, top_p: float, seed: int, task: str, run: str, epoch: int) -> None:
+def select_random(pool_tokens: str, pool_table: str, selection_out: str, top_p: float, seed: int, task: str, run: str, epoch: int) -> None:
     """A uniform random subset of the selection size; the same subset every epoch (the paper's Random baseline)."""
     ids = pool_ids(pool_tokens)
     chosen = random_subset(len(ids), n_selected(len(ids), top_p), seed)
     meta = {"method": "random", "task": task, "run": run, "epoch": epoch, "rule": "random", "n_pool": len(ids), "n_gradients": 0, "top_p": top_p, "seed": seed}
-    write_selection([ids[i] for i in chosen], None, None, selection_out, meta)
+    write_selection([ids[i] for i in chosen], None, None, selection_out, meta, pool_table)
 
 
 def less_weights(train_log: str) -> np.ndarray:
@@ -55,7 +55,7 @@ def less_weights(train_log: str) -> np.ndarray:
     return means / means.sum()
 
 
-def select_less(scores_paths: list[str], train_log: str, pool_tokens: str, selection_out: str, top_p: float, task: str, run: str, epoch: int) -> None:
+def select_less(scores_paths: list[str], train_log: str, pool_tokens: str, pool_table: str, selection_out: str, top_p: float, task: str, run: str, epoch: int) -> None:
     """LESS: max over subtasks of the LR-weighted sum over warmup checkpoints of the mean inner products."""
     weights = less_weights(train_log)
     if len(weights) != len(scores_paths):
@@ -74,4 +74,4 @@ def select_less(scores_paths: list[str], train_log: str, pool_tokens: str, selec
     order = top_k(scores, n_selected(n_pool, top_p))
     # A static selection: its gradients are counted once, at epoch 1; later epochs reuse it.
     meta = {"method": "less", "task": task, "run": run, "epoch": epoch, "rule": "less", "checkpoints": len(weights), "weights": weights.tolist(), "n_pool": n_pool, "n_gradients": n_gradients if epoch == 1 else 0, "top_p": top_p}
-    write_selection([ids[i] for i in order], scores[order], None, selection_out, meta)
+    write_selection([ids[i] for i in order], scores[order], None, selection_out, meta, pool_table)

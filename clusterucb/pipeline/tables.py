@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clusterucb.io import read_parquet_metadata, write_parquet
@@ -17,6 +18,8 @@ def selection_schema():
     return pa.schema(
         [
             pa.field("example_id", pa.string(), nullable=False),
+            pa.field("id", pa.string()),  # the pool row's own id (null when it has none)
+            pa.field("dataset", pa.string()),  # the pool row's own dataset field
             pa.field("rank", pa.int32(), nullable=False),
             pa.field("score", pa.float32()),  # influence at the selecting checkpoint; null for random
             pa.field("cluster", pa.int32()),  # k-means cluster; null when not clustered
@@ -48,10 +51,24 @@ def scores_schema():
     )
 
 
-def write_selection(ids: list[str], scores, clusters, out: str, meta: dict) -> None:
+def pool_provenance(pool_table: str, example_ids: list[str]) -> tuple[pa.Array, pa.Array]:
+    """The pool rows' own ``id`` and ``dataset`` for ``example_ids`` (in that order); an id not in the pool is an error."""
+    pool = pq.read_table(pool_table, columns=["example_id", "id", "dataset"])
+    where = pc.index_in(pa.array(example_ids, pa.string()), value_set=pool.column("example_id").combine_chunks())
+    if where.null_count:
+        missing = [e for e, w in zip(example_ids, where.to_pylist()) if w is None]
+        raise ValueError(f"{pool_table}: {len(missing)} selected examples are not in the pool, e.g. {missing[:3]}")
+    return pool.column("id").take(where).combine_chunks(), pool.column("dataset").take(where).combine_chunks()
+
+
+def write_selection(ids: list[str], scores, clusters, out: str, meta: dict, pool_table: str) -> None:
+    """The selection in rank order, with each row's own id and dataset from ``pool_table`` (pool.parquet)."""
+    own_ids, datasets = pool_provenance(pool_table, ids)
     table = pa.table(
         {
             "example_id": ids,
+            "id": own_ids,
+            "dataset": datasets,
             "rank": np.arange(1, len(ids) + 1, dtype=np.int32),
             "score": pa.array(scores, pa.float32()) if scores is not None else pa.nulls(len(ids), pa.float32()),
             "cluster": pa.array(clusters, pa.int32()) if clusters is not None else pa.nulls(len(ids), pa.int32()),

@@ -1,4 +1,4 @@
-"""Unit tests of clusterucb.data.sources: the staged sources of config.yaml and malformed-row handling."""
+"""Unit tests of clusterucb.data.sources: the staged sources of the demo (configs/demo.yaml) and malformed-row handling."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from clusterucb.data.sources import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+CONFIG = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
 CONFIG_SOURCES: dict[str, dict] = CONFIG["data"]["sources"]
 
 # Malformed rows known to be in the staged data (rows whose answer is empty).
@@ -57,7 +57,7 @@ def _assert_conversation(messages: list[dict[str, str]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The real staged sources of config.yaml
+# The real staged sources of the demo (configs/demo.yaml)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -238,24 +238,48 @@ ROW_CASES = [
         "messages",
         "d.jsonl",
         {"messages": [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
-        "role must be one of",
+        "message 1: unknown role 'human' (expected one of system, user, assistant)",
     ),
     (
         "messages-empty-content",
         "messages",
         "d.jsonl",
         {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "Hello"}]},
-        "empty or non-string content",
+        "message 1: empty content",
     ),
     (
         "messages-nonstring-content",
         "messages",
         "d.jsonl",
-        {"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "Hello"}]},
-        "empty or non-string content",
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ["Hello"]}]},
+        "message 2: 'content' is list, expected a string",
     ),
     ("messages-no-assistant", "messages", "d.jsonl", {"messages": [{"role": "user", "content": "Hi"}]}, "no assistant message"),
-    ("messages-missing", "messages", "d.jsonl", {"conversation": []}, "missing or empty 'messages'"),
+    ("messages-missing", "messages", "d.jsonl", {"conversation": []}, "missing field 'messages'"),
+    ("messages-not-a-list", "messages", "d.jsonl", {"messages": "Hi"}, "field 'messages' is str, expected a list"),
+    ("messages-empty-list", "messages", "d.jsonl", {"messages": []}, "field 'messages' is an empty list"),
+    ("messages-turn-not-object", "messages", "d.jsonl", {"messages": ["Hi", "Hello"]}, "message 1 is str, expected an object"),
+    (
+        "messages-bad-id",
+        "messages",
+        "d.jsonl",
+        {"id": ["a"], "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        "field 'id' is list, expected a string or an integer",
+    ),
+    (
+        "messages-empty-id",
+        "messages",
+        "d.jsonl",
+        {"id": " ", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        "field 'id' is an empty string",
+    ),
+    (
+        "messages-bad-dataset",
+        "messages",
+        "d.jsonl",
+        {"dataset": 3, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        "field 'dataset' is int, expected a string",
+    ),
     ("gzip-jsonl-invalid-json", "gsm8k", "d.jsonl.gz", "not json at all", "not valid JSON"),
     ("gzip-jsonl-empty-field", "prompt_completion", "d.jsonl.gz", {"prompt": "p", "completion": ""}, "empty completion"),
     ("json-list-missing-field", "alpaca", "d.json", {"input": "x", "output": "y"}, "missing field 'instruction'"),
@@ -544,8 +568,11 @@ def test_a_cut_off_or_corrupt_gzip_stops_naming_the_file_and_row(tmp_path, on_ma
         list(read_source([corrupt], "alpaca", on_malformed=on_malformed))
 
 
-def test_an_empty_source_file_is_reported(tmp_path, caplog):
+def test_an_empty_source_file_is_an_error_or_a_counted_skip(tmp_path, caplog):
     empty = _write(tmp_path / "empty.jsonl", "")
+    with pytest.raises(DataError, match=rf"{re.escape(str(empty))}: empty file, 0 rows read"):
+        list(read_source([empty], "messages"))
+    stats = ReadStats()
     with caplog.at_level("WARNING"):
-        assert list(read_source([empty], "alpaca")) == []
-    assert f"0 rows read from {empty}" in caplog.text
+        assert list(read_source([empty], "alpaca", on_malformed="skip", stats=stats)) == []
+    assert stats.empty_files == 1 and f"0 rows read from {empty}" in caplog.text

@@ -56,9 +56,9 @@ def test_build_pool_caps_order_and_ids(pool_dir):
     rows, reports = build_pool(SOURCES, pool_dir, [], seed=3)
     by_source = {r.source: r for r in reports}
     assert [r.source for r in reports] == list(SOURCES)
-    assert by_source["zeta_big"].selected == 7 and by_source["zeta_big"].rows_read == 40
-    assert by_source["alpha_small"].selected == 6  # cap above the source size: all of it
-    assert by_source["mid_dup"].selected == 10
+    assert by_source["zeta_big"].kept == 7 and by_source["zeta_big"].rows_read == 40
+    assert by_source["alpha_small"].kept == 6  # cap above the source size: all of it
+    assert by_source["mid_dup"].kept == 10
     assert len(rows) == 7 + 6 + 10
 
     # Grouped by source in config order (not alphabetical), rows in source-file order.
@@ -72,7 +72,8 @@ def test_build_pool_caps_order_and_ids(pool_dir):
     ids = [r["example_id"] for r in rows]
     assert len(set(ids)) == len(ids)
     for row in rows:
-        assert set(row) == {"example_id", "source", "origin", "messages"}
+        assert set(row) == {"example_id", "id", "dataset", "source", "origin", "messages"}
+        assert row["id"] is None and row["dataset"] is None  # only the messages format carries its own
         assert row["example_id"] == example_id(row["source"], row["messages"])
         assert re.fullmatch(rf"{re.escape(row['source'])}-[0-9a-f]{{16}}", row["example_id"])
 
@@ -106,7 +107,7 @@ def test_build_pool_duplicates_counted_never_repeated(pool_dir):
     report = next(r for r in reports if r.source == "mid_dup")
     assert report.rows_read == 13
     assert report.duplicates == 3
-    assert report.selected == 10
+    assert report.kept == 10
     dup_rows = [r for r in rows if r["source"] == "mid_dup"]
     contents = [json.dumps(r["messages"]) for r in dup_rows]
     assert len(set(contents)) == len(contents) == 10
@@ -169,7 +170,7 @@ def test_decontamination_excludes_target_questions(tmp_path):
     spec = {"p": {"format": "alpaca", "files": ["p.json"], "max_examples": None}}
     rows, (report,) = build_pool(spec, tmp_path, [QUESTION, "Short question here?"], seed=0)
     assert report.contaminated == 2
-    assert report.selected == 3
+    assert report.kept == 3
     assert sorted(r["origin"] for r in rows) == ["p.json:2", "p.json:3", "p.json:5"]
 
 

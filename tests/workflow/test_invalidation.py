@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
-from dag import REPO, planned_job_wildcards, planned_jobs, run
+from dag import REPO, TINY, planned_job_wildcards, planned_jobs, run
 
 pytestmark = pytest.mark.workflow
 
@@ -31,6 +31,8 @@ EVAL = {"evaluate"}
 ORACLE = {"recall"}
 QUALITY = {"quality_sweep", "quality_table"}
 REPORT = {"compare_methods", "plot_cluster_influence", "plot_cumulative_reward", "plot_arm_pulls", "all"}
+EXPORT = {"export_selections"}  # every selection out as JSONL: reruns with any selection (or the pool)
+POOL_REPORT = {"report_pool"}  # the pool by source: reruns with the pool or its tokenization
 
 # Composites (rule sets).
 DATA_SOURCES = {"build_pool", "prepare_validation", "prepare_test", "target_decontamination"}
@@ -40,16 +42,26 @@ SUMMARY = {"compare_methods", "all"}
 SUMMARIES = {"compare_methods", "quality_table", "plot_cluster_influence", "plot_cumulative_reward", "all"}
 NOTHING: set[str] = set()
 # Everything downstream of the tokenized pool (the warmup, every gradient, every run).
-AFTER_TOKENS = {"tokenize_pool"} | WARMUP | LESS | POOL_GRADS | CLUSTERS | SCORES | SELECT | TRAIN | EVAL | ORACLE | QUALITY | REPORT
+AFTER_TOKENS = {"tokenize_pool"} | WARMUP | LESS | POOL_GRADS | CLUSTERS | SCORES | SELECT | TRAIN | EVAL | ORACLE | QUALITY | REPORT | EXPORT | POOL_REPORT
 EVERYTHING = DATA_SOURCES | {"build_base_model", "tokenize_target"} | AFTER_TOKENS
 # A new feature space: every gradient and what reads it, not the warmup.
-GRADIENT_SPACE = POOL_GRADS | CLUSTERS | SCORES | SELECT_TARGETED | TRAIN | EVAL | ORACLE | QUALITY | REPORT
+GRADIENT_SPACE = POOL_GRADS | CLUSTERS | SCORES | SELECT_TARGETED | TRAIN | EVAL | ORACLE | QUALITY | REPORT | EXPORT
 # A new selection at epoch 1 for every target: its training, the gradients Dynamic and the oracle take at
 # the new checkpoints (pool and validation), and every later selection.
-RUN_GRADIENTS = POOL_GRADS | SCORES | SELECT_TARGETED | TRAIN | EVAL | ORACLE | QUALITY | REPORT
+RUN_GRADIENTS = POOL_GRADS | SCORES | SELECT_TARGETED | TRAIN | EVAL | ORACLE | QUALITY | REPORT | EXPORT
 # ClusterUCB / random_draw from epoch 2 on, and what reads their draws.
-BUDGETED_RUNS = {"select_budgeted"} | TRAIN | EVAL | ORACLE | REPORT
-LESS_CHAIN = {"less_warmup", "grads_pool_shard", "grads_manifest", "grads_val", "full_scores", "select_less"} | TRAIN | EVAL | SUMMARY
+BUDGETED_RUNS = {"select_budgeted"} | TRAIN | EVAL | ORACLE | REPORT | EXPORT
+LESS_CHAIN = {"less_warmup", "grads_pool_shard", "grads_manifest", "grads_val", "full_scores", "select_less"} | TRAIN | EVAL | SUMMARY | EXPORT
+
+
+
+def sources_change(source: str, **change) -> str:
+    """``--config data={sources: ...}`` with the tiny config's sources, one of them changed (braces doubled for format)."""
+    sources = yaml.safe_load(TINY.read_text())["data"]["sources"]
+    sources[source] = {**sources[source], **change}
+    flow = yaml.safe_dump({"sources": sources}, default_flow_style=True, width=10**6, sort_keys=False).strip()
+    return "data=" + flow.replace("{", "{{").replace("}", "}}")
+
 
 # schema key -> (the --config change tried on the tiny config, the rules it must rerun)
 MATRIX: dict[str, tuple[str, set[str]]] = {
@@ -90,12 +102,13 @@ MATRIX: dict[str, tuple[str, set[str]]] = {
         "data={{val_max_length: 4000}}",
         {"tokenize_target"} | RUN_GRADIENTS,
     ),
-    "data.sources.*.format": ("data={{sources: {{gsm8k_train: {{format: messages}}}}}}", EVERYTHING - TARGET_SOURCES),
+    # A layer that names data.sources replaces them (clusterucb/config_layers.py): each row lists them all.
+    "data.sources.*.format": (sources_change("gsm8k_train", format="messages"), EVERYTHING - TARGET_SOURCES),
     "data.sources.*.files": (
-        "data={{sources: {{dolly: {{files: [dolly/dolly_3k.json.gz, dolly/dolly_3k.json.gz]}}}}}}",
+        sources_change("dolly", files=["dolly/dolly_3k.json.gz", "dolly/dolly_3k.json.gz"]),
         EVERYTHING - TARGET_SOURCES,
     ),
-    "data.sources.*.max_examples": ("data={{sources: {{dolly: {{max_examples: 24}}}}}}", EVERYTHING - TARGET_SOURCES),
+    "data.sources.*.max_examples": (sources_change("dolly", max_examples=24), EVERYTHING - TARGET_SOURCES),
     "target.tasks": ("target={{tasks: [gsm8k, mmlu, bbh, tydiqa]}}", SUMMARIES),
     "target.settings.*.n_val": (
         "target={{settings: {{gsm8k: {{n_val: 7}}}}}}",

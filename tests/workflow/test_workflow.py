@@ -72,6 +72,15 @@ def test_tiny_dag_writes_the_comparison_table(tiny_run):
         # Static selections repeat; the Dynamic family shares epoch 1 per target.
         assert selected[f"results/runs/{task}/less/epoch-1/selection.parquet"] == selected[f"results/runs/{task}/less/epoch-2/selection.parquet"]
         assert not (tiny_run / f"results/runs/{task}/clusterucb/epoch-1").exists()
+        # Every run's selections out as JSONL, in rank order, the last epoch's again as final.jsonl.
+        for name in table.loc[task].index.drop("base"):
+            for e in range(1, epochs + 1):
+                ckpt = f"runs/{'all' if name == 'random' else task}/{'full_matching' if e == 1 and name in ('clusterucb', 'random_draw', 'dynamic') else name}/epoch-{e}"
+                lines = [json.loads(line) for line in (tiny_run / f"results/selected/{task}/{name}/epoch-{e}.jsonl").read_text().splitlines()]
+                assert [line["example_id"] for line in lines] == selected[f"results/{ckpt}/selection.parquet"], (task, name, e)
+                assert {(line["task"], line["run"], line["epoch"]) for line in lines} == {(task, name, e)}
+            final = (tiny_run / f"results/selected/{task}/{name}/final.jsonl").read_bytes()
+            assert final == (tiny_run / f"results/selected/{task}/{name}/epoch-{epochs}.jsonl").read_bytes()
     for name, ids in selected.items():
         assert len(ids) == k, name
         assert set(ids) <= set(pool.example_id), name
@@ -84,6 +93,10 @@ def test_tiny_dag_writes_the_comparison_table(tiny_run):
     # One warmup, one pool gradient pass and one clustering, shared by every target.
     assert len(list((tiny_run / "results/grads/warmup/pool").glob("shard-*.safetensors"))) == config["gradients"]["n_shards"]
     assert sorted(p.name for p in (tiny_run / "results/grads/warmup/scores").glob("*.parquet")) == sorted(f"{t}.parquet" for t in TASKS)
+
+    # The pool by source, in the report.
+    pool_md = (tiny_run / "results/report/pool.md").read_text()
+    assert all(f"| {name} |" in pool_md for name in config["data"]["sources"]) and "| total |" in pool_md
 
     # Selection quality sweep and figures.
     quality = pq.read_table(tiny_run / "results/report/quality.parquet").to_pandas()
@@ -371,12 +384,30 @@ def test_pyproject_declares_every_package_the_code_imports():
     assert third_party_imports() <= declared, third_party_imports() - declared
 
 
-@pytest.mark.parametrize("overlay", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+# Each overlay with the layers its header names (the demo first where it builds on it).
+OVERLAY_LAYERS = {
+    "demo.yaml": ["demo.yaml"],
+    "sweep.yaml": ["demo.yaml", "sweep.yaml"],
+    "all-targets.yaml": ["demo.yaml", "all-targets.yaml"],
+    "smollm2.yaml": ["demo.yaml", "smollm2.yaml"],
+    "smollm2-targets.yaml": ["demo.yaml", "smollm2.yaml", "smollm2-targets.yaml"],
+    "smollm2-quality.yaml": ["demo.yaml", "smollm2.yaml", "smollm2-targets.yaml", "smollm2-quality.yaml"],
+}
+
+
+def test_every_config_overlay_has_its_layers_listed():
+    assert sorted(OVERLAY_LAYERS) == sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name != "paper.yaml")
+    for overlay, layers in OVERLAY_LAYERS.items():
+        header = (REPO / "configs" / overlay).read_text().split("\n\n", 1)[0]
+        assert overlay == "demo.yaml" or " ".join(f"configs/{name}" for name in layers[:2]) in header, overlay
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAY_LAYERS))
 def test_every_config_overlay_validates_and_plans(overlay, datasets, tmp_path):
     proc = subprocess.run(
         [
             sys.executable, "-m", "snakemake", "-n", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-            "--configfile", str(REPO / "config.yaml"), str(REPO / "configs" / overlay), "--config", f"datasets_dir={datasets}",
+            "--configfile", *(str(REPO / "configs" / name) for name in OVERLAY_LAYERS[overlay]), "--config", f"datasets_dir={datasets}",
         ],
         capture_output=True, text=True, timeout=300,
     )
