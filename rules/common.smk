@@ -247,10 +247,13 @@ def expand_pattern(pattern, what):
 
 
 def remote_files_pattern():
-    """The dataset files fetch_dataset can make: the remote manifest's paths (none when datasets_url is null)."""
+    """The dataset files fetch_dataset makes: the remote manifest's paths that datasets_dir lacks (none when
+    datasets_url is null). A file the folder holds is a plain input, not a rule's output: Snakemake then has
+    no provenance to miss for it (no "missing provenance/metadata" warning for a mirror's files)."""
     if not config["datasets_url"]:
         return "(?!)"  # matches nothing: a missing file is reported as missing input
-    return "|".join(re.escape(p) for p in sorted(REMOTE))
+    missing = [p for p in sorted(REMOTE) if not os.path.exists(datasets_path(p))]
+    return "|".join(re.escape(p) for p in missing) or "(?!)"
 
 
 def get_source_files(wildcards=None):

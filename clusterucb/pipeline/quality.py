@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from clusterucb.bandit import policy_params
 from clusterucb.io import read_parquet_metadata, write_json, write_parquet
+from clusterucb.logsetup import progress
 from clusterucb.pipeline.tables import read_assignments, read_scores
 from clusterucb.quality import cluster_concentration, expand_grid, full_recall, random_subset_recall, recall_metrics, simulate
 from clusterucb.selection import n_selected, top_k
@@ -65,7 +66,8 @@ def quality_sweep(scores_path: str, assignment_paths: list[str], grid: dict, top
     clusters.insert(0, "task", meta.get("task"))
     write_parquet(pa.Table.from_pandas(clusters, preserve_index=False), clusters_out, {"checkpoint": meta["checkpoint"], "top_p": top_p})
     rows = []
-    for spec, k in expand_grid(grid, sorted(labels_by_k)):
+    points = list(expand_grid(grid, sorted(labels_by_k)))
+    for spec, k in progress(points, desc="replays"):
         result = simulate(spec, labels_by_k[k], scores, top_p)
         clustered = spec.method == "clusterucb"
         rows.append(

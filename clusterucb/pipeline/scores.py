@@ -11,6 +11,7 @@ import torch
 
 from clusterucb.gradstore import GradientStore
 from clusterucb.io import write_parquet
+from clusterucb.logsetup import progress
 from clusterucb.matching import subtask_scores
 from clusterucb.pipeline.tables import scores_schema
 from clusterucb.tokens import TokenTable, token_meta
@@ -36,7 +37,7 @@ def full_scores(manifest: str, val_tensors: str, val_index: str, val_tokens: str
     store = GradientStore(manifest)
     val, subtask, names = val_features(val_tensors, val_index, val_tokens)
     ids, blocks = [], []
-    for part_ids, features in store.iter_shard_features():
+    for part_ids, features in progress(store.iter_shard_features(), desc="shards", total=len(store.shards)):
         ids += part_ids
         blocks.append(subtask_scores(features, val, subtask).numpy())
         del features  # unmapped: the pages read leave this job's resident set
