@@ -83,7 +83,7 @@ that lacks some of those rules plans only those it has. Worth knowing:
   force the rules that import what changed, `--forcerun $(python -m clusterucb.infra.affected_rules)`
   ([running.md](running.md#after-a-change)).
 
-Rule names are those of `rules/*.smk`; [outputs.md](outputs.md) says what each one writes.
+Rule names are those of `rules/*.smk`; [outputs.md](outputs.md#rules-and-what-they-write) says what each one writes.
 """
 
 SECTION_TITLES = {
