@@ -47,16 +47,17 @@ class ArmState:
     sumsq: np.ndarray
     maxes: np.ndarray
     remaining: np.ndarray
+    retired: np.ndarray  # arms taken out before they ran dry (early cluster exhaustion; never by default)
 
     @classmethod
     def for_sizes(cls, sizes) -> ArmState:
         sizes = np.asarray(sizes, dtype=np.int64)
         zeros = np.zeros(len(sizes))
-        return cls(sizes.copy(), np.zeros(len(sizes), dtype=np.int64), zeros.copy(), zeros.copy(), np.full(len(sizes), -np.inf), sizes.copy())
+        return cls(sizes.copy(), np.zeros(len(sizes), dtype=np.int64), zeros.copy(), zeros.copy(), np.full(len(sizes), -np.inf), sizes.copy(), np.zeros(len(sizes), dtype=bool))
 
     @property
     def valid(self) -> np.ndarray:
-        return self.remaining > 0
+        return (self.remaining > 0) & ~self.retired
 
     @property
     def pulls(self) -> np.ndarray:
@@ -71,15 +72,17 @@ class ArmState:
         var = np.divide(self.sumsq, self.counts, out=np.zeros_like(self.sums), where=self.counts > 0) - mean**2
         return np.sqrt(np.clip(var, 0.0, None))
 
-    def record(self, arm: int, rewards: np.ndarray) -> np.ndarray:
+    def record(self, arm: int, rewards: np.ndarray, pseudo: bool = False) -> np.ndarray:
         """One reward per sample drawn from ``arm``; NaN marks a failed sample (drawn, but no reward).
+        ``pseudo``: rewards that draw no sample (an arm's prior estimate), counted like observed ones.
 
         Returns the finite rewards.
         """
         rewards = np.asarray(rewards, dtype=np.float64)
-        if len(rewards) > self.remaining[arm]:
-            raise ValueError(f"arm {arm} has {self.remaining[arm]} samples left, cannot draw {len(rewards)}")
-        self.remaining[arm] -= len(rewards)
+        if not pseudo:
+            if len(rewards) > self.remaining[arm]:
+                raise ValueError(f"arm {arm} has {self.remaining[arm]} samples left, cannot draw {len(rewards)}")
+            self.remaining[arm] -= len(rewards)
         rewards = rewards[np.isfinite(rewards)]
         if len(rewards):
             self.counts[arm] += len(rewards)
@@ -171,8 +174,8 @@ class BanditPolicy(ABC):
         """The valid arm with the highest index (every valid arm has been played)."""
         return self._argmax(self.index(state), valid)
 
-    def update(self, state: ArmState, arm: int, rewards: np.ndarray) -> None:
-        state.record(arm, rewards)
+    def update(self, state: ArmState, arm: int, rewards: np.ndarray, pseudo: bool = False) -> None:
+        state.record(arm, rewards, pseudo)
 
     def value(self, state: ArmState, arm: int) -> float:
         """The index of ``arm`` now (for the trace); NaN before its first reward."""
@@ -211,8 +214,8 @@ class _Threshold(BanditPolicy):
         super().__init__(rng, tie_break)
         self.quantile = TopQuantile(ucb_p, n_arms)
 
-    def update(self, state: ArmState, arm: int, rewards: np.ndarray) -> None:
-        for reward in state.record(arm, rewards):
+    def update(self, state: ArmState, arm: int, rewards: np.ndarray, pseudo: bool = False) -> None:
+        for reward in state.record(arm, rewards, pseudo):
             self.quantile.insert(float(reward), arm)
 
     def _best(self, state: ArmState, valid: np.ndarray) -> int:

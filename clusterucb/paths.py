@@ -43,6 +43,8 @@ POOL_MANIFEST = "results/grads/{ckpt}/pool/manifest.parquet"
 VAL_GRADS = "results/grads/{ckpt}/val/{task}.safetensors"
 VAL_GRADS_INDEX = "results/grads/{ckpt}/val/{task}.parquet"
 SCORES = "results/grads/{ckpt}/scores/{task}.parquet"
+# the prior at a checkpoint: the *warmup* features against its validation gradients (no pool gradient)
+PRIOR_SCORES = "results/grads/{ckpt}/prior/{task}.parquet"
 
 # clusters
 ASSIGNMENTS = "results/cluster/k-{k}/assignments.parquet"

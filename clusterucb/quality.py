@@ -16,7 +16,7 @@ import numpy as np
 
 from clusterucb.bandit import make_policy, policy_params
 from clusterucb.runs import BUDGETED
-from clusterucb.selection import ClusterUCB, clusters_from_labels, n_selected, plan_budget, top_k
+from clusterucb.selection import ClusterUCB, ClusterUCBResult, PriorGuidance, clusters_from_labels, n_selected, plan_budget, prior_rerank, top_k
 
 
 def recall_metrics(selected: np.ndarray, drawn: np.ndarray, scores: np.ndarray, k: int, labels: np.ndarray | None = None) -> dict[str, float]:
@@ -65,7 +65,8 @@ RANDOM_DRAW_CALL = 512  # samples per reward call of random_draw (its draws do n
 
 @dataclass(frozen=True)
 class BudgetedSpec:
-    """One budgeted selection: ClusterUCB with a policy, or uniform draws (random_draw)."""
+    """One budgeted selection: ClusterUCB with a policy (and, beyond the paper, prior guidance), uniform
+    draws (random_draw), or the prior's best candidates re-ranked by fresh gradients (prior_rerank)."""
 
     method: str = "clusterucb"
     policy: str = "ucb_beta"
@@ -76,9 +77,20 @@ class BudgetedSpec:
     draw_batch: int = 1
     tie_break: str = "random"
     seed: int = 0
+    order: str = "uniform"
+    arm_prior: bool = False
+    exhaust: bool = False
+
+    @property
+    def guidance(self) -> PriorGuidance:
+        return PriorGuidance(self.order, self.arm_prior, self.exhaust)
+
+    @property
+    def needs_prior(self) -> bool:
+        return self.method == "prior_rerank" or (self.method == "clusterucb" and self.guidance.needs_prior)
 
 
-def budgeted_selection(spec: BudgetedSpec, labels: np.ndarray, top_p: float, reward_fn, rng: np.random.Generator):
+def budgeted_selection(spec: BudgetedSpec, labels: np.ndarray, top_p: float, reward_fn, rng: np.random.Generator, prior: np.ndarray | None = None):
     """Run a budgeted method over the pool; returns the ClusterUCB result (draws, arm state) and the selected indices.
 
     ``labels`` gives each pool index its cluster (negative: not clusterable).
@@ -86,34 +98,51 @@ def budgeted_selection(spec: BudgetedSpec, labels: np.ndarray, top_p: float, rew
     (one arm, no cold start), then keeps the top-k of what it drew. Its draws do
     not depend on rewards (one arm walks one seeded permutation), so it asks for
     them in calls of ``RANDOM_DRAW_CALL`` samples: the same draws and selection
-    as one at a time, batched.
+    as one at a time, batched. prior_rerank spends the budget (int(N * budget)
+    draws) on the clusterable samples of highest ``prior``, in calls of the same
+    size. Either way the selection is the top-k of the rewards drawn.
     """
-    if spec.method == "clusterucb":
-        members, _ = clusters_from_labels(labels)
-        csp, policy_name, draw_batch = spec.csp, spec.policy, spec.draw_batch
-    elif spec.method == "random_draw":
-        members = [np.flatnonzero(np.asarray(labels) >= 0)]
-        csp, policy_name = 0.0, "random_cluster"
-        draw_batch = max(spec.draw_batch, RANDOM_DRAW_CALL)
+    k = n_selected(len(labels), top_p)
+    if spec.needs_prior and prior is None:
+        raise ValueError(f"{spec.method} with {spec.guidance} needs the prior scores of the pool")
+    if spec.method == "prior_rerank":
+        draws = prior_rerank(np.flatnonzero(np.asarray(labels) >= 0), prior, int(len(labels) * spec.budget), reward_fn, RANDOM_DRAW_CALL)
+        result = ClusterUCBResult(draws=draws)
     else:
-        raise ValueError(f"{spec.method!r} is not a budgeted method ({', '.join(BUDGETED)})")
-    policy = make_policy(policy_name, len(members), rng, beta=spec.beta, ucb_p=spec.ucb_p, tie_break=spec.tie_break)
-    bandit = ClusterUCB(members, policy, reward_fn, rng, draw_batch)
-    result = bandit.run(plan_budget([len(m) for m in members], len(labels), spec.budget, csp))
+        if spec.method == "clusterucb":
+            members, _ = clusters_from_labels(labels)
+            csp, policy_name, draw_batch, guidance = spec.csp, spec.policy, spec.draw_batch, spec.guidance
+        elif spec.method == "random_draw":
+            members = [np.flatnonzero(np.asarray(labels) >= 0)]
+            csp, policy_name, guidance = 0.0, "random_cluster", PriorGuidance()
+            draw_batch = max(spec.draw_batch, RANDOM_DRAW_CALL)
+        else:
+            raise ValueError(f"{spec.method!r} is not a budgeted method ({', '.join(BUDGETED)})")
+        policy = make_policy(policy_name, len(members), rng, beta=spec.beta, ucb_p=spec.ucb_p, tie_break=spec.tie_break)
+        bandit = ClusterUCB(members, policy, reward_fn, rng, draw_batch, prior=prior, guidance=guidance, k=k)
+        result = bandit.run(plan_budget([len(m) for m in members], len(labels), spec.budget, csp))
     scores = np.array([d.score for d in result.draws])
     indices = np.array([d.index for d in result.draws], dtype=np.int64)
-    selected = indices[top_k(scores, n_selected(len(labels), top_p))]
+    selected = indices[top_k(scores, k)]
     return result, selected
 
 
-def simulate(spec: BudgetedSpec, labels: np.ndarray, scores: np.ndarray, top_p: float, rng: np.random.Generator | None = None) -> dict:
+def simulate(spec: BudgetedSpec, labels: np.ndarray, scores: np.ndarray, top_p: float, rng: np.random.Generator | None = None, prior: np.ndarray | None = None) -> dict:
     """Replay a budgeted method with rewards looked up in ``scores``; its recall and cost."""
     rng = rng if rng is not None else np.random.default_rng(spec.seed)
     scores = np.asarray(scores, dtype=np.float64)
-    result, selected = budgeted_selection(spec, labels, top_p, lambda idx: scores[idx], rng)
+    result, selected = budgeted_selection(spec, labels, top_p, lambda idx: scores[idx], rng, prior=prior)
     drawn = np.array([d.index for d in result.draws], dtype=np.int64)
     k = n_selected(len(labels), top_p)
-    return {**recall_metrics(selected, drawn, scores, k, labels), "n_gradients": len(drawn), "cumulative_reward": float(np.nansum(scores[drawn]))}
+    return {**recall_metrics(selected, drawn, scores, k, labels), "n_gradients": len(drawn), "cumulative_reward": float(np.nansum(scores[drawn])), "retired_arms": result.retired}
+
+
+def static_recall(earlier_scores: np.ndarray, scores: np.ndarray, top_p: float) -> dict:
+    """The static baseline: the top-k by an earlier checkpoint's scores (epoch 1's full matching, kept), recalled
+    against the top-k now. It computes no gradient at this checkpoint."""
+    k = n_selected(len(scores), top_p)
+    selected = top_k(np.asarray(earlier_scores, dtype=np.float64), k)
+    return {**recall_metrics(selected, np.array([], dtype=np.int64), scores, k), "n_gradients": 0, "cumulative_reward": 0.0}
 
 
 def random_subset_recall(scores: np.ndarray, top_p: float, seed: int) -> dict:
@@ -131,7 +160,8 @@ def full_recall(scores: np.ndarray, top_p: float) -> dict:
 
 
 def expand_grid(grid: dict, ks: list[int]) -> list[tuple[BudgetedSpec, int]]:
-    """Every (spec, k) of a sweep grid; random_draw points ignore the clustering parameters (deduplicated)."""
+    """Every (spec, k) of a sweep grid; random_draw and prior_rerank points ignore the clustering parameters
+    (deduplicated), and the prior-guidance axes (order, arm_prior, exhaust) apply to clusterucb only."""
     def values(key, default):
         return list(grid.get(key) or default)
 
@@ -139,17 +169,18 @@ def expand_grid(grid: dict, ks: list[int]) -> list[tuple[BudgetedSpec, int]]:
     for method in values("method", ["clusterucb"]):
         if method not in BUDGETED:
             raise ValueError(f"{method!r} is not a budgeted method ({', '.join(BUDGETED)})")
-        if method == "random_draw":  # one arm, no cold start, no policy parameters
+        if method in ("random_draw", "prior_rerank"):  # no clusters, no cold start, no policy parameters
             for budget, seed in itertools.product(values("budget", [0.2]), values("seed", [0])):
                 spec = BudgetedSpec(method=method, policy="random_cluster", budget=budget, csp=0.0, seed=seed)
                 points[(spec, ks[0])] = (spec, ks[0])
             continue
-        for policy in values("policy", ["ucb_beta"]):
+        guided = itertools.product(values("order", ["uniform"]), values("arm_prior", [False]), values("exhaust", [False]))
+        for (order, arm_prior, exhaust), policy in itertools.product(list(guided), values("policy", ["ucb_beta"])):
             # A policy does not depend on another policy's parameter: sweep only its own.
             betas = values("beta", [1.0]) if "beta" in policy_params(policy) else [1.0]
             ucb_ps = values("ucb_p", [0.25]) if "ucb_p" in policy_params(policy) else [0.25]
             for budget, csp, beta, ucb_p, k, seed in itertools.product(values("budget", [0.2]), values("csp", [0.05]), betas, ucb_ps, values("k", ks), values("seed", [0])):
-                spec = BudgetedSpec(method=method, policy=policy, budget=budget, csp=csp, beta=beta, ucb_p=ucb_p, seed=seed)
+                spec = BudgetedSpec(method=method, policy=policy, budget=budget, csp=csp, beta=beta, ucb_p=ucb_p, seed=seed, order=order, arm_prior=bool(arm_prior), exhaust=bool(exhaust))
                 points[(spec, k)] = (spec, k)
     return list(points.values())
 

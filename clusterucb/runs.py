@@ -10,6 +10,10 @@ the epoch-1 full-matching selection and training of every Dynamic-family run.
 |-------------|------------------------------|------------------------------------------------|---------------------------|
 | clusterucb  | full matching at the warmup  | ClusterUCB at its own epoch e-1 checkpoint      | N + (E-1) * budget * N    |
 | random_draw | full matching at the warmup  | budget * N uniform draws, top-k of them         | N + (E-1) * budget * N    |
+| prior_rerank| full matching at the warmup  | the budget * N samples of best prior (warmup    | N + (E-1) * budget * N    |
+|             |                              | features vs the current validation gradients),  |                           |
+|             |                              | re-ranked by fresh gradients                    |                           |
+| static      | full matching at the warmup  | epoch 1's selection again                       | N                         |
 | dynamic     | full matching at the warmup  | full matching at its own epoch e-1 checkpoint   | E * N                     |
 | less        | LESS (warmup checkpoints, LR-weighted), the same selection every epoch | | C * N             |
 | random      | a uniform random subset, the same every epoch |                               | 0                         |
@@ -27,16 +31,20 @@ from dataclasses import dataclass, field
 from clusterucb.bandit import policy_params
 from clusterucb.paths import ALL_TASKS, run_checkpoint
 
-METHODS = ("clusterucb", "random_draw", "dynamic", "less", "random")
-BUDGETED = ("clusterucb", "random_draw")
-DYNAMIC_FAMILY = ("clusterucb", "random_draw", "dynamic")
+METHODS = ("clusterucb", "random_draw", "prior_rerank", "static", "dynamic", "less", "random")
+BUDGETED = ("clusterucb", "random_draw", "prior_rerank")
+DYNAMIC_FAMILY = ("clusterucb", "random_draw", "prior_rerank", "static", "dynamic")
+# ClusterUCB's prior guidance (beyond the paper; selection.PriorGuidance) and the values that mean "off".
+GUIDANCE_OFF = {"order": "uniform", "arm_prior": False, "exhaust": False}
 SHARED_EPOCH1 = "full_matching"  # the epoch-1 run every Dynamic-family run starts from
 TASK_INDEPENDENT = ("random",)  # never reads a target: one selection and training serve every target task
 
 # Parameters a method depends on (and so may vary in a sweep).
 RUN_KEYS = {
-    "clusterucb": ("policy", "budget", "csp", "beta", "ucb_p", "draw_batch", "tie_break", "k", "seed"),
+    "clusterucb": ("policy", "budget", "csp", "beta", "ucb_p", "draw_batch", "tie_break", "k", "seed", "order", "arm_prior", "exhaust"),
     "random_draw": ("budget", "draw_batch", "seed"),
+    "prior_rerank": ("budget",),
+    "static": (),
     "dynamic": (),
     "less": (),
     "random": ("seed",),
@@ -83,6 +91,9 @@ def defaults_from_config(selection: dict, cluster_k: int, seed: int) -> dict:
         "tie_break": selection["tie_break"],
         "k": cluster_k,
         "seed": seed,
+        "order": selection.get("order", GUIDANCE_OFF["order"]),
+        "arm_prior": selection.get("arm_prior", GUIDANCE_OFF["arm_prior"]),
+        "exhaust": selection.get("exhaust", GUIDANCE_OFF["exhaust"]),
     }
 
 
@@ -100,8 +111,14 @@ def make_run(method: str, overrides: dict, defaults: dict) -> Run:
             if key not in policy_params(params["policy"]):
                 params.pop(key)
     # An override equal to the default, or one the run does not use, names the default run.
-    overrides = {k: v for k, v in overrides.items() if k in params and v != defaults[k]}
-    return Run(run_name(method, overrides), method, params)
+    named = {k: v for k, v in overrides.items() if k in params and v != defaults[k]}
+    if method == "clusterucb":
+        # The paper's loop (no prior guidance) keeps the parameters it always had, so runs made before
+        # these switches existed are not replanned.
+        for key, off in GUIDANCE_OFF.items():
+            if params[key] == off:
+                params.pop(key)
+    return Run(run_name(method, named), method, params)
 
 
 def expand_runs(methods: list[str], sweep: list[dict], defaults: dict) -> dict[str, Run]:

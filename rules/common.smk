@@ -79,6 +79,7 @@ from clusterucb.resources import (  # noqa: E402
 from clusterucb.tokens import count_rows  # noqa: E402
 from clusterucb.runs import (
     BUDGETED,
+    GUIDANCE_OFF,
     METHODS,
     SHARED_EPOCH1,
     defaults_from_config,
@@ -367,11 +368,42 @@ def get_budgeted_inputs(wildcards):
         arms = assignments(run_k(run))
     else:
         arms = paths.POOL_MANIFEST.format(ckpt="warmup")
-    return {
+    inputs = {
         **paths.checkpoint_files(previous),
         **val_grads(previous, wildcards.task),
         "arms": arms,
     }
+    if needs_prior(run):
+        inputs["prior"] = prior_scores(previous, wildcards.task)
+    return inputs
+
+
+def needs_prior(run):
+    """prior_rerank, and ClusterUCB with any prior guidance (its params hold only switches that are on)."""
+    return run.method == "prior_rerank" or bool(set(run.params) & set(GUIDANCE_OFF))
+
+
+def prior_scores(ckpt, task):
+    """The prior at a checkpoint: warmup features against its validation gradients (at the warmup: its scores)."""
+    return (
+        paths.SCORES.format(ckpt=ckpt, task=task)
+        if ckpt == "warmup"
+        else paths.PRIOR_SCORES.format(ckpt=ckpt, task=task)
+    )
+
+
+def get_prior_scores_inputs(wildcards):
+    """The warmup store (features, shards) and the checkpoint's validation gradients."""
+    return {
+        "manifest": paths.POOL_MANIFEST.format(ckpt="warmup"),
+        "shards": get_warmup_shards(),
+        **val_grads(wildcards.ckpt, wildcards.task),
+    }
+
+
+def get_static_input(wildcards):
+    """Static keeps epoch 1's selection: the target's shared full matching."""
+    return paths.SELECTION.format(task=wildcards.task, run=SHARED_EPOCH1, epoch=1)
 
 
 def get_run_params(wildcards):
@@ -467,12 +499,24 @@ def quality_ks():
     return sorted(set(QUALITY["grid"].get("k") or [config["cluster"]["k"]]))
 
 
+def quality_needs_prior():
+    grid = QUALITY["grid"]
+    guided = any(v != GUIDANCE_OFF[key] for key in GUIDANCE_OFF for v in grid.get(key) or [])
+    return "prior_rerank" in grid.get("method", []) or guided
+
+
 def get_quality_inputs(wildcards):
+    """Full scores at the checkpoint, the clusters, the warmup's scores (static's selection) and, when the grid
+    replays prior_rerank or prior-guided ClusterUCB, the prior at the checkpoint."""
     ckpt = paths.task_checkpoint(wildcards.task, wildcards.qckpt)
-    return {
+    inputs = {
         "scores": paths.SCORES.format(ckpt=ckpt, task=wildcards.task),
         "assignments": [assignments(k) for k in quality_ks()],
+        "static": paths.SCORES.format(ckpt="warmup", task=wildcards.task),
     }
+    if quality_needs_prior():
+        inputs["prior"] = prior_scores(ckpt, wildcards.task)
+    return inputs
 
 
 # ---------------------------------------------------------------- resources

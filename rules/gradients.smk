@@ -87,3 +87,27 @@ rule full_scores:
         runtime=runtime_heavy,
     script:
         "../workflow_scripts/full_scores.py"
+
+
+# The prior at a later checkpoint: every pool sample's *warmup* feature against that checkpoint's
+# validation gradients (full matching's computation on the warmup store; no pool gradient), for
+# prior_rerank and ClusterUCB's prior guidance. At the warmup itself it is the warmup's scores.
+rule prior_scores:
+    input:
+        unpack(get_prior_scores_inputs),
+    output:
+        paths.PRIOR_SCORES,
+    log:
+        "logs/prior_scores/{ckpt}/{task}.log",
+    benchmark:
+        "results/benchmarks/prior_scores/{ckpt}/{task}.tsv"
+    wildcard_constraints:
+        ckpt=rf"less/ckpt-\d+|runs/({TASK_PATTERN})/{RUN_PATTERN}/epoch-\d+",
+    conda:
+        "../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=mem_mb_scores,
+        runtime=runtime_heavy,
+    script:
+        "../workflow_scripts/full_scores.py"

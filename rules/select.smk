@@ -55,6 +55,24 @@ rule select_budgeted:
         "../workflow_scripts/select_budgeted.py"
 
 
+rule select_static:
+    input:
+        epoch1=get_static_input,
+        pool_table=paths.POOL,
+    output:
+        selection=paths.SELECTION,
+    log:
+        "logs/select/{task}/{run}/epoch-{epoch}.log",
+    wildcard_constraints:
+        run=runs_pattern(["static"]),
+        epoch=r"[2-9]|[1-9]\d+",
+    localrule: True
+    conda:
+        "../envs/cpu.yaml"
+    script:
+        "../workflow_scripts/select_static.py"
+
+
 rule select_random:
     input:
         pool=paths.POOL_TOKENS,

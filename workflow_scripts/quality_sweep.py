@@ -3,7 +3,9 @@ from _common import finish, init
 init(snakemake)  # noqa: F821
 from clusterucb.pipeline.quality import quality_sweep  # noqa: E402
 
-i, p = snakemake.input, snakemake.params  # noqa: F821
-o = snakemake.output  # noqa: F821
-quality_sweep(i.scores, list(i.assignments), p.grid, p.top_p, p.seed, o.sweep, o.clusters)
+i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
+quality_sweep(
+    scores_path=i.scores, assignment_paths=list(i.assignments), grid=p.grid, top_p=p.top_p, seed=p.seed,
+    out=o.sweep, clusters_out=o.clusters, prior_path=i.get("prior"), static_path=i.static,
+)
 finish()

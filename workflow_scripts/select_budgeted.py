@@ -26,6 +26,7 @@ select_budgeted(
     run=w.run,
     epoch=int(w.epoch),
     pool_table=i.pool_table,
+    prior=i.get("prior"),
     scratch=p.scratch,
 )
 finish()

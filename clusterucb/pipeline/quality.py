@@ -13,7 +13,7 @@ from clusterucb.bandit import policy_params
 from clusterucb.io import read_parquet_metadata, write_json, write_parquet
 from clusterucb.logsetup import progress
 from clusterucb.pipeline.tables import read_assignments, read_scores
-from clusterucb.quality import cluster_concentration, expand_grid, full_recall, random_subset_recall, recall_metrics, simulate
+from clusterucb.quality import cluster_concentration, expand_grid, full_recall, random_subset_recall, recall_metrics, simulate, static_recall
 from clusterucb.selection import n_selected, top_k
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,24 @@ def recall(selection: str, draws: str, scores_path: str, assignments: str, recal
     log.info("recall of %s epoch %s: Rs %.3f, Rinf_excess %.3f, budget in top-k clusters %.3f", result["run"], result["epoch"], metrics["Rs"], metrics["Rinf_excess"], metrics["budget_in_topk_clusters"])
 
 
-def quality_sweep(scores_path: str, assignment_paths: list[str], grid: dict, top_p: float, seed: int, out: str, clusters_out: str) -> None:
+def aligned_scores(path: str, ids: list[str]) -> np.ndarray:
+    """The scores of ``path`` in the order of ``ids`` (NaN for an id it lacks, e.g. a failed warmup gradient)."""
+    other_ids, other, _ = read_scores(path)
+    position = {e: i for i, e in enumerate(other_ids)}
+    return np.array([other[position[e]] if e in position else np.nan for e in ids])
+
+
+def quality_sweep(scores_path: str, assignment_paths: list[str], grid: dict, top_p: float, seed: int, out: str, clusters_out: str, prior_path: str | None = None, static_path: str | None = None) -> None:
     """Replay every grid point on the full-pool scores of one checkpoint; recall and cost per point.
 
+    ``prior_path``: the prior scores at this checkpoint (warmup features against its validation gradients), read
+    by prior_rerank and ClusterUCB's prior guidance. ``static_path``: the warmup checkpoint's scores, whose top-k
+    is epoch 1's full-matching selection: the static method, kept every epoch, is recalled against this checkpoint.
     Also, per clustering (K): its size distribution and how much of the scores'
     variance it explains (eta2) against random groupings of the same sizes.
     """
     ids, scores, meta = read_scores(scores_path)
+    prior = None if prior_path is None else np.nan_to_num(aligned_scores(prior_path, ids), nan=-np.inf)
     labels_by_k = {}
     for path in assignment_paths:
         k = int(read_parquet_metadata(path)["k"])
@@ -68,7 +79,7 @@ def quality_sweep(scores_path: str, assignment_paths: list[str], grid: dict, top
     rows = []
     points = list(expand_grid(grid, sorted(labels_by_k)))
     for spec, k in progress(points, desc="replays"):
-        result = simulate(spec, labels_by_k[k], scores, top_p)
+        result = simulate(spec, labels_by_k[k], scores, top_p, prior=prior if spec.needs_prior else None)
         clustered = spec.method == "clusterucb"
         rows.append(
             {
@@ -79,13 +90,18 @@ def quality_sweep(scores_path: str, assignment_paths: list[str], grid: dict, top
                 "beta": spec.beta if clustered and "beta" in policy_params(spec.policy) else None,
                 "ucb_p": spec.ucb_p if clustered and "ucb_p" in policy_params(spec.policy) else None,
                 "k": k if clustered else None,
-                "seed": spec.seed,
+                "seed": spec.seed if spec.method != "prior_rerank" else None,
+                "order": spec.order if clustered else None,
+                "arm_prior": spec.arm_prior if clustered else None,
+                "exhaust": spec.exhaust if clustered else None,
                 **result,
             }
         )
     for s in sorted(set(grid.get("seed") or [seed])):
         rows.append({"method": "random", "seed": s, **random_subset_recall(scores, top_p, s)})
     rows.append({"method": "full", "seed": None, **full_recall(scores, top_p)})
+    if static_path is not None:
+        rows.append({"method": "static", "seed": None, **static_recall(np.nan_to_num(aligned_scores(static_path, ids), nan=-np.inf), scores, top_p)})
     frame = pd.DataFrame(rows)
     frame.insert(0, "checkpoint", meta["checkpoint"])
     frame.insert(0, "task", meta.get("task"))

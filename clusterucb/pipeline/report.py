@@ -87,7 +87,11 @@ def quality_table(sweep_paths: list[str], cluster_paths: list[str], table_out: s
     share of the scores' variance the clusters explain (eta2) against random groupings.
     """
     frame = pd.concat([pq.read_table(p).to_pandas() for p in sweep_paths], ignore_index=True)
-    keys = ["task", "checkpoint", "method", "policy", "budget", "csp", "beta", "ucb_p", "k"]
+    for guidance in ("order", "arm_prior", "exhaust"):  # sweeps written before the prior-guided variants
+        if guidance not in frame:
+            frame[guidance] = None
+    frame["variant"] = [variant_name(row) for row in frame.itertuples()]
+    keys = ["task", "checkpoint", "method", "variant", "policy", "budget", "csp", "beta", "ucb_p", "k"]
     agg = frame.groupby(keys, sort=False, dropna=False).agg(
         seeds=("Rs", "size"),
         Rs=("Rs", "mean"),
@@ -99,7 +103,7 @@ def quality_table(sweep_paths: list[str], cluster_paths: list[str], table_out: s
         budget_in_topk_clusters=("budget_in_topk_clusters", "mean"),
         n_gradients=("n_gradients", "mean"),
     ).reset_index()
-    agg = agg.sort_values(["task", "checkpoint", "method", "policy", "budget"], kind="stable").astype({"k": "Int64", "n_gradients": "Int64"})
+    agg = agg.sort_values(["task", "checkpoint", "method", "variant", "policy", "budget"], kind="stable").astype({"k": "Int64", "n_gradients": "Int64"})
     clusters = pd.concat([pq.read_table(p).to_pandas() for p in cluster_paths], ignore_index=True)
     appendix = (
         "\nClusters: sizes, and the share of the influence scores' variance they explain (eta2) "
@@ -108,6 +112,14 @@ def quality_table(sweep_paths: list[str], cluster_paths: list[str], table_out: s
     )
     _write_table(agg, table_out, markdown_out, {"sweeps": sweep_paths, "clusters": cluster_paths}, appendix)
     recall_vs_budget_figure(agg, figure_out)
+
+
+def variant_name(row) -> str:
+    """ClusterUCB's prior guidance as a short label ("paper" when none is on); "" for the other methods."""
+    if row.method != "clusterucb":
+        return ""
+    on = [name for name, value in (("prior order", row.order == "prior"), ("arm prior", row.arm_prior is True), ("exhaust", row.exhaust is True)) if value]
+    return " + ".join(on) or "paper"
 
 
 def _pyplot():
@@ -130,20 +142,23 @@ def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
     checkpoints = list(dict.fromkeys(zip(agg.task, agg.checkpoint)))
     metrics = ("Rs", "Rinf_excess", "Rinf")
     fig, axes = plt.subplots(len(checkpoints), len(metrics), figsize=(16, 3.6 * len(checkpoints)), squeeze=False, constrained_layout=True)
-    budgeted = agg[agg.method.isin(["clusterucb", "random_draw"])]
+    budgeted = agg[agg.method.isin(["clusterucb", "random_draw", "prior_rerank"])]
     for row, (task, checkpoint) in enumerate(checkpoints):
         here = (agg.task == task) & (agg.checkpoint == checkpoint)
         part = budgeted[here[budgeted.index]]
         baselines = agg[here & (agg.method == "random")]
+        static = agg[here & (agg.method == "static")]
         for col, metric in enumerate(metrics):
             ax = axes[row][col]
-            for (method, policy), line in part.groupby(["method", "policy"], sort=False, dropna=False):
-                label = method if method != "clusterucb" else f"clusterucb/{policy}"
+            for (method, variant, policy), line in part.groupby(["method", "variant", "policy"], sort=False, dropna=False):
+                label = method if method != "clusterucb" else f"clusterucb/{policy}" + ("" if variant == "paper" else f" ({variant})")
                 line = line.groupby("budget")[[metric, f"{metric}_std"]].mean().reset_index()
-                style = "--" if method == "random_draw" else "-"
+                style = "--" if method in ("random_draw", "prior_rerank") else "-"
                 ax.errorbar(line.budget.astype(float), line[metric], yerr=line[f"{metric}_std"].fillna(0), label=label, linestyle=style, marker="o", capsize=3)
             if len(baselines):
                 ax.axhline(float(baselines[metric].mean()), color="grey", linestyle=":", label="random subset")
+            if len(static) and checkpoint != "results/warmup":
+                ax.axhline(float(static[metric].mean()), color="black", linestyle="-.", label="static (epoch 1's selection, 0 gradients)")
             title = f"{task}: {metric} at {checkpoint}"
             if metric == "Rinf":
                 title += "\n(only where the top-k's influence sum is > 0)"

@@ -16,6 +16,7 @@ from clusterucb.matching import influence_scores
 from clusterucb.pipeline.data import read_tokens
 from clusterucb.pipeline.grads import GradParams, make_featurizer
 from clusterucb.pipeline.scores import val_features
+from clusterucb.pipeline.quality import aligned_scores
 from clusterucb.pipeline.tables import draws_schema, read_assignments, write_selection
 from clusterucb.quality import BudgetedSpec, budgeted_selection
 from clusterucb.reward_cache import RewardLog
@@ -43,6 +44,7 @@ def select_budgeted(
     run: str,
     epoch: int,
     pool_table: str,
+    prior: str | None = None,
     scratch: str | None = None,
 ) -> None:
     """ClusterUCB (or random_draw) at the previous epoch's checkpoint: gradients only for the drawn samples (spec §6).
@@ -52,6 +54,9 @@ def select_budgeted(
     clusterable when its warmup gradient succeeded), so that its selection does
     not depend on K. Its draws' ``cluster`` column is then null: which cluster a
     draw fell in is a label the oracle's recall step joins, not an input.
+
+    ``prior``: the prior scores at this checkpoint (warmup features against its validation gradients), for
+    prior_rerank and ClusterUCB's prior guidance.
 
     With ``scratch``, every computed reward is logged there (:class:`RewardLog`):
     a killed job resumes without recomputing them and ends with the same selection.
@@ -91,8 +96,13 @@ def select_budgeted(
         )
         rewards = RewardLog(scratch, key)
         reward_fn = rewards.wrap(reward_fn)
+    prior_scores = None
+    if spec.needs_prior:
+        if prior is None:
+            raise ValueError(f"{run}: {spec.method} with {spec.guidance} needs the prior scores at {checkpoint}")
+        prior_scores = np.nan_to_num(aligned_scores(prior, pool_ids), nan=-np.inf)
     start = time.perf_counter()
-    result, selected = budgeted_selection(spec, pool_label, top_p, reward_fn, np.random.default_rng([spec.seed, epoch]))
+    result, selected = budgeted_selection(spec, pool_label, top_p, reward_fn, np.random.default_rng([spec.seed, epoch]), prior=prior_scores)
     seconds = time.perf_counter() - start
     computed = len(result.draws) - (rewards.reused if rewards else 0)
     log.info("%s: %d draws in %.1f s (%.2f draws/s computed; %d rewards taken from an interrupted run)", spec.method, len(result.draws), seconds, computed / max(seconds, 1e-9), rewards.reused if rewards else 0)
@@ -119,7 +129,7 @@ def select_budgeted(
         run_meta,
     )
     order = [position[int(i)] for i in selected]
-    meta = {**run_meta, "rule": spec.method if spec.method != "clusterucb" else f"clusterucb/{spec.policy}", "n_pool": len(pool), "n_gradients": len(draws), "n_failed": int((~np.isfinite(draw_scores)).sum()), "top_p": top_p}
+    meta = {**run_meta, "rule": spec.method if spec.method != "clusterucb" else f"clusterucb/{spec.policy}", "retired_arms": result.retired, "n_pool": len(pool), "n_gradients": len(draws), "n_failed": int((~np.isfinite(draw_scores)).sum()), "top_p": top_p}
     write_selection([draw_ids[i] for i in order], draw_scores[order], [draw_clusters[i] for i in order], selection_out, meta, pool_table)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)

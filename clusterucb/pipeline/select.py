@@ -29,6 +29,15 @@ def select_top_scores(scores_path: str, pool_tokens: str, pool_table: str, selec
     write_selection([ids[i] for i in order], scores[order], None, selection_out, info, pool_table)
 
 
+def select_static(epoch1_selection: str, pool_table: str, selection_out: str, task: str, run: str, epoch: int) -> None:
+    """Static: epoch 1's full-matching selection again at a later epoch (what keeping it costs: no gradient)."""
+    table = pq.read_table(epoch1_selection, columns=["example_id", "score"])
+    first = read_parquet_metadata(epoch1_selection)
+    meta = {"method": "static", "task": task, "run": run, "epoch": epoch, "rule": "static", "checkpoint": first["checkpoint"], "n_pool": first["n_pool"], "n_gradients": 0, "top_p": first["top_p"]}
+    scores = table.column("score").to_numpy(zero_copy_only=False)
+    write_selection(table.column("example_id").to_pylist(), scores, None, selection_out, meta, pool_table)
+
+
 def select_random(pool_tokens: str, pool_table: str, selection_out: str, top_p: float, seed: int, task: str, run: str, epoch: int) -> None:
     """A uniform random subset of the selection size; the same subset every epoch (the paper's Random baseline)."""
     ids = pool_ids(pool_tokens)
