@@ -181,6 +181,13 @@ MATRIX: dict[str, tuple[str, set[str]]] = {
     "quality.grid.k": ("quality={{grid: {{k: [4]}}}}", QUALITY | SUMMARY),
     "quality.grid.seed": ("quality={{grid: {{seed: [0]}}}}", QUALITY | SUMMARY),
     "selection.tie_break": ("selection={{tie_break: lowest}}", BUDGETED_RUNS - {"plot_cluster_influence"}),
+    # Prior guidance: ClusterUCB's re-selections (not random_draw's), and the prior they read at each checkpoint.
+    "selection.order": ("selection={{order: prior}}", BUDGETED_RUNS - {"plot_cluster_influence"} | {"prior_scores"}),
+    "selection.arm_prior": ("selection={{arm_prior: true}}", BUDGETED_RUNS - {"plot_cluster_influence"} | {"prior_scores"}),
+    "selection.exhaust": ("selection={{exhaust: true}}", BUDGETED_RUNS - {"plot_cluster_influence"} | {"prior_scores"}),
+    "quality.grid.order": ("quality={{grid: {{order: [uniform, prior]}}}}", QUALITY | SUMMARY | {"prior_scores"}),
+    "quality.grid.arm_prior": ("quality={{grid: {{arm_prior: [true]}}}}", QUALITY | SUMMARY | {"prior_scores"}),
+    "quality.grid.exhaust": ("quality={{grid: {{exhaust: [true]}}}}", QUALITY | SUMMARY | {"prior_scores"}),
 }
 
 
