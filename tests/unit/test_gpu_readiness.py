@@ -1,0 +1,178 @@
+"""What a GPU run relies on, shown on CPU: OOM back-off in the gradient pass and in training (simulated with a
+hook that raises ``torch.OutOfMemoryError`` above a batch size), micro_batch as a memory knob only, float16
+refused for training, and per-example dropout masks."""
+
+from __future__ import annotations
+
+import sys
+import weakref
+
+import pytest
+import torch
+from tinymodels import random_adam_state, ragged_examples, tiny_lora_llama
+
+from clusterucb.dropout import ExampleSeededDropout, example_keys, install_example_dropout, keep_mask
+from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients
+from clusterucb.projection import SJLTProjector
+from clusterucb.schedule import plan_steps
+from clusterucb.training import TrainSpec, train_lora
+
+
+class OutOfMemoryAbove:
+    """A forward pre-hook that fails like the CUDA allocator when a batch has more than ``limit`` rows.
+
+    For every batch that does run it records whether an exception was still being handled (a retry inside
+    the ``except``) and whether the inputs of every batch that failed before it were already freed.
+    """
+
+    def __init__(self, model, limit: int):
+        self.limit = limit
+        self.failed: list[weakref.ref] = []
+        self.runs: list[tuple[int, bool, bool]] = []  # (rows, inside an except, every failed batch freed)
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        rows = input_ids.shape[0]
+        if rows > self.limit:
+            self.failed.append(weakref.ref(input_ids))
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {rows} rows > {self.limit})")
+        self.runs.append((rows, sys.exc_info()[0] is not None, all(ref() is None for ref in self.failed)))
+
+
+def _featurizer(model, max_batch_size: int = 8):
+    dim = PerSampleLoraGradients(model).dim
+    return GradientFeaturizer(model, 0, SJLTProjector(dim, 128, seed=3), AdamPreconditioner(random_adam_state(dim)), max_batch_size=max_batch_size, max_batch_tokens=10**6)
+
+
+def test_gradient_oom_backs_off_outside_the_handler_and_drops_nothing():
+    examples = ragged_examples(11, seed=8)
+    model = tiny_lora_llama()
+    reference = _featurizer(model).featurize(examples)
+    hook = OutOfMemoryAbove(model, limit=2)
+    featurizer = _featurizer(model)
+    result = featurizer.featurize(examples)
+    hook.handle.remove()
+    assert hook.failed and not result.failures  # it did run out of memory, and no sample was dropped
+    assert {rows for rows, _, _ in hook.runs} <= {1, 2}
+    assert not any(inside for _, inside, _ in hook.runs), "a retry ran inside the except block"
+    assert all(freed for _, _, freed in hook.runs), "a failed batch's tensors were still alive at the retry"
+    rel = (result.features - reference.features).norm(dim=1) / reference.features.norm(dim=1)
+    assert float(rel.max()) < 1e-5 and torch.allclose(result.losses, reference.losses, rtol=1e-6)
+    # batches as large as one that failed are split before they are tried: one OOM, not one per batch
+    failures_first = len(hook.failed)
+    hook = OutOfMemoryAbove(model, limit=2)
+    featurizer.featurize(examples)
+    hook.handle.remove()
+    assert len(hook.failed) == 0 and failures_first >= 1
+
+
+def test_gradient_oom_at_batch_size_one_is_recorded_per_sample():
+    examples = ragged_examples(4, seed=9)
+    model = tiny_lora_llama()
+    hook = OutOfMemoryAbove(model, limit=0)
+    result = _featurizer(model).featurize(examples)
+    hook.handle.remove()
+    assert result.failures == {i: "out of memory at batch size 1" for i in range(4)}
+    assert torch.isnan(result.features).all()
+
+
+def _train(model, examples, micro_batch: int, n_steps: int = 3, dropout_on: bool = True):
+    spec = TrainSpec(lr=1e-2, effective_batch=4, micro_batch=micro_batch, warmup_ratio=0.0)
+    if not dropout_on:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    _, steps = train_lora(model, examples, spec, plan_steps(0, n_steps, n_steps, 0.0), 0, [3, 1])
+    weights = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+    return [s["loss"] for s in steps], weights
+
+
+def test_micro_batch_changes_nothing_but_rounding_with_dropout_on():
+    examples = ragged_examples(12, seed=10)
+    runs = {micro: _train(tiny_lora_llama(seed=4), examples, micro) for micro in (4, 2, 1)}
+    losses4, weights4 = runs[4]
+    for micro in (2, 1):
+        losses, weights = runs[micro]
+        assert losses == pytest.approx(losses4, rel=1e-5), micro
+        assert float((weights - weights4).norm() / weights4.norm()) < 1e-5, micro
+    # dropout is really on: without it the trajectory is another one
+    losses_off, weights_off = _train(tiny_lora_llama(seed=4), examples, 4, dropout_on=False)
+    assert float((weights_off - weights4).norm() / weights4.norm()) > 1e-3
+
+
+def test_training_oom_redoes_the_step_with_smaller_micro_batches(caplog):
+    examples = ragged_examples(12, seed=11)
+    _, reference = _train(tiny_lora_llama(seed=5), examples, 4)
+    model = tiny_lora_llama(seed=5)
+    hook = OutOfMemoryAbove(model, limit=1)
+    with caplog.at_level("WARNING", logger="clusterucb.training"):
+        _, weights = _train(model, examples, 4)
+    hook.handle.remove()
+    assert hook.failed and {rows for rows, _, _ in hook.runs} == {1}
+    assert not any(inside for _, inside, _ in hook.runs) and all(freed for _, _, freed in hook.runs)
+    assert "micro-batches of 2" in caplog.text and "micro-batches of 1" in caplog.text
+    assert float((weights - reference).norm() / reference.norm()) < 1e-5
+
+
+class FailsInBackward(torch.autograd.Function):
+    """Identity forward; its backward raises OOM while ``armed`` (after other parameters got part of their gradient)."""
+
+    armed = [0]
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if FailsInBackward.armed[0] > 0:
+            FailsInBackward.armed[0] -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated, in backward)")
+        return grad
+
+
+def test_training_oom_in_backward_discards_the_partial_gradient():
+    examples = ragged_examples(12, seed=12)
+    _, reference = _train(tiny_lora_llama(seed=6), examples, 2)
+    model = tiny_lora_llama(seed=6)
+    # the output of the first layer's attention: its backward runs after the LoRA factors of later layers got gradients
+    layer = model.base_model.model.model.layers[0].self_attn
+    handle = layer.register_forward_hook(lambda m, a, out: (FailsInBackward.apply(out[0]), *out[1:]))
+    FailsInBackward.armed[0] = 1
+    try:
+        _, weights = _train(model, examples, 2)
+    finally:
+        handle.remove()
+    assert FailsInBackward.armed[0] == 0
+    assert float((weights - reference).norm() / reference.norm()) < 1e-5
+
+
+def test_training_refuses_a_float16_base():
+    model = tiny_lora_llama()
+    for name, param in model.named_parameters():
+        if "lora_" not in name:
+            param.data = param.data.half()
+    with pytest.raises(ValueError, match="float16.*loss scaling.*bfloat16"):
+        _train(model, ragged_examples(4), 4, n_steps=1)
+
+
+def test_dropout_masks_belong_to_the_example():
+    # the same example gets the same mask whatever else is in its batch and however much padding it has
+    alone = keep_mask([11], 5, (1, 20, 16), 0.3, "cpu")
+    batched = keep_mask([7, 11, 9], 5, (3, 37, 16), 0.3, "cpu")
+    assert torch.equal(batched[1, :20], alone[0])
+    assert not torch.equal(batched[0], batched[1])
+    assert abs(float(batched.float().mean()) - 0.7) < 0.03
+    assert not torch.equal(keep_mask([11], 6, (1, 20, 16), 0.3, "cpu"), alone)  # another module, another mask
+    model = tiny_lora_llama()
+    assert install_example_dropout(model) == 8 == install_example_dropout(model)  # 4 modules x 2 layers; idempotent
+    dropout = next(m for m in model.modules() if isinstance(m, ExampleSeededDropout))
+    dropout.train()
+    with pytest.raises(RuntimeError, match="row keys"):
+        dropout(torch.ones(1, 3, 4))
+    with example_keys([1]):
+        out = dropout(torch.ones(1, 3, 4))
+    assert torch.isclose(out, torch.tensor(0.0)).logical_or(torch.isclose(out, torch.tensor(1 / 0.9))).all()
+    dropout.eval()
+    assert torch.equal(dropout(torch.ones(1, 3, 4)), torch.ones(1, 3, 4))
