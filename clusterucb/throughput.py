@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import copy
 
-THROUGHPUT = {"gradients": ("max_batch_size", "max_batch_tokens", "resume_chunk"), "target": ("eval_batch_size",), "precision": ("gradient_checkpointing",), "cluster": ("cache_mb",)}
+THROUGHPUT = {
+    "gradients": ("max_batch_size", "max_batch_tokens", "resume_chunk"),
+    "target": ("eval_batch_size",),
+    "precision": ("gradient_checkpointing",),
+    "cluster": ("cache_mb",),
+    # dropout masks are keyed per example, not per micro-batch (clusterucb/dropout.py)
+    "train": ("micro_batch",),
+}
 # Settings only the rules' ``resources:`` read (how much host memory a job asks for): no script sees them.
 RESOURCES_ONLY = {"precision": ("activations_on_gpu",)}
 

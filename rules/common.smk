@@ -394,7 +394,10 @@ def get_grad_params(wildcards=None):
 
 
 def get_train_params(wildcards=None):
-    return {**config["train"], "base_dtype": config["precision"]["base_dtype"]}
+    """Training settings, less micro_batch: the scripts read it from the config (a memory knob:
+    dropout masks are keyed per example, clusterucb/dropout.py), so lowering it reruns nothing."""
+    train = {k: v for k, v in config["train"].items() if k != "micro_batch"}
+    return {**train, "base_dtype": config["precision"]["base_dtype"]}
 
 
 def get_eval_params(wildcards):
