@@ -149,6 +149,14 @@ def test_training_oom_in_backward_discards_the_partial_gradient():
 
 
 def test_training_refuses_a_float16_base():
+    import jsonschema
+    import yaml
+    from conftest import REPO
+
+    schema = yaml.safe_load((REPO / "config.schema.yaml").read_text())["properties"]["precision"]["properties"]["base_dtype"]
+    jsonschema.validate("bfloat16", schema)
+    with pytest.raises(jsonschema.ValidationError):  # the workflow refuses it at start
+        jsonschema.validate("float16", schema)
     model = tiny_lora_llama()
     for name, param in model.named_parameters():
         if "lora_" not in name:
