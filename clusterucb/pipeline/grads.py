@@ -55,11 +55,10 @@ class GradParams:
 def make_featurizer(model_dir: str, adapter_dir: str, optimizer_path: str, checkpoint: str, grad_type: str, params: GradParams):
     """The model with the adapter in ``adapter_dir`` and a featurizer for ``grad_type`` "adam" (pool, preconditioned
     with the AdamW state in ``optimizer_path``) or "sgd" (validation); ``checkpoint`` labels the features."""
-    peft_model, tokenizer = load_checkpoint(model_dir, adapter_dir, params.base_dtype)
+    dev = device()  # claim the job's GPU before anything touches CUDA, then load onto it
+    peft_model, tokenizer = load_checkpoint(model_dir, adapter_dir, params.base_dtype, dev)
     if params.gradient_checkpointing:
         enable_gradient_checkpointing(peft_model)
-    dev = device()
-    peft_model.to(dev)
     preconditioner = None
     if grad_type == "adam":
         # m and v are loaded once per checkpoint, by parameter name (spec §10.16).

@@ -184,3 +184,88 @@ def test_dropout_masks_belong_to_the_example():
     assert torch.isclose(out, torch.tensor(0.0)).logical_or(torch.isclose(out, torch.tensor(1 / 0.9))).all()
     dropout.eval()
     assert torch.equal(dropout(torch.ones(1, 3, 4)), torch.ones(1, 3, 4))
+
+
+# ------------------------------------------------------------------ evaluation in bfloat16 evaluates the trained model
+
+
+def test_bfloat16_evaluation_is_the_trained_adapter_unmerged(tmp_path):
+    from tinymodels import TEXTS, saved_tiny_llama
+
+    from clusterucb.chat import ChatFormat
+    from clusterucb.lm import LanguageModel
+    from clusterucb.lora import LoraSpec, attach_lora, load_lora, save_adapter
+    from clusterucb.modeling import load_base_model
+    from clusterucb.pipeline.evaluate import load_for_evaluation
+
+    base_dir = saved_tiny_llama(tmp_path / "base")
+    model, tokenizer = load_base_model(base_dir, torch.bfloat16)
+    peft_model = attach_lora(model, LoraSpec(r=4, alpha=8, dropout=0.1, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=0))
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
+    examples = [{"input_ids": tokenizer(t)["input_ids"], "labels": tokenizer(t)["input_ids"]} for t in TEXTS] * 2
+    train_lora(peft_model, examples, TrainSpec(lr=2e-5, effective_batch=4, micro_batch=2, warmup_ratio=0.0), plan_steps(0, 3, 3, 0.0), tokenizer.pad_token_id, [1])
+    save_adapter(peft_model, tmp_path / "adapter")
+    triples = [("What is 12 plus 30?", "", "It is 42."), ("How many trees?", "The grove", " has 15 trees."), ("Add", "def add(a, b):", "\n    return a + b")]
+
+    def target_loss(model, tokenizer) -> float:
+        return LanguageModel(model.eval(), tokenizer, ChatFormat("tulu", tokenizer)).completion_nll(triples, 64)["target_loss"]
+
+    trained = target_loss(peft_model, tokenizer)
+    evaluated = target_loss(*load_for_evaluation(base_dir, str(tmp_path / "adapter"), "bfloat16", "cpu"))
+    assert evaluated == pytest.approx(trained, rel=1e-6, abs=0)
+    # what merging into the bfloat16 weights did: most deltas vanish below half a bfloat16 ulp, another model
+    base, base_tokenizer = load_base_model(base_dir, torch.bfloat16)
+    reference = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    merged = load_lora(base, tmp_path / "adapter", trainable=False).merge_and_unload()
+    unchanged = float((merged.model.layers[0].self_attn.q_proj.weight == reference).float().mean())
+    assert unchanged > 0.5, unchanged  # at the default lr, 2e-5: ~90 % of the weights did not move
+    untrained = target_loss(*load_base_model(base_dir, torch.bfloat16))
+    lost = abs(target_loss(merged, base_tokenizer) - trained) / abs(untrained - trained)
+    assert lost > 0.2, lost  # a good part of what training changed in the target loss is gone
+
+
+# ------------------------------------------------------------------ devices: claim first, one CUDA generator
+
+
+def test_gradient_jobs_claim_their_gpu_before_loading_onto_it(monkeypatch):
+    from clusterucb.pipeline import grads
+
+    calls = []
+
+    def claim():
+        calls.append("claim")
+        return torch.device("cpu")
+
+    def load(model_dir, adapter_dir, dtype, device):
+        calls.append(("load", device))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(grads, "device", claim)
+    monkeypatch.setattr(grads, "load_checkpoint", load)
+    with pytest.raises(RuntimeError, match="stop here"):
+        grads.make_featurizer("m", "a", None, "warmup", "sgd", grads.GradParams())
+    assert calls == ["claim", ("load", torch.device("cpu"))]
+
+
+def test_training_state_keeps_only_the_claimed_gpus_generator(monkeypatch):
+    import json
+
+    from clusterucb import training
+
+    current = torch.arange(16, dtype=torch.uint8)
+    restored = []
+
+    def everything(*_):
+        raise AssertionError("every visible GPU's generator was touched")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": current.clone())
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", everything)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", everything)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    state = json.loads(json.dumps(training.capture_rng_state()))
+    assert state["cuda_current"] == current.tolist()
+    training.restore_rng_state(state)  # on a machine with fewer visible GPUs, or another claimed one: the current device's
+    assert len(restored) == 1 and torch.equal(restored[0], current)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    training.restore_rng_state(state)  # resumed without a GPU: dropout does not need the CUDA generator
