@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -283,3 +285,23 @@ def test_restarts_keep_the_best_run_and_are_seeded():
     assert single.labels.shape == best.labels.shape
     with pytest.raises(ValueError, match="restarts"):
         spherical_kmeans(x, 6, seed=0, restarts=0)
+
+
+def test_gpu_kmeans_defaults_to_the_gemm_and_keops_builds_in_a_folder_of_its_own(tmp_path, monkeypatch):
+    from clusterucb import kmeans
+
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"  # KeOps compiles at run time: only when named
+    assert resolve_backend("pykeops", torch.device("cuda")) == "pykeops"
+    pytest.importorskip("pykeops")
+    monkeypatch.setenv(kmeans.KEOPS_CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv("KEOPS_CACHE_FOLDER", raising=False)
+    folders = []
+    for _ in range(2):  # two jobs (or two calls): two folders, each gone afterwards
+        with kmeans.keops_build_folder() as folder:
+            import pykeops
+
+            assert os.environ["KEOPS_CACHE_FOLDER"] == folder and pykeops.get_build_folder().startswith(folder)
+            assert Path(folder).parent == tmp_path and Path(folder).is_dir()
+            folders.append(folder)
+        assert not Path(folder).exists()
+    assert folders[0] != folders[1] and "KEOPS_CACHE_FOLDER" not in os.environ
