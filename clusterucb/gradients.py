@@ -19,6 +19,7 @@ alone does not fit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -133,8 +134,7 @@ class PerSampleLoraGradients:
         """
         blocks, losses, bad = self.module_grads(input_ids, attention_mask, labels)
         grads = torch.cat([g for _, g in blocks], dim=1)
-        grads[bad] = float("nan")
-        return grads, losses
+        return grads.masked_fill_(bad[:, None], float("nan")), losses
 
 
 @dataclass
@@ -227,7 +227,7 @@ class FeatureResult:
 class GradientFeaturizer:
     """Examples -> unit-norm projected (optionally Adam-preconditioned) gradient features."""
 
-    def __init__(self, model, pad_id: int, projector, preconditioner=None, device="cpu", max_batch_size: int = 16, max_batch_tokens: int = 8192):
+    def __init__(self, model, pad_id: int, projector, preconditioner=None, device="cpu", max_batch_size: int = 16, max_batch_tokens: int = 8192, deterministic: bool = True):
         self.grads = PerSampleLoraGradients(model)
         if projector.grad_dim != self.grads.dim:
             raise ValueError(f"projector expects {projector.grad_dim} gradient dims, the LoRA model has {self.grads.dim}")
@@ -238,7 +238,10 @@ class GradientFeaturizer:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self._oom_tokens = math.inf  # padded tokens of the smallest batch that ran out of memory
-        self.strict = True  # deterministic algorithms on CUDA; warn-only after an op without a deterministic kernel
+        # Deterministic algorithms on CUDA (strict; warn-only after an op without a deterministic kernel);
+        # ``deterministic=False`` only for benchmarks/gradients.py's line pricing it.
+        self.deterministic = deterministic
+        self.strict = True
 
     def _features(self, examples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per module: materialise the per-sample gradients, precondition, project, accumulate."""
@@ -248,14 +251,14 @@ class GradientFeaturizer:
             if self.preconditioner is not None:
                 grads = self.preconditioner.block(grads, offset)
             projected += self.projector.project_block(grads, offset)
-        projected[bad] = float("nan")
+        projected.masked_fill_(bad[:, None], float("nan"))  # not projected[bad] = ...: a boolean index syncs with the host
         return F.normalize(projected, dim=1), losses
 
     def _attempt(self, examples: Sequence[dict], indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | str:
         """Features of one batch, or why it failed ("oom", or the first line of a refused non-deterministic op).
         Nothing of the failed batch outlives this call: the retry happens in the caller, not in the handler."""
         try:
-            with deterministic_algorithms(self.device, self.strict):
+            with deterministic_algorithms(self.device, self.strict) if self.deterministic else contextlib.nullcontext():
                 return self._features([examples[i] for i in indices])
         except torch.OutOfMemoryError:
             return "oom"

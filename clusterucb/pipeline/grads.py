@@ -67,7 +67,7 @@ def make_featurizer(model_dir: str, adapter_dir: str, optimizer_path: str, check
     elif grad_type != "sgd":
         raise ValueError(f"unknown gradient type {grad_type!r} (adam or sgd)")
     n_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    projector = make_projector(params.projector, n_params, params.proj_dim, params.proj_seed, params.sjlt_c)
+    projector = make_projector(params.projector, n_params, params.proj_dim, params.proj_seed, params.sjlt_c, device=dev)
     featurizer = GradientFeaturizer(peft_model, tokenizer.pad_token_id, projector, preconditioner, dev, params.max_batch_size, params.max_batch_tokens)
     meta = {
         "model": model_dir,
