@@ -17,8 +17,8 @@ THROUGHPUT = {
     # dropout masks are keyed per example, not per micro-batch (clusterucb/dropout.py)
     "train": ("micro_batch",),
 }
-# Settings only the rules' ``resources:`` read (how much host memory a job asks for): no script sees them.
-RESOURCES_ONLY = {"precision": ("activations_on_gpu",)}
+# Settings only the rules' ``resources:`` and the start-up GPU memory estimate read: no script sees them.
+RESOURCES_ONLY = {"precision": ("activations_on_gpu", "gpu_memory_gb")}
 
 
 def throughput_settings(config: dict, section: str) -> dict:

@@ -124,6 +124,7 @@ MATRIX: dict[str, tuple[str, set[str]]] = {
     "precision.base_dtype": ("precision={{base_dtype: bfloat16}}", AFTER_TOKENS - {"tokenize_pool", "select_random"}),
     "precision.gradient_checkpointing": ("precision={{gradient_checkpointing: true}}", NOTHING),
     "precision.activations_on_gpu": ("precision={{activations_on_gpu: true}}", NOTHING),
+    "precision.gpu_memory_gb": ("precision={{gpu_memory_gb: 80}}", NOTHING),
     "warmup.steps": (
         "warmup={{steps: 4}}",
         WARMUP | CLUSTERS | RUN_GRADIENTS - {"select_less"},  # LESS has its own warmup
