@@ -31,3 +31,24 @@ def test_gpu_check_quick_on_cpu(datasets, tmp_path):
     staged = tmp_path / "staged"
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--stage", str(staged), "--datasets", str(datasets)], check=True, capture_output=True)
     assert (staged / "datasets" / "gsm8k" / "train.jsonl.gz").exists()
+
+
+def test_the_gpu_only_parts_build_their_model_and_estimate(datasets, tmp_path):
+    """What only the GPU run reaches: the ~1.1B Llama's directory (config + a tokenizer trained here) and the
+    memory estimate it is compared with."""
+    import argparse
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+    from transformers import AutoConfig, AutoTokenizer
+
+    from clusterucb.resources import ModelShape
+
+    run = gpu_check.Run(argparse.Namespace(out=str(tmp_path), device="cuda", quick=False, budget_s=60))
+    model_dir = gpu_check.llama_1b_dir(run, datasets)
+    config, tokenizer = AutoConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_key_value_heads, config.vocab_size) == (2048, 22, 4, 32000)
+    assert 20_000 < len(tokenizer) <= 32000 and tokenizer.pad_token_id is not None
+    assert 1.0e9 < ModelShape.from_hf_config(gpu_check.LLAMA_1B).n_params < 1.3e9
+    bf16, fp32 = gpu_check.memory_estimate("bfloat16", 4096, 36_000_000), gpu_check.memory_estimate("float32", 4096, 36_000_000)
+    assert 8_000 < bf16 < fp32 < 40_000
