@@ -15,9 +15,11 @@ DIR/datasets. With the device tool of these sessions, from the repository root::
     run(command="python benchmarks/gpu_check.py --datasets resources/gpu_check/datasets",
         carry=["resources/gpu_check"], timeout_s=600)
 
-(resources/ is git-ignored, hence ``carry``). To check KeOps too, carry its pure-Python wheels (``pip download
-pykeops==2.3 keopscore==2.3 --no-deps -d resources/gpu_check/wheels``) and pass ``--wheels resources/gpu_check/wheels``:
-they are installed with ``pip install --no-index --no-deps`` first (KeOps then compiles with the machine's nvcc/nvrtc).
+(resources/ is git-ignored, hence ``carry``). To check KeOps too, carry its pure-Python wheels (built here with
+``pip wheel pykeops==2.3 keopscore==2.3 pybind11 --no-deps -w resources/gpu_check/wheels``; under 1 MB) and pass
+``--wheels resources/gpu_check/wheels``: they are installed with ``pip install --no-index --no-deps`` first. KeOps
+then compiles its kernels at run time with the machine's nvrtc and CUDA headers; where those are missing its test
+fails and says why (the workflow's default k-means does not use KeOps).
 
 It runs, in this order, each part with a time limit within ``--budget-s`` (450 s on a GPU):
 
