@@ -100,6 +100,7 @@ def device() -> torch.device:
     """This job's device: CPU without CUDA; the only visible GPU; else a GPU no other job holds."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
+    os.environ.setdefault(CUBLAS_ENV, CUBLAS_DETERMINISTIC[0])  # before the job's first GEMM creates its cuBLAS handle
     count = torch.cuda.device_count()
     if count == 1:
         return torch.device("cuda:0")

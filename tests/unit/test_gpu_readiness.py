@@ -269,3 +269,65 @@ def test_training_state_keeps_only_the_claimed_gpus_generator(monkeypatch):
     assert len(restored) == 1 and torch.equal(restored[0], current)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     training.restore_rng_state(state)  # resumed without a GPU: dropout does not need the CUDA generator
+
+
+# ------------------------------------------------------------------ deterministic algorithms (CUDA), and the fallback
+
+
+def test_deterministic_mode_is_switched_on_around_the_call_only(monkeypatch):
+    from clusterucb import devices
+
+    monkeypatch.delenv(devices.CUBLAS_ENV, raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with devices.deterministic_algorithms("cpu"):
+        assert not torch.are_deterministic_algorithms_enabled()  # CPU kernels are deterministic already
+    with devices.deterministic_algorithms("cuda"):  # only flips PyTorch's switch: no GPU needed to check that
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+        import os
+
+        assert os.environ[devices.CUBLAS_ENV] in devices.CUBLAS_DETERMINISTIC
+    with devices.deterministic_algorithms("cuda", strict=False):
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv(devices.CUBLAS_ENV, ":0:0")  # a workspace config cuBLAS is not deterministic with: warn-only
+    with devices.deterministic_algorithms("cuda"):
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+class RefusedOnce:
+    """Raises what strict deterministic mode raises for an op without a deterministic CUDA kernel, once."""
+
+    MESSAGE = "scatter_add_cuda_kernel does not have a deterministic implementation, but you set 'torch.use_deterministic_algorithms(True)'"
+
+    def __init__(self, model):
+        self.left = 1
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, *args):
+        if self.left:
+            self.left -= 1
+            raise RuntimeError(self.MESSAGE)
+
+
+def test_an_op_refused_by_deterministic_mode_falls_back_to_warn_only(caplog):
+    from clusterucb.devices import is_nondeterminism_error
+
+    assert is_nondeterminism_error(RuntimeError(RefusedOnce.MESSAGE)) and not is_nondeterminism_error(RuntimeError("shape mismatch"))
+    examples = ragged_examples(6, seed=13)
+    model = tiny_lora_llama()
+    reference = _featurizer(model).featurize(examples)
+    refused = RefusedOnce(model)
+    featurizer = _featurizer(model)
+    with caplog.at_level("WARNING"):
+        result = featurizer.featurize(examples)
+    refused.handle.remove()
+    assert not featurizer.strict and "warn-only" in caplog.text and not result.failures
+    assert torch.equal(result.features, reference.features)
+    # training: the step is redone from zero gradients, the job goes on
+    _, trained = _train(tiny_lora_llama(seed=7), examples, 2)
+    model = tiny_lora_llama(seed=7)
+    refused = RefusedOnce(model)
+    _, weights = _train(model, examples, 2)
+    refused.handle.remove()
+    assert refused.left == 0 and torch.equal(weights, trained)
