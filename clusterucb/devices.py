@@ -7,15 +7,26 @@ land on ``cuda:0``. Each job here claims a free device with an exclusive
 lock when the process ends, killed or not, so a crashed job never leaves a device
 claimed. Under SLURM (one allocated GPU, ``CUDA_VISIBLE_DEVICES`` set) the job
 simply takes it.
+
+Determinism on CUDA (docs/gpu.md): the backward passes (training, per-sample gradients) and k-means run
+inside :func:`deterministic_algorithms`, PyTorch's deterministic mode (strict: the memory-efficient and
+flash attention backward then sum in a fixed order instead of with atomics, ``index_add_`` sorts,
+cuDNN attention is not chosen), so the same job on the same GPU model and software stack repeats bit
+for bit. An op without a deterministic CUDA implementation raises in strict mode; callers catch that
+(:func:`is_nondeterminism_error`), log it and go on in warn-only mode, where that job is no longer
+bit-repeatable. What stays different across GPU models, library versions, batch sizes and CPU vs GPU
+is float rounding, never a dropped sample or a changed seed.
 """
 
 from __future__ import annotations
 
 import fcntl
+import gc
 import logging
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,6 +35,10 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOCK_DIR_ENV = "CLUSTERUCB_GPU_LOCK_DIR"
+# cuBLAS is deterministic on one stream only with one of these workspace configs (PyTorch refuses GEMMs in
+# deterministic mode otherwise); read by PyTorch at each GEMM, so setting it before the first one suffices.
+CUBLAS_ENV = "CUBLAS_WORKSPACE_CONFIG"
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
 
 _held: dict[int, int] = {}  # claimed device index -> open lock file descriptor (kept for the process's life)
 
@@ -85,6 +100,7 @@ def device() -> torch.device:
     """This job's device: CPU without CUDA; the only visible GPU; else a GPU no other job holds."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
+    os.environ.setdefault(CUBLAS_ENV, CUBLAS_DETERMINISTIC[0])  # before the job's first GEMM creates its cuBLAS handle
     count = torch.cuda.device_count()
     if count == 1:
         return torch.device("cuda:0")
@@ -94,3 +110,39 @@ def device() -> torch.device:
     torch.cuda.set_device(index)
     log.info("claimed cuda:%d of %d visible GPUs", index, count)
     return torch.device(f"cuda:{index}")
+
+
+@contextmanager
+def deterministic_algorithms(device, strict: bool = True):
+    """PyTorch's deterministic algorithms for the duration, on CUDA only (CPU kernels are deterministic already).
+
+    ``strict=False`` is warn-only mode: ops without a deterministic implementation warn instead of raising
+    (and run non-deterministically), the fallback after :func:`is_nondeterminism_error`. The previous mode is
+    restored on exit.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    workspace = os.environ.setdefault(CUBLAS_ENV, CUBLAS_DETERMINISTIC[0])
+    if workspace not in CUBLAS_DETERMINISTIC:
+        log.warning("%s=%s is not one of %s: cuBLAS is not deterministic, so deterministic mode is warn-only", CUBLAS_ENV, workspace, CUBLAS_DETERMINISTIC)
+        strict = False
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=not strict)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def is_nondeterminism_error(error: BaseException) -> bool:
+    """An op refused by strict deterministic mode (it has no deterministic CUDA implementation)."""
+    return isinstance(error, RuntimeError) and "does not have a deterministic implementation" in str(error)
+
+
+def release_memory(device) -> None:
+    """After an out-of-memory error has been handled (outside its ``except``, so its traceback no longer holds
+    the failed batch's tensors): collect what is unreachable and hand the allocator's cached blocks back."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()

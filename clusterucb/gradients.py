@@ -7,13 +7,23 @@ losses w.r.t. those outputs gives d_t for every sample at once (weight
 gradients are never accumulated), and an einsum over tokens gives the
 per-sample gradients of the whole micro-batch. Each sample's loss is the mean
 over its own target tokens, exactly as a batch-1 ``model(**batch).loss``.
+
+Out of memory (CUDA), a batch is split in halves and retried, down to one
+sample; the retry runs after the ``except`` block, once the error's traceback
+(which holds the failed batch's graph and activations) is gone, so the memory
+really is free. Batches at least as large (in padded tokens) as one that failed
+are split before they are tried. Features do not depend on the batch (rel. 1e-5),
+so a back-off changes rounding only; a sample is recorded as failed only when it
+alone does not fit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from clusterucb.data.tokenize import IGNORE_INDEX
+from clusterucb.devices import deterministic_algorithms, is_nondeterminism_error, release_memory
 from clusterucb.logsetup import progress
 
 log = logging.getLogger(__name__)
@@ -123,8 +134,7 @@ class PerSampleLoraGradients:
         """
         blocks, losses, bad = self.module_grads(input_ids, attention_mask, labels)
         grads = torch.cat([g for _, g in blocks], dim=1)
-        grads[bad] = float("nan")
-        return grads, losses
+        return grads.masked_fill_(bad[:, None], float("nan")), losses
 
 
 @dataclass
@@ -217,7 +227,7 @@ class FeatureResult:
 class GradientFeaturizer:
     """Examples -> unit-norm projected (optionally Adam-preconditioned) gradient features."""
 
-    def __init__(self, model, pad_id: int, projector, preconditioner=None, device="cpu", max_batch_size: int = 16, max_batch_tokens: int = 8192):
+    def __init__(self, model, pad_id: int, projector, preconditioner=None, device="cpu", max_batch_size: int = 16, max_batch_tokens: int = 8192, deterministic: bool = True):
         self.grads = PerSampleLoraGradients(model)
         if projector.grad_dim != self.grads.dim:
             raise ValueError(f"projector expects {projector.grad_dim} gradient dims, the LoRA model has {self.grads.dim}")
@@ -227,6 +237,11 @@ class GradientFeaturizer:
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        self._oom_tokens = math.inf  # padded tokens of the smallest batch that ran out of memory
+        # Deterministic algorithms on CUDA (strict; warn-only after an op without a deterministic kernel);
+        # ``deterministic=False`` only for benchmarks/gradients.py's line pricing it.
+        self.deterministic = deterministic
+        self.strict = True
 
     def _features(self, examples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per module: materialise the per-sample gradients, precondition, project, accumulate."""
@@ -236,29 +251,57 @@ class GradientFeaturizer:
             if self.preconditioner is not None:
                 grads = self.preconditioner.block(grads, offset)
             projected += self.projector.project_block(grads, offset)
-        projected[bad] = float("nan")
+        projected.masked_fill_(bad[:, None], float("nan"))  # not projected[bad] = ...: a boolean index syncs with the host
         return F.normalize(projected, dim=1), losses
 
-    def _run(self, examples: Sequence[dict], indices: list[int], out: FeatureResult) -> None:
+    def _attempt(self, examples: Sequence[dict], indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | str:
+        """Features of one batch, or why it failed ("oom", or the first line of a refused non-deterministic op).
+        Nothing of the failed batch outlives this call: the retry happens in the caller, not in the handler."""
         try:
-            feats, losses = self._features([examples[i] for i in indices])
+            with deterministic_algorithms(self.device, self.strict) if self.deterministic else contextlib.nullcontext():
+                return self._features([examples[i] for i in indices])
         except torch.OutOfMemoryError:
-            if len(indices) == 1:
-                out.failures[indices[0]] = "out of memory at batch size 1"
-                return
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            half = len(indices) // 2
-            log.warning("out of memory on a batch of %d; retrying as two halves", len(indices))
-            self._run(examples, indices[:half], out)
-            self._run(examples, indices[half:], out)
-            return
-        for row, index in enumerate(indices):
-            if not torch.isfinite(feats[row]).all() or not torch.isfinite(losses[row]):
-                out.failures[index] = "no target token" if torch.isnan(losses[row]) else "non-finite gradient"
-                feats[row] = float("nan")
-        out.features[indices] = feats.to(out.features.device)
-        out.losses[indices] = losses.to(out.losses.device)
+            return "oom"
+        except RuntimeError as error:
+            if not is_nondeterminism_error(error):
+                raise
+            return str(error).splitlines()[0]
+
+    def _run(self, examples: Sequence[dict], indices: list[int], out: FeatureResult) -> None:
+        pending = [indices]
+        while pending:
+            batch = pending.pop()
+            tokens = len(batch) * max(len(examples[i]["input_ids"]) for i in batch)
+            if len(batch) > 1 and tokens >= self._oom_tokens:  # as large as a batch that did not fit: split first
+                half = len(batch) // 2
+                pending += [batch[half:], batch[:half]]
+                continue
+            result = self._attempt(examples, batch)
+            if isinstance(result, tuple):
+                self._store(batch, *result, out)
+                continue
+            release_memory(self.device)
+            if result != "oom":
+                log.warning("%s; going on in warn-only deterministic mode: these features are not bit-repeatable on this GPU", result)
+                self.strict = False
+                pending.append(batch)
+            elif len(batch) == 1:
+                out.failures[batch[0]] = "out of memory at batch size 1"
+            else:
+                self._oom_tokens = min(self._oom_tokens, tokens)
+                log.warning("out of memory on a batch of %d samples (%d padded tokens); retrying as two halves", len(batch), tokens)
+                half = len(batch) // 2
+                pending += [batch[half:], batch[:half]]
+
+    def _store(self, indices: list[int], feats: torch.Tensor, losses: torch.Tensor, out: FeatureResult) -> None:
+        """Copy a batch's results to the host (one transfer each) and record its failed samples."""
+        feats, losses = feats.to(out.features.device), losses.to(out.losses.device)
+        finite = torch.isfinite(feats).all(1) & torch.isfinite(losses)
+        for row in torch.nonzero(~finite).flatten().tolist():
+            out.failures[indices[row]] = "no target token" if bool(torch.isnan(losses[row])) else "non-finite gradient"
+            feats[row] = float("nan")
+        out.features[indices] = feats
+        out.losses[indices] = losses
 
     def featurize(self, examples: Sequence[dict], desc: str = "gradients") -> FeatureResult:
         n = len(examples)

@@ -11,6 +11,16 @@ seeding, restarts, preprocessing, empty-cluster re-seeding and the result are
 the same whatever the backend (faiss's own Lloyd loop would split clusters
 instead of re-seeding them, and needs every row in memory as float32).
 
+On a GPU ``auto`` is the torch GEMM: at K ~ 150 the (rows x K) similarity
+block is small, one cuBLAS GEMM per block of 16k rows, and it needs nothing
+compiled at run time. KeOps (``backend: pykeops``, asked for by name) compiles
+its kernels at run time (nvrtc and the CUDA headers must be present) into a
+cache folder; each call here gets a folder of its own, removed afterwards, so
+concurrent k-means jobs (one per K) never compile into the same one.
+``benchmarks/gpu_check.py`` times the two at d = 8192 where KeOps imports.
+On CUDA the whole loop runs in PyTorch's deterministic mode: the per-cluster
+sums (``index_add_``) add in a fixed order, so the clusters repeat bit for bit.
+
 The features can be one tensor or a list of row blocks (e.g. memory-mapped
 shards in fp16/bf16): every pass streams over blocks of ``chunk`` rows,
 converting them to float32 on the compute device, so the store never has to
@@ -21,14 +31,22 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clusterucb.devices import deterministic_algorithms
+
 log = logging.getLogger(__name__)
+KEOPS_CACHE_ENV = "CLUSTERUCB_KEOPS_CACHE"  # where the per-job KeOps build folders go (default: $TMPDIR)
 
 
 @dataclass
@@ -169,6 +187,31 @@ def _assign_torch(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch
     return labels, best
 
 
+@contextmanager
+def keops_build_folder():
+    """A fresh KeOps build folder for this call (under ``$CLUSTERUCB_KEOPS_CACHE``, default
+    ``$TMPDIR/clusterucb-keops-<uid>``), removed on exit: KeOps has no lock around its cache, so jobs
+    that share one can load each other's half-written kernels. ``KEOPS_CACHE_FOLDER`` is set before
+    pykeops is imported (its import already compiles into that folder on a GPU)."""
+    base = Path(os.environ.get(KEOPS_CACHE_ENV) or Path(tempfile.gettempdir()) / f"clusterucb-keops-{os.getuid()}")
+    base.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=f"job-{os.getpid()}-", dir=base)
+    previous = os.environ.get("KEOPS_CACHE_FOLDER")
+    os.environ["KEOPS_CACHE_FOLDER"] = folder
+    try:
+        import pykeops
+
+        pykeops.set_build_folder(folder)  # also when pykeops was imported earlier with another folder
+        log.info("KeOps builds in %s (this job's own folder)", folder)
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop("KEOPS_CACHE_FOLDER", None)
+        else:
+            os.environ["KEOPS_CACHE_FOLDER"] = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _assign_keops(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from pykeops.torch import LazyTensor
 
@@ -200,11 +243,12 @@ ASSIGN = {"torch": _assign_torch, "pykeops": _assign_keops, "faiss": _assign_fai
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The assignment backend to use: ``auto`` is the fastest one available (benchmarks/kmeans.py).
 
-    On GPU that is ``pykeops``; on CPU ``faiss`` when faiss is importable, else ``torch``.
+    On GPU that is ``torch`` (a cuBLAS GEMM per row block; KeOps only when asked for by name);
+    on CPU ``faiss`` when faiss is importable, else ``torch``.
     """
     if backend == "auto":
         if device.type == "cuda":
-            return "pykeops"
+            return "torch"
         return "faiss" if _faiss_importable() else "torch"
     if backend not in ASSIGN:
         raise ValueError(f"unknown k-means backend {backend!r} ({', '.join(ASSIGN)} or auto)")
@@ -276,15 +320,17 @@ def spherical_kmeans(
         raise ValueError(f"restarts={restarts} must be at least 1")
     if isinstance(init, torch.Tensor) and (init.shape != (k, rows.dim) or restarts > 1):
         raise ValueError(f"initial centroids must be one ({k}, {rows.dim}) matrix (restarts=1), got {tuple(init.shape)} with restarts={restarts}")
-    rows.preprocess = fit_preprocess(rows, center, remove_components, seed)
-    assign = ASSIGN[resolve_backend(backend, device)]
+    resolved = resolve_backend(backend, device)
+    assign = ASSIGN[resolved]
     best_result = None
-    for attempt, run_seed in enumerate(np.random.SeedSequence(seed).generate_state(restarts) if restarts > 1 else [seed]):
-        result = _lloyd(rows, k, int(run_seed), max_iter, init, assign)
-        if restarts > 1:
-            log.info("k-means restart %d/%d: mean cos %.4f", attempt + 1, restarts, float(result.similarity.mean()))
-        if best_result is None or float(result.similarity.mean()) > float(best_result.similarity.mean()):
-            best_result = result
+    with deterministic_algorithms(device), keops_build_folder() if resolved == "pykeops" else nullcontext():
+        rows.preprocess = fit_preprocess(rows, center, remove_components, seed)
+        for attempt, run_seed in enumerate(np.random.SeedSequence(seed).generate_state(restarts) if restarts > 1 else [seed]):
+            result = _lloyd(rows, k, int(run_seed), max_iter, init, assign)
+            if restarts > 1:
+                log.info("k-means restart %d/%d: mean cos %.4f", attempt + 1, restarts, float(result.similarity.mean()))
+            if best_result is None or float(result.similarity.mean()) > float(best_result.similarity.mean()):
+                best_result = result
     return best_result
 
 

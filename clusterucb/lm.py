@@ -89,7 +89,7 @@ class LanguageModel:
         )
         return out[:, length:]
 
-    def _decode(self, tokens: torch.Tensor, stops: Sequence[str]) -> str:
+    def _decode(self, tokens: list[int], stops: Sequence[str]) -> str:
         return cut_at_stops(self.tokenizer.decode(tokens, skip_special_tokens=True), stops)
 
     @torch.no_grad()
@@ -101,7 +101,7 @@ class LanguageModel:
         extra = {"stop_strings": list(stops), "tokenizer": self.tokenizer} if stops else {}
         done = 0
         for batch in progress(batches, desc=desc):
-            generated = self._generate([encoded[i] for i in batch], max_new_tokens=max_new_tokens, do_sample=False, **extra)
+            generated = self._generate([encoded[i] for i in batch], max_new_tokens=max_new_tokens, do_sample=False, **extra).tolist()  # one copy to the host per batch
             for row, index in enumerate(batch):
                 outputs[index] = self._decode(generated[row], stops)
             done += len(batch)
@@ -119,7 +119,7 @@ class LanguageModel:
         generated = self._generate(
             [self.ids(prompt)], max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n, **extra
         )
-        return [self._decode(row, stops) for row in generated]
+        return [self._decode(row, stops) for row in generated.tolist()]
 
     # ------------------------------------------------------------ scoring
 
@@ -149,9 +149,10 @@ class LanguageModel:
         for batch in length_batches([len(e["input_ids"]) for e in examples], self.batch_size, self.max_batch_tokens):
             input_ids, attention_mask, labels = pad_batch([examples[i] for i in batch], self.tokenizer.pad_token_id, self.device)
             nll, n = token_losses(self.model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
-            total_nll += float(nll.sum())
-            total_tokens += int(n.sum())
-            per_example.extend((nll.sum(1) / n.clamp(min=1)).tolist())
+            sums, counts = torch.stack([nll.sum(1).double(), n.double()]).cpu()  # one copy to the host per batch
+            total_nll += float(sums.sum())
+            total_tokens += int(counts.sum())
+            per_example.extend((sums / counts.clamp(min=1)).tolist())
         if total_tokens == 0:
             raise ValueError(f"no reference-answer token left within max_length {max_length}: the target loss is undefined")
         return {"target_loss": total_nll / total_tokens, "target_loss_per_example_mean": sum(per_example) / len(per_example), "target_tokens": total_tokens}

@@ -75,15 +75,22 @@ def attach_lora(model, spec: LoraSpec):
     return get_peft_model(model, config)
 
 
-def load_lora(model, adapter_dir: str | Path, trainable: bool):
-    """Base model + saved adapter; trainable adapters keep requires_grad on LoRA weights only."""
+def load_lora(model, adapter_dir: str | Path, trainable: bool, device=None):
+    """Base model + saved adapter; trainable adapters keep requires_grad on LoRA weights only.
+
+    The adapter's weights are read onto ``device`` (default: where the base model's weights are), never
+    onto peft's default ``cuda`` (the current GPU), so a job that claimed ``cuda:2`` opens nothing on
+    ``cuda:0``. Move the base model to the job's device first.
+    """
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         if not (adapter_dir / name).exists():
             raise FileNotFoundError(f"missing LoRA checkpoint file {adapter_dir / name}")
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    if device is None:
+        device = next(model.parameters()).device
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable, torch_device=str(torch.device(device)))
     if trainable:
         for name, param in peft_model.named_parameters():
             param.requires_grad_("lora_" in name)

@@ -230,13 +230,23 @@ class RademacherProjector(Projector):
     call, so a p x d matrix never has to fit in memory: as hash words, expanded
     ``stream_rows`` rows at a time into one reused buffer that stays in cache
     (a fresh 32 MB block per 1024 rows made page faults dominate on a CPU).
+
+    Block sizes follow the device (``device``, where the gradients will be): on a CPU 1024-row blocks
+    streamed 64 rows at a time, sized for its caches; on a GPU blocks of ``GPU_STREAM_BYTES`` of signs
+    expanded at once (8192 rows at d = 8192), so an uncached projection of a 134M-parameter LoRA is
+    16k GEMMs per batch, not 2M 64-row ones. The matrix is the same whatever the blocks; the sums
+    change in rounding only.
     """
 
     name = "rademacher"
+    GPU_STREAM_BYTES = 256 << 20
 
-    def __init__(self, grad_dim: int, proj_dim: int, seed: int, block_rows: int = 1024, cache_bytes: int = 2 << 30, stream_rows: int = 64):
+    def __init__(self, grad_dim: int, proj_dim: int, seed: int, block_rows: int | None = None, cache_bytes: int = 2 << 30, stream_rows: int | None = None, device=None):
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        gpu_rows = max(1024, self.GPU_STREAM_BYTES // (4 * int(proj_dim)))
+        block_rows = block_rows or (gpu_rows if on_gpu else 1024)
         super().__init__(grad_dim, proj_dim, seed, block_rows, 1.0 / math.sqrt(proj_dim), cache_bytes)
-        self.stream_rows = int(stream_rows)
+        self.stream_rows = min(int(stream_rows or (self.block_rows if on_gpu else 64)), self.block_rows)
         self._scratch: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _make_block(self, block_start: int, block_stop: int, device) -> torch.Tensor:
@@ -299,9 +309,10 @@ class SJLTProjector(Projector):
                 out.index_add_(1, buckets[r, lo:hi], piece * signs[r, lo:hi])
 
 
-def make_projector(kind: str, grad_dim: int, proj_dim: int, seed: int, sjlt_c: int = 1) -> Projector:
+def make_projector(kind: str, grad_dim: int, proj_dim: int, seed: int, sjlt_c: int = 1, device=None) -> Projector:
+    """A projector whose block sizes suit ``device`` (where the gradients are); the projection does not depend on it."""
     if kind == "rademacher":
-        return RademacherProjector(grad_dim, proj_dim, seed)
+        return RademacherProjector(grad_dim, proj_dim, seed, device=device)
     if kind == "sjlt":
         return SJLTProjector(grad_dim, proj_dim, seed, c=sjlt_c)
     raise ValueError(f"unknown projector {kind!r} (known: {', '.join(PROJECTORS)})")

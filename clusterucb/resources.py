@@ -1,9 +1,20 @@
-"""How much host memory a job holds, computed from what it loads, so a scheduler is asked for that.
+"""How much host memory a job holds, computed from what it loads, so a scheduler is asked for that;
+and how much GPU memory each heavy job needs, so a run that cannot fit its card says so before it starts.
 
 Pure arithmetic on sizes the workflow knows before a job runs (the model's
 config, the batch limits, the rows a job keeps); rules/common.smk turns it into
 each heavy rule's ``mem_mb``. The estimates are upper bounds checked against
 measured peaks (benchmarks/scale.py prints every stage's peak RSS; README "Scale").
+
+GPU memory (:func:`gpu_plan`, printed by the workflow at start, docs/gpu.md): per heavy job, the base
+weights in ``precision.base_dtype``, LoRA weights (+ gradients and AdamW moments when training) in
+float32, the projector's and Adam feature state of a gradient pass, activations and logits of one batch
+(``train.micro_batch`` x ``data.max_length`` tokens for training; the gradient batch limits), with and
+without gradient checkpointing, and the KV cache of generation. Training and gradient jobs halve their
+batch on out-of-memory, so what must fit is the job at *one example*; a job whose one-example estimate is
+above the card memory (``precision.gpu_memory_gb``) is sure to fail, and the workflow warns before it runs.
+These are estimates (no allocator fragmentation, attention by a fused kernel that keeps no T x T scores),
+not measurements: benchmarks/gpu_check.py measures peaks on a real card.
 """
 
 from __future__ import annotations
@@ -26,15 +37,28 @@ class ModelShape:
     hidden: int
     intermediate: int
     layers: int
+    kv_hidden: int | None = None  # key/value width (num_key_value_heads x head_dim); None: hidden (no GQA)
+    context: int = 4096  # max_position_embeddings
 
     @property
     def n_params(self) -> int:
         """Upper bound (full multi-head attention, untied embeddings)."""
         return 2 * self.vocab * self.hidden + self.layers * (4 * self.hidden**2 + 3 * self.hidden * self.intermediate)
 
+    @property
+    def kv(self) -> int:
+        return self.kv_hidden or self.hidden
+
     @classmethod
     def from_hf_config(cls, config: dict) -> ModelShape:
-        return cls(int(config["vocab_size"]), int(config["hidden_size"]), int(config.get("intermediate_size") or 4 * config["hidden_size"]), int(config["num_hidden_layers"]))
+        hidden = int(config["hidden_size"])
+        heads = int(config.get("num_attention_heads") or 1)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        kv_hidden = int(config.get("num_key_value_heads") or heads) * head_dim
+        return cls(
+            int(config["vocab_size"]), hidden, int(config.get("intermediate_size") or 4 * hidden), int(config["num_hidden_layers"]),
+            kv_hidden, int(config.get("max_position_embeddings") or 4096),
+        )
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelShape | None:
@@ -90,3 +114,148 @@ def kmeans_job_mb(store_mb: float, store_dtype: str, cache_mb: float, chunk_rows
     blocks = 4 * chunk_rows * proj_dim * 4 / MB
     return math.ceil(MARGIN * (RUNTIME_MB + held + blocks))
 
+
+
+# ---------------------------------------------------------------- GPU memory
+
+CUDA_CONTEXT_MB = 600  # the CUDA context, cuBLAS workspaces and allocator slack (a bare context is ~500 MB on an H100)
+LORA_INPUT_COPIES = 4  # float32 copies of an adapted layer's input (peft casts it per adapted module: q, k, v, o)
+LM_MAX_BATCH_TOKENS = 16384  # clusterucb.lm.LanguageModel's prompt-token budget per generation batch
+PROJECTOR_CACHE_MB = 2048  # clusterucb.projection.Projector's default cache_bytes
+DENSE_STREAM_MB = 256 + 64  # an uncached dense projection's expanded signs and hash words (RademacherProjector.GPU_STREAM_BYTES)
+KMEANS_CHUNK = 16384
+
+
+@dataclass(frozen=True)
+class GpuEstimate:
+    """GPU memory of one heavy job, MB: what it holds whatever the batch, and what one batch adds."""
+
+    job: str
+    tokens: int  # tokens per forward at the configured batch
+    tokens_one: int  # tokens of one example: where the OOM back-off ends
+    weights_mb: float
+    lora_mb: float
+    state_mb: float  # projector cache, Adam feature moments, k-means rows
+    batch_mb: float  # activations + logits (or the KV cache) at the configured batch
+    one_mb: float  # the same at one example
+    backs_off: bool  # halves its batch on out-of-memory (training, gradients)
+    remedy: str = "bfloat16 base weights, gradient checkpointing, a shorter data.max_length, or a larger card"
+
+    @property
+    def fixed_mb(self) -> float:
+        return CUDA_CONTEXT_MB + self.weights_mb + self.lora_mb + self.state_mb
+
+    @property
+    def total_mb(self) -> float:
+        return self.fixed_mb + self.batch_mb
+
+    @property
+    def floor_mb(self) -> float:
+        """What must fit: the configured batch for a job without back-off, one example for one with it."""
+        return self.fixed_mb + (self.one_mb if self.backs_off else self.batch_mb)
+
+
+def activations_mb(shape: ModelShape, base_dtype: str, tokens: int, checkpointing: bool) -> float:
+    """Activations a backward pass keeps, and the logits with their float32 loss copy and gradient.
+
+    Without checkpointing every layer's (``ACTIVATION_FLOATS_PER_HIDDEN`` x hidden values per token in the
+    base dtype, plus the float32 inputs of the LoRA factors); with it, each layer's input and one layer's.
+    """
+    b = DTYPE_BYTES[base_dtype]
+    per_layer = ACTIVATION_FLOATS_PER_HIDDEN * shape.hidden * b + LORA_INPUT_COPIES * shape.hidden * 4
+    kept = per_layer + shape.layers * shape.hidden * b if checkpointing else shape.layers * per_layer
+    logits = shape.vocab * (b + 8)
+    return tokens * (kept + logits) / MB
+
+
+def inference_mb(shape: ModelShape, base_dtype: str, tokens: int) -> float:
+    """A forward without gradient: one layer's transient values and the logits (with their float32 copy)."""
+    b = DTYPE_BYTES[base_dtype]
+    return tokens * ((8 * shape.hidden + 2 * shape.intermediate) * b + shape.vocab * (b + 4)) / MB
+
+
+def kv_cache_mb(shape: ModelShape, base_dtype: str, tokens: int) -> float:
+    return 2 * shape.layers * shape.kv * tokens * DTYPE_BYTES[base_dtype] / MB
+
+
+def gpu_plan(config: dict, shape: ModelShape, pool_rows: int, max_new_tokens: int, generation_batch: int | None = None) -> list[GpuEstimate]:
+    """The GPU estimate of every heavy job of a run with ``config`` (the workflow's resolved config).
+
+    ``max_new_tokens``: the largest generation budget of the target tasks; ``generation_batch``: the largest
+    number of sequences generated at once (``target.eval_batch_size``, or a pass@k's n for one prompt).
+    """
+    precision, lora, train, data, grads = config["precision"], config["lora"], config["train"], config["data"], config["gradients"]
+    dtype, checkpointing = precision["base_dtype"], bool(precision["gradient_checkpointing"])
+    weights = shape.n_params * DTYPE_BYTES[dtype] / MB
+    n_modules = len(lora["target_modules"]) if lora.get("target_modules") else 4
+    lora_n = lora_params(shape, lora["r"], n_modules)
+    plans = []
+
+    train_one = data["max_length"]
+    train_tokens = train["micro_batch"] * train_one
+    plans.append(GpuEstimate(
+        "training (warmup_lora, less_warmup, train_epoch)", train_tokens, train_one, weights, lora_n * 16 / MB, 0.0,
+        activations_mb(shape, dtype, train_tokens, checkpointing), activations_mb(shape, dtype, train_one, checkpointing), True,
+    ))
+
+    if grads["projector"] == "sjlt":
+        projector = min(lora_n * grads.get("sjlt_c", 1) * 12 / MB, PROJECTOR_CACHE_MB)
+    else:
+        matrix = lora_n * grads["proj_dim"] * 4 / MB  # cached whole when it fits, else the cache plus a streamed block
+        projector = matrix if matrix <= PROJECTOR_CACHE_MB else PROJECTOR_CACHE_MB + DENSE_STREAM_MB
+    per_sample = 4 * grads["max_batch_size"] * lora["r"] * shape.hidden * 4 / MB  # one module's per-sample gradients, Adam copies
+    for job, key, adam in (("pool gradients (grads_pool_shard, select_budgeted)", "max_length", True),
+                           ("validation gradients (grads_val)", "val_max_length", False)):
+        length = data[key]
+        tokens = max(min(grads["max_batch_size"] * length, grads["max_batch_tokens"]), length)
+        state = projector + (2 * lora_n * 4 / MB if adam else 0) + per_sample
+        plans.append(GpuEstimate(
+            job, tokens, length, weights, lora_n * 8 / MB, state,
+            activations_mb(shape, dtype, tokens, checkpointing), activations_mb(shape, dtype, length, checkpointing), True,
+            f"bfloat16 base weights, gradient checkpointing, a shorter data.{key}, or a larger card",
+        ))
+
+    batch = max(config["target"]["eval_batch_size"], generation_batch or 0)
+    kv_tokens = min(batch * shape.context, LM_MAX_BATCH_TOKENS + batch * max_new_tokens)
+    nll_tokens = config["target"]["eval_batch_size"] * data["val_max_length"]
+    one = min(shape.context, data["val_max_length"] + max_new_tokens)
+    plans.append(GpuEstimate(
+        "evaluation (evaluate: generation, target loss)", max(kv_tokens, nll_tokens), one, weights, lora_n * 4 / MB, 0.0,
+        max(kv_cache_mb(shape, dtype, kv_tokens) + inference_mb(shape, dtype, batch), inference_mb(shape, dtype, nll_tokens)),
+        kv_cache_mb(shape, dtype, one) + inference_mb(shape, dtype, one), False,
+        "a smaller target.eval_batch_size or data.val_max_length, bfloat16 base weights, or a larger card",
+    ))
+
+    dim = grads["proj_dim"]
+    rows_mb = pool_rows * dim * 4 / MB
+    cached = rows_mb if rows_mb <= config["cluster"]["cache_mb"] else 0.0
+    blocks = (3 * KMEANS_CHUNK * dim + 2 * KMEANS_CHUNK * config["cluster"]["k"]) * 4 / MB
+    plans.append(GpuEstimate("k-means (kmeans)", KMEANS_CHUNK, KMEANS_CHUNK, 0.0, 0.0, cached, blocks, blocks, False,
+                             "a cluster.cache_mb below the features' size (they are then streamed), or a larger card"))
+    return plans
+
+
+def format_gpu_plan(plans: list[GpuEstimate], gpu_memory_gb: float | None) -> tuple[list[str], list[str]]:
+    """(table lines, warnings): the estimate per job, and each job sure to run out of a ``gpu_memory_gb`` card."""
+    gb = 1024.0
+    lines = [
+        f"GPU memory estimate per job, GB (clusterucb/resources.py; card: {f'{gpu_memory_gb:g} GB' if gpu_memory_gb else 'unknown, set precision.gpu_memory_gb'}):",
+        f"  {'job':<52} {'weights':>8} {'LoRA+opt':>8} {'state':>7} {'batch':>7} {'tokens':>7} {'total':>7} {'must fit':>8}",
+    ]
+    warnings = []
+    for plan in plans:
+        lines.append(
+            f"  {plan.job:<52} {plan.weights_mb / gb:>8.2f} {plan.lora_mb / gb:>8.2f} {plan.state_mb / gb:>7.2f} "
+            f"{plan.batch_mb / gb:>7.2f} {plan.tokens:>7d} {plan.total_mb / gb:>7.2f} {plan.floor_mb / gb:>8.2f}"
+        )
+        if not gpu_memory_gb:
+            continue
+        card = gpu_memory_gb * gb
+        if plan.floor_mb > card:
+            what = "even one example" if plan.backs_off else "it"
+            warnings.append(f"{plan.job}: sure to run out of GPU memory: {what} needs ~{plan.floor_mb / gb:.1f} GB of the card's "
+                            f"{gpu_memory_gb:g} GB (try {plan.remedy})")
+        elif plan.total_mb > card:
+            warnings.append(f"{plan.job}: its configured batch (~{plan.total_mb / gb:.1f} GB) does not fit {gpu_memory_gb:g} GB; the job "
+                            "halves it on out-of-memory (same results, a little more time): lower it to skip the failed tries")
+    return lines, warnings

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import copy
 
-THROUGHPUT = {"gradients": ("max_batch_size", "max_batch_tokens", "resume_chunk"), "target": ("eval_batch_size",), "precision": ("gradient_checkpointing",), "cluster": ("cache_mb",)}
-# Settings only the rules' ``resources:`` read (how much host memory a job asks for): no script sees them.
-RESOURCES_ONLY = {"precision": ("activations_on_gpu",)}
+THROUGHPUT = {
+    "gradients": ("max_batch_size", "max_batch_tokens", "resume_chunk"),
+    "target": ("eval_batch_size",),
+    "precision": ("gradient_checkpointing",),
+    "cluster": ("cache_mb",),
+    # dropout masks are keyed per example, not per micro-batch (clusterucb/dropout.py)
+    "train": ("micro_batch",),
+}
+# Settings only the rules' ``resources:`` and the start-up GPU memory estimate read: no script sees them.
+RESOURCES_ONLY = {"precision": ("activations_on_gpu", "gpu_memory_gb")}
 
 
 def throughput_settings(config: dict, section: str) -> dict:

@@ -5,6 +5,15 @@ each example's mean token loss: what the official per-device batch 1 with
 gradient accumulation computes. The learning rate follows HF's linear schedule
 with warmup over the whole planned run, so epoch e resumes at global step
 (e - 1) * steps_per_epoch and the schedule continues across jobs.
+
+``micro_batch`` is a memory knob only: dropout masks are keyed per example, by
+(seed, optimizer step, position in the step) (clusterucb/dropout.py), so cutting
+a step into other micro-batches changes nothing but float rounding. On a CUDA
+out-of-memory error the step is redone from zero gradients with half the
+micro-batch (down to 1), after the error's handler has let go of the failed
+micro-batch's graph; the effective batch, the masks and the data order stay.
+A float16 base is refused: there is no loss scaling, and its activation
+gradients underflow (use bfloat16 or float32).
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clusterucb.devices import deterministic_algorithms, is_nondeterminism_error, release_memory
+from clusterucb.dropout import example_keys, install_example_dropout, kernel_dropout, row_keys
 from clusterucb.gradients import pad_batch, token_losses
 from clusterucb.io import atomic_path, config_hash
 from clusterucb.logsetup import progress
@@ -48,6 +59,21 @@ class TrainSpec:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
 
+    def result_fields(self) -> dict:
+        """Everything a step's result depends on: all fields but ``micro_batch`` (memory only)."""
+        return {k: v for k, v in asdict(self).items() if k != "micro_batch"}
+
+
+def refuse_float16(model) -> None:
+    """Training with float16 base weights and no loss scaling: activation gradients below ~6e-8 flush to
+    zero on their way back to the LoRA factors (the per-sample gradient pass has the same problem)."""
+    half = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.dtype == torch.float16})
+    if half:
+        raise ValueError(
+            f"float16 weights ({half[0]}{' ...' if len(half) > 1 else ''}): training has no loss scaling, so float16 "
+            "gradients underflow; load the base model in bfloat16 (precision.base_dtype) or float32"
+        )
+
 
 def per_example_losses(model, examples: list[dict], pad_id: int, device) -> torch.Tensor:
     input_ids, attention_mask, labels = pad_batch(examples, pad_id, device)
@@ -58,8 +84,10 @@ def per_example_losses(model, examples: list[dict], pad_id: int, device) -> torc
 
 
 def capture_rng_state() -> dict:
-    """Every generator a training step may draw from (dropout on CPU or CUDA; Python's and NumPy's global
-    ones, which we do not use but a library might), JSON-able."""
+    """The generators a library might draw from during training, JSON-able: torch's CPU one, the *current*
+    CUDA device's (the one this job claimed; never every visible GPU's), Python's and NumPy's. Dropout draws
+    from none of them (its masks are keyed per example), so a resume on another GPU, or on fewer visible
+    GPUs, restores what matters."""
     np_state = np.random.get_state()
     version, internal, gauss = random.getstate()
     state = {
@@ -68,7 +96,7 @@ def capture_rng_state() -> dict:
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
     if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        state["cuda_current"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
@@ -78,10 +106,11 @@ def restore_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in state:
-        if not torch.cuda.is_available():
-            raise RuntimeError("this training state was saved on a GPU: resume it on one")
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    if "cuda_current" in state:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.tensor(state["cuda_current"], dtype=torch.uint8))
+        else:
+            log.info("the scratch state holds a CUDA generator and no GPU is visible: not restored (dropout does not use it)")
 
 
 class _Scratch:
@@ -150,41 +179,96 @@ def train_lora(
     step of the plan (``global_step``, ``lr``, ``loss``), those before a resume included.
     """
     device = torch.device(device)
+    refuse_float16(peft_model)
+    install_example_dropout(peft_model)
+    in_kernels = kernel_dropout(peft_model)
+    if in_kernels:
+        log.warning("attention dropout %s acts inside the attention kernel and is not keyed per example: with it, "
+                    "train.micro_batch and the device change the masks", in_kernels)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
     if resume_from is not None:
         restore_optimizer(peft_model, optimizer, resume_from)
-    torch.manual_seed(int(np.random.default_rng(data_seed).integers(2**31)))  # dropout
-    scratch = _Scratch(scratch_dir, config_hash([asdict(spec), asdict(plan), data_seed, len(examples)]))
+    dropout_seed = int(np.random.default_rng(data_seed).integers(2**31))
+    torch.manual_seed(dropout_seed)  # for anything else that draws from torch's generator; dropout does not
+    scratch = _Scratch(scratch_dir, config_hash([spec.result_fields(), asdict(plan), data_seed, len(examples)]))
     done, steps = scratch.load(peft_model, optimizer)
 
     needed = plan.n_steps * spec.effective_batch
     rng = np.random.default_rng(data_seed)
     order = np.concatenate([rng.permutation(len(examples)) for _ in range(math.ceil(needed / len(examples)))])
+    runner = _StepRunner(peft_model, examples, spec, pad_id, device, dropout_seed)
     peft_model.train()
-    for local_step in progress(range(done, plan.n_steps), desc="train", total=plan.n_steps - done):
-        global_step = plan.start_step + local_step
-        lr = spec.lr * linear_schedule(global_step, plan.total_steps, plan.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = order[local_step * spec.effective_batch : (local_step + 1) * spec.effective_batch]
-        step_loss = 0.0
-        for start in range(0, len(batch), spec.micro_batch):
-            micro = [examples[i] for i in batch[start : start + spec.micro_batch]]
-            loss = per_example_losses(peft_model, micro, pad_id, device).sum() / spec.effective_batch
-            loss.backward()
-            step_loss += loss.item()
-        if spec.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps.append({"global_step": global_step + 1, "lr": lr, "loss": step_loss})
-        if local_step % 10 == 0 or local_step == plan.n_steps - 1:
-            log.info("step %d (global %d/%d) lr %.3g loss %.4f", local_step + 1, global_step + 1, plan.total_steps, lr, step_loss)
-        if save_every and (local_step + 1) % save_every == 0 and local_step + 1 < plan.n_steps:
-            scratch.save(peft_model, optimizer, local_step + 1, steps)
-    peft_model.eval()
+    try:
+        for local_step in progress(range(done, plan.n_steps), desc="train", total=plan.n_steps - done):
+            global_step = plan.start_step + local_step
+            lr = spec.lr * linear_schedule(global_step, plan.total_steps, plan.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = order[local_step * spec.effective_batch : (local_step + 1) * spec.effective_batch]
+            step_loss = runner.gradients(batch, global_step, optimizer)
+            if spec.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps.append({"global_step": global_step + 1, "lr": lr, "loss": step_loss})
+            if local_step % 10 == 0 or local_step == plan.n_steps - 1:
+                log.info("step %d (global %d/%d) lr %.3g loss %.4f", local_step + 1, global_step + 1, plan.total_steps, lr, step_loss)
+            if save_every and (local_step + 1) % save_every == 0 and local_step + 1 < plan.n_steps:
+                scratch.save(peft_model, optimizer, local_step + 1, steps)
+    finally:
+        peft_model.eval()
     end_step = plan.start_step + plan.n_steps
     ckpt = optimizer_checkpoint(peft_model, optimizer, {"lr": spec.lr, "global_step": end_step, "total_steps": plan.total_steps})
     scratch.clear()
     return ckpt, steps
+
+
+class _StepRunner:
+    """The summed gradient of one optimizer step, accumulated over micro-batches; backs off on CUDA OOM."""
+
+    def __init__(self, model, examples: list[dict], spec: TrainSpec, pad_id: int, device: torch.device, dropout_seed: int):
+        self.model, self.examples, self.spec, self.pad_id, self.device = model, examples, spec, pad_id, device
+        self.dropout_seed = dropout_seed
+        self.micro_batch = spec.micro_batch
+        self.strict = True  # deterministic algorithms on CUDA; warn-only after an op without a deterministic kernel
+
+    def _accumulate(self, batch, global_step: int) -> torch.Tensor:
+        keys = row_keys(self.dropout_seed, global_step, len(batch))
+        total = torch.zeros((), device=self.device)
+        with deterministic_algorithms(self.device, self.strict):
+            for start in range(0, len(batch), self.micro_batch):
+                micro = [self.examples[i] for i in batch[start : start + self.micro_batch]]
+                with example_keys(keys[start : start + self.micro_batch]):
+                    loss = per_example_losses(self.model, micro, self.pad_id, self.device).sum() / self.spec.effective_batch
+                    loss.backward()
+                total += loss.detach()
+        return total
+
+    def gradients(self, batch, global_step: int, optimizer) -> float:
+        """Accumulate the step's gradient into ``.grad``; returns the step's loss (one host sync per step).
+
+        A failed attempt (out of memory, or an op strict deterministic mode refuses) may have added part of
+        its backward to ``.grad``: the step is redone from zero gradients, outside the ``except``.
+        """
+        while True:
+            failure = None
+            try:
+                return float(self._accumulate(batch, global_step))
+            except torch.OutOfMemoryError as error:
+                failure = ("oom", str(error).splitlines()[0] if str(error) else "out of memory")
+            except RuntimeError as error:
+                if not is_nondeterminism_error(error):
+                    raise
+                failure = ("nondeterministic", str(error).splitlines()[0])
+            optimizer.zero_grad(set_to_none=True)
+            release_memory(self.device)
+            if failure[0] == "nondeterministic":
+                log.warning("%s; going on with warn-only deterministic mode: this job's training is not bit-repeatable on this GPU", failure[1])
+                self.strict = False
+            elif self.micro_batch == 1:
+                raise torch.OutOfMemoryError(f"out of memory at micro-batch 1 (global step {global_step + 1}): {failure[1]}")
+            else:
+                self.micro_batch = max(1, self.micro_batch // 2)
+                log.warning("out of memory at global step %d; redoing the step with micro-batches of %d (effective batch %d unchanged)",
+                            global_step + 1, self.micro_batch, self.spec.effective_batch)

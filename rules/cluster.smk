@@ -1,4 +1,5 @@
 # Cosine k-means of the warmup-checkpoint pool features (once per k, shared by every target, run and epoch).
+# It computes on the job's GPU when there is one (clusterucb.devices.device), so it asks for one.
 
 
 rule kmeans:
@@ -16,6 +17,7 @@ rule kmeans:
         "../envs/torch.yaml"
     threads: 2
     resources:
+        gpu=1,
         mem_mb=mem_mb_kmeans,
         runtime=runtime_heavy,
     params:

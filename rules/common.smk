@@ -73,6 +73,8 @@ from clusterucb.resources import (  # noqa: E402
     RUNTIME_MB,
     ModelShape,
     features_mb,
+    format_gpu_plan,
+    gpu_plan,
     kmeans_job_mb,
     model_job_mb,
 )
@@ -465,7 +467,10 @@ def get_grad_params(wildcards=None):
 
 
 def get_train_params(wildcards=None):
-    return {**config["train"], "base_dtype": config["precision"]["base_dtype"]}
+    """Training settings, less micro_batch: the scripts read it from the config (a memory knob:
+    dropout masks are keyed per example, clusterucb/dropout.py), so lowering it reruns nothing."""
+    train = {k: v for k, v in config["train"].items() if k != "micro_batch"}
+    return {**train, "base_dtype": config["precision"]["base_dtype"]}
 
 
 def get_eval_params(wildcards):
@@ -547,6 +552,8 @@ def model_shape():
             sizes["hidden_size"],
             sizes["intermediate_size"],
             sizes["num_layers"],
+            sizes["hidden_size"] * sizes["num_kv_heads"] // sizes["num_heads"],
+            sizes["max_position_embeddings"],
         )
     base = get_base_model()
     return ModelShape.from_dir(base if os.path.isdir(base) else os.path.dirname(base))
@@ -633,6 +640,32 @@ def mem_mb_scores(wildcards, input, attempt):
 
 def runtime_heavy(wildcards, attempt):
     return 120 * attempt
+
+
+def report_gpu_memory():
+    """At start (the main Snakemake process, a dry run included), for a run on GPUs (precision.gpu_memory_gb
+    or activations_on_gpu set): each heavy job's GPU memory estimate, and a warning for each job sure to
+    run out of the card's memory (clusterucb/resources.py gpu_plan)."""
+    precision = config["precision"]
+    if not workflow.is_main_process or not (
+        precision.get("gpu_memory_gb") or precision["activations_on_gpu"]
+    ):
+        return
+    shape = model_shape()
+    if shape is None:
+        print("GPU memory estimate: the model's config.json is not there yet", file=sys.stderr)
+        return
+    settings = list(TASK_SETTINGS.values())
+    max_new = max([s.max_new_tokens or 0 for s in settings], default=0)
+    sampled = [p.n for s in settings if isinstance(s.sampling, tuple) for p in s.sampling]
+    plans = gpu_plan(config, shape, pool_rows(), max_new, max(sampled, default=None))
+    lines, warnings = format_gpu_plan(plans, precision.get("gpu_memory_gb"))
+    print("\n".join(lines), file=sys.stderr)
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+
+
+report_gpu_memory()
 
 
 # ---------------------------------------------------------------- targets

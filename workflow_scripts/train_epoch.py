@@ -12,6 +12,6 @@ prev_optimizer = i.prev_optimizer if epoch > 1 else None
 train_epoch(
     model_dir(i.model), i.pool, i.selection, prev_adapter, prev_optimizer,
     str(Path(o.adapter).parent), o.optimizer, o.train_log,
-    p.lora, {**p.train, **throughput(snakemake, "precision")}, epoch, p.train["epochs"], p.top_p, p.seed, p.scratch,
+    p.lora, {**p.train, **throughput(snakemake, "train"), **throughput(snakemake, "precision")}, epoch, p.train["epochs"], p.top_p, p.seed, p.scratch,
 )
 finish()

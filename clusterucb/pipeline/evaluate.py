@@ -19,15 +19,24 @@ from clusterucb.tasks.base import prediction_schema
 log = logging.getLogger(__name__)
 
 
+def load_for_evaluation(model_dir: str, adapter_dir: str | None, dtype: str, dev):
+    """The base model in ``dtype`` on ``dev`` with the adapter attached, *not* merged: the LoRA path adds its
+    float32 output to the base layer's output exactly as in training. Merging into bfloat16 weights would drop
+    every delta below half a bfloat16 ulp of its weight (most of them, early in training), so the evaluated
+    model would not be the trained one; unmerged costs r x (in + out) extra multiply-adds per adapted layer."""
+    model, tokenizer = load_base_model(model_dir, base_dtype(dtype))
+    model = model.to(dev)
+    if adapter_dir is not None:
+        model = load_lora(model, adapter_dir, trainable=False, device=dev)
+    return model.eval(), tokenizer
+
+
 def evaluate(task: str, model_dir: str, adapter_dir: str | None, test_path: str, metrics_out: str, predictions_out: str, params: dict, run: str, workers: int = 1) -> None:
-    """The task's evaluation and the target loss (NLL of the reference answers) with the adapter merged."""
+    """The task's evaluation and the target loss (NLL of the reference answers) with the adapter attached, unmerged."""
     target = get_task(task)
     settings = resolve_settings(target, params["settings"])
-    dev = device()
-    model, tokenizer = load_base_model(model_dir, base_dtype(params.get("base_dtype", "float32")))
-    if adapter_dir is not None:
-        model = load_lora(model, adapter_dir, trainable=False).merge_and_unload()
-    model = model.to(dev).eval()
+    dev = device()  # claim the job's GPU before anything touches CUDA
+    model, tokenizer = load_for_evaluation(model_dir, adapter_dir, params.get("base_dtype", "float32"), dev)
     lm = LanguageModel(model, tokenizer, ChatFormat(params["chat_template"], tokenizer), dev, params["batch_size"], seed=params["seed"], workers=workers)
     examples = pq.read_table(test_path).to_pylist()
     shared = read_parquet_metadata(test_path)["shared"]

@@ -55,11 +55,10 @@ class GradParams:
 def make_featurizer(model_dir: str, adapter_dir: str, optimizer_path: str, checkpoint: str, grad_type: str, params: GradParams):
     """The model with the adapter in ``adapter_dir`` and a featurizer for ``grad_type`` "adam" (pool, preconditioned
     with the AdamW state in ``optimizer_path``) or "sgd" (validation); ``checkpoint`` labels the features."""
-    peft_model, tokenizer = load_checkpoint(model_dir, adapter_dir, params.base_dtype)
+    dev = device()  # claim the job's GPU before anything touches CUDA, then load onto it
+    peft_model, tokenizer = load_checkpoint(model_dir, adapter_dir, params.base_dtype, dev)
     if params.gradient_checkpointing:
         enable_gradient_checkpointing(peft_model)
-    dev = device()
-    peft_model.to(dev)
     preconditioner = None
     if grad_type == "adam":
         # m and v are loaded once per checkpoint, by parameter name (spec §10.16).
@@ -68,7 +67,7 @@ def make_featurizer(model_dir: str, adapter_dir: str, optimizer_path: str, check
     elif grad_type != "sgd":
         raise ValueError(f"unknown gradient type {grad_type!r} (adam or sgd)")
     n_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    projector = make_projector(params.projector, n_params, params.proj_dim, params.proj_seed, params.sjlt_c)
+    projector = make_projector(params.projector, n_params, params.proj_dim, params.proj_seed, params.sjlt_c, device=dev)
     featurizer = GradientFeaturizer(peft_model, tokenizer.pad_token_id, projector, preconditioner, dev, params.max_batch_size, params.max_batch_tokens)
     meta = {
         "model": model_dir,

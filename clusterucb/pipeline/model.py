@@ -48,10 +48,11 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     log.info("converted %s: %d parameters", gguf_path, sum(p.numel() for p in model.parameters()))
 
 
-def load_checkpoint(model_dir: str, adapter_dir: str | Path, dtype: str = "float32"):
-    """Base model (weights in ``dtype``) + LoRA adapter (float32) for gradients: eval mode (no dropout), LoRA weights requiring grad."""
+def load_checkpoint(model_dir: str, adapter_dir: str | Path, dtype: str = "float32", device="cpu"):
+    """Base model (weights in ``dtype``) + LoRA adapter (float32) on ``device`` (claim it first) for gradients:
+    eval mode (no dropout), LoRA weights requiring grad."""
     model, tokenizer = load_base_model(model_dir, base_dtype(dtype))
-    peft_model = load_lora(model, adapter_dir, trainable=True)
+    peft_model = load_lora(model.to(device), adapter_dir, trainable=True, device=device)
     peft_model.eval()
     return peft_model, tokenizer
 

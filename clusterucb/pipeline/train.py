@@ -120,7 +120,7 @@ def train_epoch(
         peft_model = attach_lora(model, LoraSpec.from_dict({**lora, "seed": seed}))
         resume = None
     else:
-        peft_model = load_lora(model, prev_adapter_dir, trainable=True)
+        peft_model = load_lora(model, prev_adapter_dir, trainable=True, device=dev)
         resume = load_optimizer_state(prev_optimizer)
         if int(resume.hyper.get("global_step", -1)) != plan.start_step:
             raise ValueError(f"{prev_optimizer} ends at global step {resume.hyper.get('global_step')}, epoch {epoch} starts at {plan.start_step}")

@@ -190,3 +190,52 @@ def test_job_memory_follows_what_the_job_holds():
     store_mb = 270_000 * 8192 * 2 / 2**20  # fp16 store of the paper's pool
     assert kmeans_job_mb(store_mb, "float16", 16_000, 16384, 8192) > 2 * store_mb
     assert kmeans_job_mb(store_mb, "float16", 4096, 16384, 8192) < 5000  # streamed: a few 16k-row blocks
+
+
+# ------------------------------------------------------------------ GPU memory per job
+
+
+def _gpu_config(**precision):
+    return {
+        "precision": {"base_dtype": "bfloat16", "gradient_checkpointing": False, **precision},
+        "lora": {"r": 128, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "train": {"micro_batch": 8},
+        "data": {"max_length": 2048, "val_max_length": 1400},
+        "gradients": {"projector": "sjlt", "proj_dim": 8192, "sjlt_c": 1, "max_batch_size": 8, "max_batch_tokens": 4096},
+        "target": {"eval_batch_size": 8},
+        "cluster": {"k": 150, "cache_mb": 16000},
+    }
+
+
+def test_gpu_memory_estimate_per_job_and_the_warning_before_a_sure_oom():
+    from clusterucb.resources import ModelShape, activations_mb, format_gpu_plan, gpu_plan, kv_cache_mb
+
+    llama7b = ModelShape.from_hf_config({"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                                         "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096})
+    assert llama7b.kv == 4096 and llama7b.context == 4096
+    plans = {p.job.split(" ")[0]: p for p in gpu_plan(_gpu_config(), llama7b, 270_000, 512, 20)}
+    assert set(plans) == {"training", "pool", "validation", "evaluation", "k-means"}
+    train = plans["training"]
+    assert 12_000 < train.weights_mb < 13_500  # 6.7B bfloat16 weights
+    assert 1_900 < train.lora_mb < 2_200  # 134M LoRA parameters x (weight, gradient, m, v) in float32
+    assert train.tokens == 8 * 2048 and train.tokens_one == 2048 and train.backs_off
+    assert train.total_mb > 80 * 1024 > train.floor_mb  # 8 x 2048 tokens do not fit an 80 GB card; one example does
+    # checkpointing keeps one layer's activations; float32 weights double the weights
+    assert activations_mb(llama7b, "bfloat16", 2048, True) < activations_mb(llama7b, "bfloat16", 2048, False) / 5
+    fp32 = {p.job.split(" ")[0]: p for p in gpu_plan(_gpu_config(base_dtype="float32"), llama7b, 270_000, 512)}
+    assert fp32["training"].weights_mb == 2 * train.weights_mb
+    # generation holds a KV cache for its whole batch (GQA would shrink it)
+    assert plans["evaluation"].batch_mb > kv_cache_mb(llama7b, "bfloat16", 8 * 512)
+    gqa = ModelShape(32000, 4096, 11008, 32, kv_hidden=1024)
+    assert kv_cache_mb(gqa, "bfloat16", 1000) == kv_cache_mb(llama7b, "bfloat16", 1000) / 4
+    # k-means keeps the pool's float32 features on the GPU when they fit in cluster.cache_mb
+    assert plans["k-means"].state_mb == pytest.approx(270_000 * 8192 * 4 / 2**20)
+
+    lines, warnings = format_gpu_plan(list(plans.values()), 80)
+    assert len(lines) == 2 + 5 and any("training" in w and "halves it" in w for w in warnings)
+    assert not any("sure to run out" in w for w in warnings)
+    lines, warnings = format_gpu_plan(list(fp32.values()), 24)  # a 7B model in float32 on a 24 GB card
+    sure = [w for w in warnings if "sure to run out" in w]
+    assert any(w.startswith("training") and "even one example" in w for w in sure)
+    assert any(w.startswith("evaluation") for w in sure)
+    assert format_gpu_plan(list(plans.values()), None)[1] == []  # card unknown: the table, no warning

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -283,3 +285,48 @@ def test_restarts_keep_the_best_run_and_are_seeded():
     assert single.labels.shape == best.labels.shape
     with pytest.raises(ValueError, match="restarts"):
         spherical_kmeans(x, 6, seed=0, restarts=0)
+
+
+def test_gpu_kmeans_defaults_to_the_gemm_and_keops_builds_in_a_folder_of_its_own(tmp_path, monkeypatch):
+    from clusterucb import kmeans
+
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"  # KeOps compiles at run time: only when named
+    assert resolve_backend("pykeops", torch.device("cuda")) == "pykeops"
+    pytest.importorskip("pykeops")
+    monkeypatch.setenv(kmeans.KEOPS_CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv("KEOPS_CACHE_FOLDER", raising=False)
+    folders = []
+    for _ in range(2):  # two jobs (or two calls): two folders, each gone afterwards
+        with kmeans.keops_build_folder() as folder:
+            import pykeops
+
+            assert os.environ["KEOPS_CACHE_FOLDER"] == folder and pykeops.get_build_folder().startswith(folder)
+            assert Path(folder).parent == tmp_path and Path(folder).is_dir()
+            folders.append(folder)
+        assert not Path(folder).exists()
+    assert folders[0] != folders[1] and "KEOPS_CACHE_FOLDER" not in os.environ
+
+
+def test_dense_projector_blocks_are_sized_by_device(monkeypatch):
+    """On a GPU an uncached dense projection expands thousands of rows per GEMM (not 64): same matrix, same features."""
+    from clusterucb import projection
+
+    grads = torch.randn(3, 40_000, generator=torch.Generator().manual_seed(1))
+    cpu_sized = RademacherProjector(40_000, 8192, seed=4, cache_bytes=0)
+    gpu_sized = RademacherProjector(40_000, 8192, seed=4, cache_bytes=0, device="cuda")  # sizes only: computes where grads are
+    assert (cpu_sized.block_rows, cpu_sized.stream_rows) == (1024, 64)
+    assert gpu_sized.block_rows == gpu_sized.stream_rows == 8192
+    calls = {"n": 0}
+    original = projection.expand_signs
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(projection, "expand_signs", counting)
+    expected = cpu_sized.project(grads)
+    cpu_calls, calls["n"] = calls["n"], 0
+    got = gpu_sized.project(grads)
+    assert (cpu_calls, calls["n"]) == (625, 5)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(make_projector("rademacher", 40_000, 8192, 4, device="cuda").project(grads), expected, rtol=1e-4, atol=1e-4)

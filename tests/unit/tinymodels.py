@@ -58,3 +58,24 @@ def loop_gradients(model, examples) -> torch.Tensor:
         rows.append(torch.cat([p.grad.flatten() for _, p in model.named_parameters() if p.requires_grad]))
     model.zero_grad(set_to_none=True)
     return torch.stack(rows)
+
+
+TEXTS = [
+    "The grove has 15 trees. Workers plant more trees today. How many trees are there now?",
+    "def add(a, b):\n    return a + b",
+    "Question: what is 12 plus 30? Answer: 42.",
+    "A train leaves at noon and arrives at three; the trip takes three hours.",
+]
+
+
+def saved_tiny_llama(directory, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 300):
+    """A tiny random Llama and its BPE tokenizer (trained on a few sentences) saved as a model directory, so the
+    workflow's real load path (``load_base_model``: dtype, tokenizer, pad token) can be used on it."""
+    from clusterucb.modeling import TinyLlamaSpec, build_tiny_llama, train_tokenizer
+
+    tokenizer = train_tokenizer(TEXTS * 10, vocab)
+    spec = TinyLlamaSpec(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers, num_heads=4, num_kv_heads=2, max_position_embeddings=1024)
+    model = build_tiny_llama(spec, tokenizer, seed)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+    return str(directory)

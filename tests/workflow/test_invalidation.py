@@ -131,12 +131,13 @@ MATRIX: dict[str, tuple[str, set[str]]] = {
     "train.lr": ("train={{lr: 0.002}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
     "train.warmup_ratio": ("train={{warmup_ratio: 0.1}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
     "train.effective_batch": ("train={{effective_batch: 8}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
-    "train.micro_batch": ("train={{micro_batch: 2}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
+    "train.micro_batch": ("train={{micro_batch: 2}}", NOTHING),
     "train.weight_decay": ("train={{weight_decay: 0.01}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
     "train.epochs": ("train={{epochs: 3}}", AFTER_TOKENS - {"tokenize_pool", "report_pool"}),
     "precision.base_dtype": ("precision={{base_dtype: bfloat16}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
     "precision.gradient_checkpointing": ("precision={{gradient_checkpointing: true}}", NOTHING),
     "precision.activations_on_gpu": ("precision={{activations_on_gpu: true}}", NOTHING),
+    "precision.gpu_memory_gb": ("precision={{gpu_memory_gb: 80}}", NOTHING),
     "warmup.steps": (
         "warmup={{steps: 4}}",
         WARMUP | CLUSTERS | RUN_GRADIENTS - {"select_less"},  # LESS has its own warmup

@@ -173,7 +173,7 @@ def test_a_hugging_face_hub_id_is_fetched_once_and_used_as_the_model(datasets, t
 
 
 HEAVY = {"build_base_model", "warmup_lora", "less_warmup", "grads_pool_shard", "grads_val", "full_scores", "kmeans", "select_budgeted", "train_epoch", "evaluate", "quality_sweep"}
-GPU = {"warmup_lora", "less_warmup", "grads_pool_shard", "grads_val", "select_budgeted", "train_epoch", "evaluate"}
+GPU = {"warmup_lora", "less_warmup", "grads_pool_shard", "grads_val", "kmeans", "select_budgeted", "train_epoch", "evaluate"}
 
 
 def test_every_rule_logs_and_heavy_rules_declare_benchmark_and_resources():
