@@ -1,0 +1,1 @@
+"""Per-sample gradient features: the batched gradients, random projections, the sharded store, influence scores."""

@@ -1,0 +1,1 @@
+"""What the workflow runs on: the results layout, atomic I/O, logging, devices, memory requests, config layers, plans."""

@@ -1,0 +1,1 @@
+"""LoRA training with AdamW and its learning-rate schedule, resumable."""
