@@ -1,6 +1,6 @@
 # clusterucb: targeted instruction-tuning data selection with Dynamic-ClusterUCB.
 #
-# Data flow (every path below is under results/; clusterucb/paths.py defines them):
+# Data flow (every path below is under results/; clusterucb/infra/paths.py defines them):
 #   data/pool.parquet                the pool: your rows (id, dataset, messages) with a stable example_id
 #   data/targets/<task>/             each target's validation and test sets
 #   model/base/                      base model (built-in tiny Llama, or converted GGUF)
@@ -17,11 +17,11 @@
 #   quality/<task>/<ckpt>/           budgeted selection replayed on full-pool scores (recall sweep)
 #   report/                          comparison, pool and quality tables, figures, resolved config
 # <ckpt> is "warmup", "less/ckpt-<i>" or "runs/<task>/<run>/epoch-<e>"; a <run> is a method and the
-# parameters it changes (clusterucb/runs.py). Logs mirror these under logs/, per-job timings
+# parameters it changes (clusterucb/selection/runs.py). Logs mirror these under logs/, per-job timings
 # under results/benchmarks/.
 #
 # The config is config.yaml's defaults, then your --configfile overlays (or, with none, the embedded
-# demo configs/demo.yaml), then --config: rules/common.smk builds it (clusterucb/config_layers.py).
+# demo configs/demo.yaml), then --config: rules/common.smk builds it (clusterucb/infra/config_layers.py).
 
 
 report: "report/workflow.rst"

@@ -33,10 +33,10 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from clusterucb import paths
-from clusterucb.gradstore import GradientStore
-from clusterucb.kmeans import spherical_kmeans
-from clusterucb.quality import BudgetedSpec, cluster_concentration, simulate
+from clusterucb.infra import paths
+from clusterucb.features.gradstore import GradientStore
+from clusterucb.selection.kmeans import spherical_kmeans
+from clusterucb.selection.quality import BudgetedSpec, cluster_concentration, simulate
 
 # name -> spherical_kmeans options; "official" is the paper's code path (our fixes to k-means itself included).
 VARIANTS = {

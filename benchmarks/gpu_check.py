@@ -34,7 +34,7 @@ It runs, in this order, each part with a time limit within ``--budget-s`` (450 s
 3. ``benchmarks/gradients.py --device cuda`` on the rows that need nothing off the machine (a, a-sjlt with our
    projectors, b, c, c', c-dense) for a ~1.1B random-init Llama (TinyLlama's shape: hidden 2048, 22 layers, GQA
    32/4 heads, vocabulary 32000; its tokenizer trained here on the pool samples), LoRA r=128 on q, k, v, o, base
-   in bfloat16 then float32: samples/s per row, exactness, peak memory against clusterucb/resources.py's estimate,
+   in bfloat16 then float32: samples/s per row, exactness, peak memory against clusterucb/infra/resources.py's estimate,
    and the agreement of the bf16 features with the fp32 ones (cosine per sample).
 
 Everything it measured goes to ``$OUT`` (or ``--out``): gpu_check.json, the pytest log and junit XML, each
@@ -190,7 +190,7 @@ def llama_1b_dir(run: Run, datasets: Path) -> Path:
     from transformers import LlamaConfig
 
     from clusterucb.data.tokenize import concat_messages
-    from clusterucb.modeling import train_tokenizer
+    from clusterucb.models.modeling import train_tokenizer
 
     target = run.out / "llama-1b"
     texts = [concat_messages(c, "</s>") for c in pool_conversations(datasets, 2000, seed=1)]
@@ -226,9 +226,9 @@ def benchmark(run: Run, device: str, datasets: Path, dtype: str, model: str) -> 
 
 
 def memory_estimate(dtype: str, tokens: int, grad_dim: int) -> float:
-    """clusterucb/resources.py's estimate of the gradient pass (its "pool gradients" row) for the 1B model at the
+    """clusterucb/infra/resources.py's estimate of the gradient pass (its "pool gradients" row) for the 1B model at the
     benchmark's largest batch, MB, without the CUDA context (torch.cuda.max_memory_allocated does not see it)."""
-    from clusterucb.resources import DTYPE_BYTES, PROJECTOR_CACHE_MB, ModelShape, activations_mb
+    from clusterucb.infra.resources import DTYPE_BYTES, PROJECTOR_CACHE_MB, ModelShape, activations_mb
 
     shape = ModelShape.from_hf_config(LLAMA_1B)
     mb = 2**20

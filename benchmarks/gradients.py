@@ -74,15 +74,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clusterucb.chat import ChatFormat
+from clusterucb.data.chat import ChatFormat
 from clusterucb.data.sources import read_source
 from clusterucb.data.tokenize import concat_messages, encode_messages, encode_prompt_completion
-from clusterucb.fetch import fetch_wheel_member
-from clusterucb.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, length_batches, pad_batch
-from clusterucb.lora import LoraSpec, attach_lora
-from clusterucb.matching import influence_scores
-from clusterucb.modeling import TinyLlamaSpec, build_tiny_llama, drop_gguf_quantizer, load_base_model, train_tokenizer
-from clusterucb.projection import RademacherProjector, SJLTProjector, make_projector
+from clusterucb.models.fetch import fetch_wheel_member
+from clusterucb.features.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, length_batches, pad_batch
+from clusterucb.models.lora import LoraSpec, attach_lora
+from clusterucb.features.matching import influence_scores
+from clusterucb.models.modeling import TinyLlamaSpec, build_tiny_llama, drop_gguf_quantizer, load_base_model, train_tokenizer
+from clusterucb.features.projection import RademacherProjector, SJLTProjector, make_projector
 from clusterucb.tasks import gsm8k
 
 REPO = Path(__file__).resolve().parents[1]
@@ -451,7 +451,7 @@ def main() -> None:
     if "b" in rows:
         floor(model, examples[: args.batch_size], pad_id, args.batch_size, device)  # warm-up
         report("b", f"floor, batched LoRA forward+backward (batch {args.batch_size})", floor(model, examples, pad_id, args.batch_size, device))
-    peak_c_mb = float("nan")  # the device's peak memory during (c) alone: what clusterucb/resources.py estimates
+    peak_c_mb = float("nan")  # the device's peak memory during (c) alone: what clusterucb/infra/resources.py estimates
     if "c" in rows:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -1,4 +1,4 @@
-"""Spherical k-means: ours (clusterucb.kmeans) against faiss and scikit-learn on the same unit-norm features.
+"""Spherical k-means: ours (clusterucb.selection.kmeans) against faiss and scikit-learn on the same unit-norm features.
 
     pip install -e ".[bench]"                                        # faiss-cpu and scikit-learn: required, never skipped
     python benchmarks/kmeans.py                                      # N = 20k, 100k x d = 8192, 2048; K = 150; 20 iterations
@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clusterucb.kmeans import RowBlocks, kmeans_plusplus, resolve_backend, spherical_kmeans
+from clusterucb.selection.kmeans import RowBlocks, kmeans_plusplus, resolve_backend, spherical_kmeans
 
 REFERENCES = {"faiss": "faiss-cpu", "sklearn": "scikit-learn"}  # module -> package
 OURS = resolve_backend("auto", torch.device("cpu"))  # what the workflow's default (cluster.backend: auto) runs on CPU
@@ -91,7 +91,7 @@ def synthetic_features(n: int, d: int, k: int, seed: int, chunk: int = 8192) -> 
 
 def store_features(store_dir: str, n: int) -> torch.Tensor:
     """The first ``n`` successful rows of a gradient store (a folder holding manifest.parquet), unit-norm float32."""
-    from clusterucb.gradstore import GradientStore
+    from clusterucb.features.gradstore import GradientStore
 
     parts, rows = [], 0
     for _, features in GradientStore(os.path.join(store_dir, "manifest.parquet")).shard_features():

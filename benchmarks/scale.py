@@ -52,7 +52,7 @@ def job(name: str, kwargs: dict) -> None:
     """One stage, as its rule's script calls it."""
     import logging
 
-    from clusterucb.logsetup import set_threads
+    from clusterucb.infra.logsetup import set_threads
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     set_threads(int(os.environ.get("SCALE_THREADS", "2")))
@@ -109,7 +109,7 @@ def repeated_pool(base, n: int, out: Path) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from clusterucb.io import write_parquet
+    from clusterucb.infra.io import write_parquet
 
     index = np.arange(n) % base.num_rows
     table = base.take(pa.array(index))
@@ -121,7 +121,7 @@ def repeated_pool(base, n: int, out: Path) -> None:
 def build_model(base, out: Path, seed: int) -> None:
     """A tiny Llama (the embedded default's sizes, random init) with a BPE tokenizer trained on the pool."""
     from clusterucb.data.tokenize import concat_messages
-    from clusterucb.modeling import TinyLlamaSpec, build_tiny_llama, train_tokenizer
+    from clusterucb.models.modeling import TinyLlamaSpec, build_tiny_llama, train_tokenizer
 
     texts = [concat_messages(m, "</s>") for m in base.column("messages").to_pylist()]
     tokenizer = train_tokenizer(texts, TinyLlamaSpec().vocab_size)
@@ -134,7 +134,7 @@ def val_tokens(pool_tokens: Path, out: Path) -> None:
     """The first ``N_VAL`` tokenized pool rows as a one-subtask validation set."""
     import pyarrow as pa
 
-    from clusterucb.tokens import TokenTable, tokens_schema, write_tokens
+    from clusterucb.data.tokens import TokenTable, tokens_schema, write_tokens
 
     rows = TokenTable.open(pool_tokens)[:N_VAL].table.to_pylist()
     for row in rows:
@@ -154,10 +154,10 @@ def fill_shard(source_tensors: Path, source_index: Path, pool_tokens: Path, shar
     import torch
     from safetensors.torch import load_file
 
-    from clusterucb.gradstore import write_shard
-    from clusterucb.io import read_safetensors_metadata
+    from clusterucb.features.gradstore import write_shard
+    from clusterucb.infra.io import read_safetensors_metadata
     from clusterucb.pipeline.grads import shard_bounds
-    from clusterucb.tokens import TokenTable
+    from clusterucb.data.tokens import TokenTable
 
     features = load_file(str(source_tensors))["features"]
     losses = torch.as_tensor(np.array(pq.read_table(source_index, columns=["loss"]).column("loss").to_numpy()))
@@ -247,7 +247,7 @@ def main() -> None:
         per_shard = float(np.mean(times))
         stage["grad_shards"] = {"s": per_shard * n_shards, "rss": max(rsses), "shard_s": per_shard, "shard_rss": max(rsses), "extrapolated": len(run) < n_shards,
                                 "note": f"{len(run)}/{n_shards} shards run, {n / (per_shard * n_shards):.1f} samples/s"}
-        from clusterucb.gradstore import merge_manifest
+        from clusterucb.features.gradstore import merge_manifest
 
         manifest = d / "manifest.parquet"
         merge_manifest([(str(x), str(y)) for x, y in shard_files], manifest)

@@ -19,8 +19,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from clusterucb.bandit import POLICIES
-from clusterucb.quality import BudgetedSpec, full_recall, planted_pool, random_subset_recall, simulate
+from clusterucb.selection.bandit import POLICIES
+from clusterucb.selection.quality import BudgetedSpec, full_recall, planted_pool, random_subset_recall, simulate
 
 BUDGETS = (0.1, 0.2, 0.3)
 

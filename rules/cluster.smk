@@ -1,5 +1,5 @@
 # Cosine k-means of the warmup-checkpoint pool features (once per k, shared by every target, run and epoch).
-# It computes on the job's GPU when there is one (clusterucb.devices.device), so it asks for one.
+# It computes on the job's GPU when there is one (clusterucb.infra.devices.device), so it asks for one.
 
 
 rule kmeans:

@@ -63,12 +63,12 @@ def coerce_cli_values(value, schema, root=None):
 
 
 sys.path.insert(0, workflow.basedir)  # the clusterucb package, installed or not
-from clusterucb import paths  # noqa: E402
-from clusterucb.config_layers import layer_files, layered_config  # noqa: E402
+from clusterucb.infra import paths  # noqa: E402
+from clusterucb.infra.config_layers import layer_files, layered_config  # noqa: E402
 from clusterucb.data.remote import read_manifest  # noqa: E402
-from clusterucb.hub import hub_model_dir, parse_hub_id  # noqa: E402
-from clusterucb.io import scratch_dir_for  # noqa: E402
-from clusterucb.resources import (  # noqa: E402
+from clusterucb.models.hub import hub_model_dir, parse_hub_id  # noqa: E402
+from clusterucb.infra.io import scratch_dir_for  # noqa: E402
+from clusterucb.infra.resources import (  # noqa: E402
     DTYPE_BYTES,
     RUNTIME_MB,
     ModelShape,
@@ -78,8 +78,8 @@ from clusterucb.resources import (  # noqa: E402
     kmeans_job_mb,
     model_job_mb,
 )
-from clusterucb.tokens import count_rows  # noqa: E402
-from clusterucb.runs import (
+from clusterucb.data.tokens import count_rows  # noqa: E402
+from clusterucb.selection.runs import (
     BUDGETED,
     GUIDANCE_OFF,
     METHODS,
@@ -88,9 +88,9 @@ from clusterucb.runs import (
     expand_runs,
 )  # noqa: E402
 from clusterucb.tasks import get_task, resolve_settings, task_names  # noqa: E402
-from clusterucb.throughput import result_config  # noqa: E402
+from clusterucb.infra.throughput import result_config  # noqa: E402
 
-# The config, layer by layer (clusterucb/config_layers.py): config.yaml's defaults, then the --configfile
+# The config, layer by layer (clusterucb/infra/config_layers.py): config.yaml's defaults, then the --configfile
 # files (or, when none is given, the embedded demo configs/demo.yaml), then --config. Rebuilt from the
 # files rather than taken from Snakemake's merge, so that a user's data.sources replaces the defaults'
 # instead of being added to them. Jobs Snakemake spawns get the same files and --config: the same config.
@@ -168,7 +168,7 @@ NO_RUN = r"(?!)"  # a constraint nothing matches: no configured run of that kind
 
 def runs_pattern(methods, extra=()):
     """The configured run names of ``methods``, from the run registry: the rule that selects for a
-    method takes exactly its runs (no regex copying the naming grammar of clusterucb/runs.py)."""
+    method takes exactly its runs (no regex copying the naming grammar of clusterucb/selection/runs.py)."""
     names = [name for name, run in RUNS.items() if run.method in methods] + list(extra)
     return alternatives(names) if names else NO_RUN
 
@@ -468,7 +468,7 @@ def get_grad_params(wildcards=None):
 
 def get_train_params(wildcards=None):
     """Training settings, less micro_batch: the scripts read it from the config (a memory knob:
-    dropout masks are keyed per example, clusterucb/dropout.py), so lowering it reruns nothing."""
+    dropout masks are keyed per example, clusterucb/training/dropout.py), so lowering it reruns nothing."""
     train = {k: v for k, v in config["train"].items() if k != "micro_batch"}
     return {**train, "base_dtype": config["precision"]["base_dtype"]}
 
@@ -537,7 +537,7 @@ def mem_mb_heavy(wildcards, attempt):
     return 8000 * attempt
 
 
-# Computed job memory (clusterucb/resources.py): what each job holds. Snakemake evaluates these again
+# Computed job memory (clusterucb/infra/resources.py): what each job holds. Snakemake evaluates these again
 # right before a job runs, when its inputs exist; until then (planning, a dry run) the config's sizes stand in.
 # A model not fetched / converted yet: its config.json is not there to size it.
 PROVISIONAL_MB = 16000
@@ -645,7 +645,7 @@ def runtime_heavy(wildcards, attempt):
 def report_gpu_memory():
     """At start (the main Snakemake process, a dry run included), for a run on GPUs (precision.gpu_memory_gb
     or activations_on_gpu set): each heavy job's GPU memory estimate, and a warning for each job sure to
-    run out of the card's memory (clusterucb/resources.py gpu_plan)."""
+    run out of the card's memory (clusterucb/infra/resources.py gpu_plan)."""
     precision = config["precision"]
     if not workflow.is_main_process or not (
         precision.get("gpu_memory_gb") or precision["activations_on_gpu"]

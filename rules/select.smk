@@ -1,4 +1,4 @@
-# Per-epoch selection of every run for every target task (see clusterucb/runs.py for the methods),
+# Per-epoch selection of every run for every target task (see clusterucb/selection/runs.py for the methods),
 # and the oracle's recall. results/runs/<task>/full_matching/epoch-1 is the epoch 1 shared by
 # every Dynamic-family run of a target.
 

@@ -11,7 +11,7 @@ def init(snakemake):
     repo = str(Path(snakemake.scriptdir).resolve().parent)
     if repo not in sys.path:  # works without `pip install -e .` (e.g. inside a --sdm conda env)
         sys.path.insert(0, repo)
-    from clusterucb.logsetup import set_threads, setup_logging
+    from clusterucb.infra.logsetup import set_threads, setup_logging
 
     setup_logging(snakemake.log[0])
     set_threads(snakemake.threads)
@@ -48,7 +48,7 @@ def named_inputs(snakemake) -> dict[str, list[str]]:
 
 def throughput(snakemake, section: str) -> dict:
     """The throughput settings of a config section, read from the config rather than from params
-    (clusterucb/throughput.py: they change how work is batched, not its result)."""
-    from clusterucb.throughput import throughput_settings
+    (clusterucb/infra/throughput.py: they change how work is batched, not its result)."""
+    from clusterucb.infra.throughput import throughput_settings
 
     return throughput_settings(snakemake.config, section)

@@ -3,7 +3,7 @@ from pathlib import Path
 from _common import finish, init, model_dir, throughput
 
 init(snakemake)  # noqa: F821
-from clusterucb import paths  # noqa: E402
+from clusterucb.infra import paths  # noqa: E402
 from clusterucb.pipeline.grads import grads_val  # noqa: E402
 
 i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821

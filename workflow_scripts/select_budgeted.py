@@ -3,7 +3,7 @@ from pathlib import Path
 from _common import finish, init, model_dir, throughput
 
 init(snakemake)  # noqa: F821
-from clusterucb import paths  # noqa: E402
+from clusterucb.infra import paths  # noqa: E402
 from clusterucb.pipeline.reselect import select_budgeted  # noqa: E402
 
 i, o, p, w = snakemake.input, snakemake.output, snakemake.params, snakemake.wildcards  # noqa: F821

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clusterucb.io import atomic_path, decode_metadata, encode_metadata
+from clusterucb.infra.io import atomic_path, decode_metadata, encode_metadata
 
 
 def tokens_schema(extra_fields=(), metadata: dict[str, Any] | None = None) -> pa.Schema:

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from clusterucb.data.tokenize import IGNORE_INDEX
-from clusterucb.devices import deterministic_algorithms, is_nondeterminism_error, release_memory
-from clusterucb.logsetup import progress
+from clusterucb.infra.devices import deterministic_algorithms, is_nondeterminism_error, release_memory
+from clusterucb.infra.logsetup import progress
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def featurize_resumable(featurizer: GradientFeaturizer, examples: Sequence[dict]
         return featurizer.featurize(examples, desc=desc)
     from safetensors import safe_open
 
-    from clusterucb.io import save_safetensors
+    from clusterucb.infra.io import save_safetensors
 
     scratch = Path(scratch_dir)
     n = len(examples)

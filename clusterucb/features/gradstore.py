@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clusterucb.io import file_sha256, read_parquet_metadata, read_safetensors_metadata, save_safetensors, write_parquet
+from clusterucb.infra.io import file_sha256, read_parquet_metadata, read_safetensors_metadata, save_safetensors, write_parquet
 
 log = logging.getLogger(__name__)
 

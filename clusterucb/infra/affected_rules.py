@@ -1,4 +1,4 @@
-"""Which rules a library edit affects: ``snakemake --forcerun $(python -m clusterucb.affected_rules)``.
+"""Which rules a library edit affects: ``snakemake --forcerun $(python -m clusterucb.infra.affected_rules)``.
 
 Snakemake tracks a rule's own script, not the library modules it imports, so an edit to ``clusterucb/``
 reruns nothing by itself. This reads each rule's ``script:`` and follows its imports statically (lazy
@@ -18,7 +18,7 @@ import sys
 from functools import cache
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "clusterucb"
 RULE_SCRIPT = re.compile(r"^rule (\w+):\n((?: {4}.*\n|\s*\n)+)", re.MULTILINE)
 SCRIPT_PATH = re.compile(r"script:\s*\n\s*\"\.\./(workflow_scripts/\w+\.py)\"")
@@ -100,7 +100,7 @@ def changed_files(since: str, repo: Path = REPO) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clusterucb.affected_rules", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m clusterucb.infra.affected_rules", description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", type=Path, help="changed files (default: from git diff against --since)")
     parser.add_argument("--since", default="HEAD", help="git revision to compare with (default: HEAD, i.e. uncommitted edits)")
     args = parser.parse_args(argv)

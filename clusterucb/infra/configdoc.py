@@ -1,7 +1,7 @@
 """The configuration reference, docs/configuration.md, generated so that it cannot go stale.
 
-    python -m clusterucb.configdoc           # write docs/configuration.md
-    python -m clusterucb.configdoc --check   # exit 1 when the committed page differs from what would be written
+    python -m clusterucb.infra.configdoc           # write docs/configuration.md
+    python -m clusterucb.infra.configdoc --check   # exit 1 when the committed page differs from what would be written
 
 Every key of ``config.schema.yaml`` gets a row: its meaning (the schema's description), type, default
 (``config.yaml``'s value, which must equal the schema's default), the demo's value (``configs/demo.yaml``),
@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PAGE = REPO / "docs" / "configuration.md"
 SCHEMA = REPO / "config.schema.yaml"
 DEFAULTS = REPO / "config.yaml"
@@ -425,7 +425,7 @@ def render(repo: Path = REPO) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clusterucb.configdoc", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m clusterucb.infra.configdoc", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when docs/configuration.md differs from what would be written")
     args = parser.parse_args(argv)
     page = render()
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         if current == page:
             return 0
         diff = difflib.unified_diff(current.splitlines(), page.splitlines(), "docs/configuration.md (committed)", "docs/configuration.md (generated)", lineterm="", n=0)
-        module = __spec__.name if __spec__ and __spec__.name != "__main__" else "clusterucb.configdoc"
+        module = __spec__.name if __spec__ and __spec__.name != "__main__" else "clusterucb.infra.configdoc"
         sys.stderr.write("\n".join(list(diff)[:60]) + f"\n\ndocs/configuration.md is stale: run `python -m {module}` and commit it.\n")
         return 1
     PAGE.parent.mkdir(exist_ok=True)

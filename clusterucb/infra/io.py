@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from clusterucb import paths
+from clusterucb.infra import paths
 
 SCHEMA_VERSION = "1"
 

@@ -1,7 +1,7 @@
 """The results layout, defined once: the rules' output patterns and the helpers that name a checkpoint's files.
 
 Patterns are ``str.format`` templates whose fields are the rules' wildcards:
-``{task}`` (a target task), ``{run}`` (clusterucb/runs.py), ``{epoch}``,
+``{task}`` (a target task), ``{run}`` (clusterucb/selection/runs.py), ``{epoch}``,
 ``{shard}``, ``{k}``, ``{i}`` and ``{ckpt}``, a checkpoint under ``results/``:
 
 - ``warmup``                      the LoRA warmup on the pool (clusters, epoch 1's full matching)
@@ -22,7 +22,7 @@ ALL_TASKS = "all"  # the {task} of runs whose selection does not depend on the t
 
 # data
 POOL = "results/data/pool.parquet"
-POOL_TOKENS = "results/data/pool_tokens.arrow"  # memory-mapped Arrow IPC (clusterucb/tokens.py)
+POOL_TOKENS = "results/data/pool_tokens.arrow"  # memory-mapped Arrow IPC (clusterucb/data/tokens.py)
 TARGET_VAL = "results/data/targets/{task}/val.parquet"
 TARGET_TEST = "results/data/targets/{task}/test.parquet"
 TARGET_DECONTAM = "results/data/targets/{task}/decontamination.parquet"

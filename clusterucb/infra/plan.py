@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SNAKEFILE = Path(__file__).resolve().parents[1] / "Snakefile"
+SNAKEFILE = Path(__file__).resolve().parents[2] / "Snakefile"
 REQUESTS = ("gpu", "cpus_per_gpu", "mem_mb", "runtime")
 
 

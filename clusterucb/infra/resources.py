@@ -120,8 +120,8 @@ def kmeans_job_mb(store_mb: float, store_dtype: str, cache_mb: float, chunk_rows
 
 CUDA_CONTEXT_MB = 600  # the CUDA context, cuBLAS workspaces and allocator slack (a bare context is ~500 MB on an H100)
 LORA_INPUT_COPIES = 4  # float32 copies of an adapted layer's input (peft casts it per adapted module: q, k, v, o)
-LM_MAX_BATCH_TOKENS = 16384  # clusterucb.lm.LanguageModel's prompt-token budget per generation batch
-PROJECTOR_CACHE_MB = 2048  # clusterucb.projection.Projector's default cache_bytes
+LM_MAX_BATCH_TOKENS = 16384  # clusterucb.models.lm.LanguageModel's prompt-token budget per generation batch
+PROJECTOR_CACHE_MB = 2048  # clusterucb.features.projection.Projector's default cache_bytes
 DENSE_STREAM_MB = 256 + 64  # an uncached dense projection's expanded signs and hash words (RademacherProjector.GPU_STREAM_BYTES)
 KMEANS_CHUNK = 16384
 
@@ -239,7 +239,7 @@ def format_gpu_plan(plans: list[GpuEstimate], gpu_memory_gb: float | None) -> tu
     """(table lines, warnings): the estimate per job, and each job sure to run out of a ``gpu_memory_gb`` card."""
     gb = 1024.0
     lines = [
-        f"GPU memory estimate per job, GB (clusterucb/resources.py; card: {f'{gpu_memory_gb:g} GB' if gpu_memory_gb else 'unknown, set precision.gpu_memory_gb'}):",
+        f"GPU memory estimate per job, GB (clusterucb/infra/resources.py; card: {f'{gpu_memory_gb:g} GB' if gpu_memory_gb else 'unknown, set precision.gpu_memory_gb'}):",
         f"  {'job':<52} {'weights':>8} {'LoRA+opt':>8} {'state':>7} {'batch':>7} {'tokens':>7} {'total':>7} {'must fit':>8}",
     ]
     warnings = []

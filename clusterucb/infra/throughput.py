@@ -14,7 +14,7 @@ THROUGHPUT = {
     "target": ("eval_batch_size",),
     "precision": ("gradient_checkpointing",),
     "cluster": ("cache_mb",),
-    # dropout masks are keyed per example, not per micro-batch (clusterucb/dropout.py)
+    # dropout masks are keyed per example, not per micro-batch (clusterucb/training/dropout.py)
     "train": ("micro_batch",),
 }
 # Settings only the rules' ``resources:`` and the start-up GPU memory estimate read: no script sees them.

@@ -9,7 +9,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from clusterucb.io import atomic_path
+from clusterucb.infra.io import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import torch
 
-from clusterucb.chat import ChatFormat
+from clusterucb.data.chat import ChatFormat
 from clusterucb.data.tokenize import encode_prompt_completion
-from clusterucb.gradients import length_batches, pad_batch, token_losses
-from clusterucb.logsetup import progress
+from clusterucb.features.gradients import length_batches, pad_batch, token_losses
+from clusterucb.infra.logsetup import progress
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from clusterucb.gradients import AdamState, lora_parameter_names
-from clusterucb.io import atomic_dir, save_safetensors
+from clusterucb.features.gradients import AdamState, lora_parameter_names
+from clusterucb.infra.io import atomic_dir, save_safetensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

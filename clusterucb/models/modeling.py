@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clusterucb.logsetup import progress
+from clusterucb.infra.logsetup import progress
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from clusterucb.gradstore import GradientStore
-from clusterucb.io import save_safetensors, write_parquet
-from clusterucb.kmeans import spherical_kmeans
-from clusterucb.devices import device
+from clusterucb.features.gradstore import GradientStore
+from clusterucb.infra.io import save_safetensors, write_parquet
+from clusterucb.selection.kmeans import spherical_kmeans
+from clusterucb.infra.devices import device
 
 log = logging.getLogger(__name__)
 

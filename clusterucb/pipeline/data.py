@@ -13,11 +13,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clusterucb.chat import ChatFormat
+from clusterucb.data.chat import ChatFormat
 from clusterucb.data.pool import build_pool, pool_table
 from clusterucb.data.tokenize import EncodeStats, encode_messages, encode_prompt_completion, encode_rows
-from clusterucb.io import read_parquet_metadata, write_parquet
-from clusterucb.tokens import TokenTable, count_rows, tokens_schema, write_tokens
+from clusterucb.infra.io import read_parquet_metadata, write_parquet
+from clusterucb.data.tokens import TokenTable, count_rows, tokens_schema, write_tokens
 from clusterucb.tasks import get_task, resolve_settings
 from clusterucb.tasks.base import test_schema, validation_schema
 
@@ -108,7 +108,7 @@ _WORKER_ENCODER: _PoolEncoder | None = None
 
 def _init_worker(*args) -> None:
     global _WORKER_ENCODER
-    from clusterucb.logsetup import set_threads
+    from clusterucb.infra.logsetup import set_threads
 
     set_threads(1)
     _WORKER_ENCODER = _PoolEncoder(*args)

@@ -7,12 +7,12 @@ import logging
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clusterucb.chat import ChatFormat
-from clusterucb.io import read_parquet_metadata, write_json, write_parquet
-from clusterucb.lm import LanguageModel
-from clusterucb.lora import load_lora
-from clusterucb.modeling import load_base_model
-from clusterucb.devices import base_dtype, device
+from clusterucb.data.chat import ChatFormat
+from clusterucb.infra.io import read_parquet_metadata, write_json, write_parquet
+from clusterucb.models.lm import LanguageModel
+from clusterucb.models.lora import load_lora
+from clusterucb.models.modeling import load_base_model
+from clusterucb.infra.devices import base_dtype, device
 from clusterucb.tasks import get_task, resolve_settings
 from clusterucb.tasks.base import prediction_schema
 

@@ -15,7 +15,7 @@ import logging
 
 import pyarrow.parquet as pq
 
-from clusterucb.io import atomic_path, read_parquet_metadata
+from clusterucb.infra.io import atomic_path, read_parquet_metadata
 
 log = logging.getLogger(__name__)
 

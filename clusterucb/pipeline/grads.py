@@ -10,17 +10,17 @@ from pathlib import Path
 
 import torch
 
-from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer, featurize_resumable
-from clusterucb.devices import device
-from clusterucb.gradstore import merge_manifest, write_shard
-from clusterucb.io import file_sha256
-from clusterucb.lora import ADAPTER_WEIGHTS, adam_state_for, load_optimizer_state
-from clusterucb.modeling import enable_gradient_checkpointing
+from clusterucb.features.gradients import AdamPreconditioner, GradientFeaturizer, featurize_resumable
+from clusterucb.infra.devices import device
+from clusterucb.features.gradstore import merge_manifest, write_shard
+from clusterucb.infra.io import file_sha256
+from clusterucb.models.lora import ADAPTER_WEIGHTS, adam_state_for, load_optimizer_state
+from clusterucb.models.modeling import enable_gradient_checkpointing
 from clusterucb.pipeline.data import read_tokens
 from clusterucb.pipeline.model import load_checkpoint
-from clusterucb.projection import make_projector
-from clusterucb.throughput import THROUGHPUT
-from clusterucb.tokens import token_meta
+from clusterucb.features.projection import make_projector
+from clusterucb.infra.throughput import THROUGHPUT
+from clusterucb.data.tokens import token_meta
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import torch
 
 from clusterucb.data.tokenize import concat_messages
-from clusterucb.devices import base_dtype
-from clusterucb.io import atomic_dir
-from clusterucb.lora import load_lora
-from clusterucb.modeling import PretrainSpec, TinyLlamaSpec, build_tiny_llama, drop_gguf_quantizer, load_base_model, pretrain, train_tokenizer
+from clusterucb.infra.devices import base_dtype
+from clusterucb.infra.io import atomic_dir
+from clusterucb.models.lora import load_lora
+from clusterucb.models.modeling import PretrainSpec, TinyLlamaSpec, build_tiny_llama, drop_gguf_quantizer, load_base_model, pretrain, train_tokenizer
 
 log = logging.getLogger(__name__)
 

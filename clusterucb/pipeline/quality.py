@@ -9,12 +9,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clusterucb.bandit import policy_params
-from clusterucb.io import read_parquet_metadata, write_json, write_parquet
-from clusterucb.logsetup import progress
+from clusterucb.selection.bandit import policy_params
+from clusterucb.infra.io import read_parquet_metadata, write_json, write_parquet
+from clusterucb.infra.logsetup import progress
 from clusterucb.pipeline.tables import read_assignments, read_scores
-from clusterucb.quality import cluster_concentration, expand_grid, full_recall, random_subset_recall, recall_metrics, simulate, static_recall
-from clusterucb.selection import n_selected, top_k
+from clusterucb.selection.quality import cluster_concentration, expand_grid, full_recall, random_subset_recall, recall_metrics, simulate, static_recall
+from clusterucb.selection.select import n_selected, top_k
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from clusterucb.io import atomic_path, read_parquet_metadata, write_parquet
+from clusterucb.infra.io import atomic_path, read_parquet_metadata, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ POOL_COUNTS = ("rows_read", "malformed", "empty_files", "duplicate_ids", "duplic
 
 def pool_report(pool_table: str, pool_tokens: str, markdown_out: str) -> None:
     """What each source gave the pool (from the pool's metadata) and what tokenization kept of it."""
-    from clusterucb.tokens import token_meta
+    from clusterucb.data.tokens import token_meta
 
     meta = read_parquet_metadata(pool_table)
     frame = pd.DataFrame([{"source": s["source"], **{c: int(s.get(c, 0)) for c in POOL_COUNTS}} for s in meta["sources"]])

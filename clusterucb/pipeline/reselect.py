@@ -10,17 +10,17 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from clusterucb.gradstore import GradientStore
-from clusterucb.io import config_hash, file_sha256, write_parquet
-from clusterucb.matching import influence_scores
+from clusterucb.features.gradstore import GradientStore
+from clusterucb.infra.io import config_hash, file_sha256, write_parquet
+from clusterucb.features.matching import influence_scores
 from clusterucb.pipeline.data import read_tokens
 from clusterucb.pipeline.grads import GradParams, make_featurizer
 from clusterucb.pipeline.scores import val_features
 from clusterucb.pipeline.quality import aligned_scores
 from clusterucb.pipeline.tables import draws_schema, read_assignments, write_selection
-from clusterucb.quality import BudgetedSpec, budgeted_selection
-from clusterucb.reward_cache import RewardLog
-from clusterucb.throughput import THROUGHPUT
+from clusterucb.selection.quality import BudgetedSpec, budgeted_selection
+from clusterucb.selection.reward_cache import RewardLog
+from clusterucb.infra.throughput import THROUGHPUT
 
 log = logging.getLogger(__name__)
 

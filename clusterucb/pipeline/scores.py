@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from clusterucb.gradstore import GradientStore
-from clusterucb.io import write_parquet
-from clusterucb.logsetup import progress
-from clusterucb.matching import subtask_scores
+from clusterucb.features.gradstore import GradientStore
+from clusterucb.infra.io import write_parquet
+from clusterucb.infra.logsetup import progress
+from clusterucb.features.matching import subtask_scores
 from clusterucb.pipeline.tables import scores_schema
-from clusterucb.tokens import TokenTable, token_meta
+from clusterucb.data.tokens import TokenTable, token_meta
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ import logging
 import numpy as np
 import pyarrow.parquet as pq
 
-from clusterucb.io import read_parquet_metadata
+from clusterucb.infra.io import read_parquet_metadata
 from clusterucb.pipeline.data import pool_ids, pool_size
 from clusterucb.pipeline.tables import read_scores, write_selection
-from clusterucb.schedule import learning_rates, mean_lr_per_epoch
-from clusterucb.selection import n_selected, random_subset, top_k
+from clusterucb.training.schedule import learning_rates, mean_lr_per_epoch
+from clusterucb.selection.select import n_selected, random_subset, top_k
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from clusterucb.io import read_parquet_metadata, write_parquet
+from clusterucb.infra.io import read_parquet_metadata, write_parquet
 
 log = logging.getLogger(__name__)
 

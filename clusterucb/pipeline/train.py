@@ -8,14 +8,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clusterucb.io import write_parquet
-from clusterucb.lora import LoraSpec, attach_lora, load_lora, load_optimizer_state, save_adapter, save_optimizer_state
-from clusterucb.modeling import enable_gradient_checkpointing, load_base_model
+from clusterucb.infra.io import write_parquet
+from clusterucb.models.lora import LoraSpec, attach_lora, load_lora, load_optimizer_state, save_adapter, save_optimizer_state
+from clusterucb.models.modeling import enable_gradient_checkpointing, load_base_model
 from clusterucb.pipeline.data import read_tokens
-from clusterucb.devices import base_dtype, device
-from clusterucb.schedule import plan_steps, steps_per_epoch
-from clusterucb.selection import n_selected
-from clusterucb.training import TrainSpec, train_lora
+from clusterucb.infra.devices import base_dtype, device
+from clusterucb.training.schedule import plan_steps, steps_per_epoch
+from clusterucb.selection.select import n_selected
+from clusterucb.training.trainer import TrainSpec, train_lora
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clusterucb.devices import deterministic_algorithms
+from clusterucb.infra.devices import deterministic_algorithms
 
 log = logging.getLogger(__name__)
 KEOPS_CACHE_ENV = "CLUSTERUCB_KEOPS_CACHE"  # where the per-job KeOps build folders go (default: $TMPDIR)

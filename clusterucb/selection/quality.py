@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clusterucb.bandit import make_policy, policy_params
-from clusterucb.runs import BUDGETED
-from clusterucb.selection import ClusterUCB, ClusterUCBResult, PriorGuidance, clusters_from_labels, n_selected, plan_budget, prior_rerank, top_k
+from clusterucb.selection.bandit import make_policy, policy_params
+from clusterucb.selection.runs import BUDGETED
+from clusterucb.selection.select import ClusterUCB, ClusterUCBResult, PriorGuidance, clusters_from_labels, n_selected, plan_budget, prior_rerank, top_k
 
 
 def recall_metrics(selected: np.ndarray, drawn: np.ndarray, scores: np.ndarray, k: int, labels: np.ndarray | None = None) -> dict[str, float]:

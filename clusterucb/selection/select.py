@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clusterucb.bandit import ArmState, BanditPolicy
-from clusterucb.logsetup import progress
+from clusterucb.selection.bandit import ArmState, BanditPolicy
+from clusterucb.infra.logsetup import progress
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from functools import cache
 
 from clusterucb.tasks.base import TargetTask, TaskSettings, resolve_settings
 
-NOT_TASKS = {"base"}
+NOT_TASKS = {"base", "sandbox", "sandbox_bootstrap"}  # the HumanEval sandbox lives here too
 
 
 @cache

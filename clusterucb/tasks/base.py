@@ -14,7 +14,7 @@ A task module (``clusterucb/tasks/<name>.py``) defines ``TASK``, an object with:
 - ``decontamination_texts(files)``: texts no pool example may contain (its whole
   validation source and its *full* test split, so that neither ``n_val`` nor the
   evaluation caps ever change the pool);
-- ``evaluate(lm, examples, shared, settings)``: ``(metrics, records)`` on a :class:`~clusterucb.lm.LanguageModel`;
+- ``evaluate(lm, examples, shared, settings)``: ``(metrics, records)`` on a :class:`~clusterucb.models.lm.LanguageModel`;
 - ``loss_example(example)``: ``(user, assistant_prefix, completion)`` whose completion
   NLL is the target loss (the validation format applied to a test example).
 

@@ -8,7 +8,7 @@ problems it selected data for). Evaluation: open-instruct's chat prompt
 (instruction, then "Here is the function:" and the problem's prompt in a code
 block), generation cut at its stop sequences, each program
 (prompt + completion + tests + ``check(entry_point)``) run by
-:mod:`clusterucb.sandbox`; pass@k by the unbiased estimator.
+:mod:`clusterucb.tasks.sandbox`; pass@k by the unbiased estimator.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class HumanEval:
         return [p["prompt"] for p in self._problems(files)]
 
     def evaluate(self, lm, examples: list[dict], shared: dict, settings: TaskSettings) -> tuple[dict, list[dict]]:
-        from clusterucb.sandbox import SandboxLimits, probe_isolation, run_programs
+        from clusterucb.tasks.sandbox import SandboxLimits, probe_isolation, run_programs
 
         problems = [fields_of(e) for e in examples]
         prompts = [lm.chat.prompt(p["instruction"], ANSWER_START + p["prompt"]) for p in problems]

@@ -1,4 +1,4 @@
-"""Trusted bootstrap of :mod:`clusterucb.sandbox`: run as a script (never imported by the program it runs).
+"""Trusted bootstrap of :mod:`clusterucb.tasks.sandbox`: run as a script (never imported by the program it runs).
 
     python -s -P -B sandbox_bootstrap.py --rlimits JSON [--shared-tmpfs DIR]... [--hide DIR]... [--keep DIR]... [--proc] [--workdir DIR] [--run-as UID]
 

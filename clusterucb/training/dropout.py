@@ -116,7 +116,7 @@ class ExampleSeededDropout(torch.nn.Module):
         if _row_keys is None:
             raise RuntimeError(
                 f"{self.name}: per-example dropout in training mode needs the batch's row keys "
-                "(clusterucb.dropout.example_keys; clusterucb.training.train_lora sets them)"
+                "(clusterucb.training.dropout.example_keys; clusterucb.training.trainer.train_lora sets them)"
             )
         keep = keep_mask(_row_keys, self.module_key, x.shape, self.p, x.device)
         return torch.where(keep, x, 0.0) * (1.0 / (1.0 - self.p))

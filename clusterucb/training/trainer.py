@@ -7,7 +7,7 @@ with warmup over the whole planned run, so epoch e resumes at global step
 (e - 1) * steps_per_epoch and the schedule continues across jobs.
 
 ``micro_batch`` is a memory knob only: dropout masks are keyed per example, by
-(seed, optimizer step, position in the step) (clusterucb/dropout.py), so cutting
+(seed, optimizer step, position in the step) (clusterucb/training/dropout.py), so cutting
 a step into other micro-batches changes nothing but float rounding. On a CUDA
 out-of-memory error the step is redone from zero gradients with half the
 micro-batch (down to 1), after the error's handler has let go of the failed
@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clusterucb.devices import deterministic_algorithms, is_nondeterminism_error, release_memory
-from clusterucb.dropout import example_keys, install_example_dropout, kernel_dropout, row_keys
-from clusterucb.gradients import pad_batch, token_losses
-from clusterucb.io import atomic_path, config_hash
-from clusterucb.logsetup import progress
-from clusterucb.lora import OptimizerCheckpoint, load_optimizer_state, optimizer_checkpoint, restore_optimizer, save_optimizer_state
-from clusterucb.schedule import StepPlan, linear_schedule
+from clusterucb.infra.devices import deterministic_algorithms, is_nondeterminism_error, release_memory
+from clusterucb.training.dropout import example_keys, install_example_dropout, kernel_dropout, row_keys
+from clusterucb.features.gradients import pad_batch, token_losses
+from clusterucb.infra.io import atomic_path, config_hash
+from clusterucb.infra.logsetup import progress
+from clusterucb.models.lora import OptimizerCheckpoint, load_optimizer_state, optimizer_checkpoint, restore_optimizer, save_optimizer_state
+from clusterucb.training.schedule import StepPlan, linear_schedule
 
 log = logging.getLogger(__name__)
 

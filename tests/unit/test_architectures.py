@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
-from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients, pad_batch
-from clusterucb.lora import LoraSpec, attach_lora, attention_targets
-from clusterucb.projection import make_projector
+from clusterucb.features.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients, pad_batch
+from clusterucb.models.lora import LoraSpec, attach_lora, attention_targets
+from clusterucb.features.projection import make_projector
 
 from tinymodels import loop_gradients, ragged_examples, random_adam_state
 

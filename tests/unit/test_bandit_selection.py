@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from clusterucb.bandit import POLICIES, ArmState, RandomCluster, TopQuantile, UCBBeta, make_policy
-from clusterucb.matching import influence_scores
-from clusterucb.selection import ClusterUCB, clusters_from_labels, n_selected, plan_budget, top_k
+from clusterucb.selection.bandit import POLICIES, ArmState, RandomCluster, TopQuantile, UCBBeta, make_policy
+from clusterucb.features.matching import influence_scores
+from clusterucb.selection.select import ClusterUCB, clusters_from_labels, n_selected, plan_budget, top_k
 
 
 def state_with(rewards: list[list[float]], remaining: list[int]) -> ArmState:
@@ -247,8 +247,8 @@ def test_random_cluster_never_picks_an_invalid_arm():
 
 
 def test_a_killed_reselection_resumes_from_its_reward_log_with_the_same_selection(tmp_path):
-    from clusterucb.quality import BudgetedSpec, budgeted_selection, planted_pool
-    from clusterucb.reward_cache import RewardLog
+    from clusterucb.selection.quality import BudgetedSpec, budgeted_selection, planted_pool
+    from clusterucb.selection.reward_cache import RewardLog
 
     labels, scores = planted_pool(n_clusters=20, n_pool=3000, seed=1)
     spec = BudgetedSpec(method="clusterucb", budget=0.2, csp=0.05, seed=3)

@@ -19,11 +19,11 @@ from test_projection_kmeans import separable_sphere
 from tinymodels import TEXTS, VOCAB, ragged_examples, random_adam_state, saved_tiny_llama, tiny_lora_llama
 
 from clusterucb.data.tokenize import IGNORE_INDEX
-from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients, pad_batch
-from clusterucb.kmeans import spherical_kmeans
-from clusterucb.projection import SJLTProjector, make_projector
-from clusterucb.schedule import plan_steps
-from clusterucb.training import TrainSpec, train_lora
+from clusterucb.features.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients, pad_batch
+from clusterucb.selection.kmeans import spherical_kmeans
+from clusterucb.features.projection import SJLTProjector, make_projector
+from clusterucb.training.schedule import plan_steps
+from clusterucb.training.trainer import TrainSpec, train_lora
 
 DEVICE = torch.device(os.environ.get("CLUSTERUCB_TEST_DEVICE", "cuda"))
 ON_CUDA = DEVICE.type == "cuda"
@@ -134,8 +134,8 @@ def long_examples(n: int, length: int, seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A saved base model (fp32 on disk), and an adapter with its AdamW state after two training steps."""
-    from clusterucb.lora import LoraSpec, attach_lora, save_adapter, save_optimizer_state
-    from clusterucb.modeling import load_base_model
+    from clusterucb.models.lora import LoraSpec, attach_lora, save_adapter, save_optimizer_state
+    from clusterucb.models.modeling import load_base_model
 
     root = tmp_path_factory.mktemp("checkpoint")
     base_dir = saved_tiny_llama(root / "base", hidden=128, layers=2)
@@ -170,7 +170,7 @@ def test_bfloat16_through_the_real_load_path_keeps_features_close_to_float32(che
 
 
 def test_gradient_checkpointing_changes_neither_features_nor_training():
-    from clusterucb.modeling import enable_gradient_checkpointing
+    from clusterucb.models.modeling import enable_gradient_checkpointing
 
     examples = ragged_examples(10, seed=32)
     models = [tiny_lora_llama(seed=2).to(DEVICE), tiny_lora_llama(seed=2).to(DEVICE)]
@@ -211,7 +211,7 @@ def test_batch_one_with_512_token_sequences_repeats_bit_for_bit():
 
 
 def test_training_killed_mid_job_resumes_bit_for_bit_with_dropout(tmp_path, monkeypatch):
-    import clusterucb.training as training
+    import clusterucb.training.trainer as training
 
     examples = ragged_examples(10, seed=34)
     spec = TrainSpec(lr=1e-2, effective_batch=4, micro_batch=2)
@@ -242,10 +242,10 @@ def test_training_killed_mid_job_resumes_bit_for_bit_with_dropout(tmp_path, monk
 
 
 def test_bfloat16_evaluation_unmerged_is_the_trained_model_merged_is_not(tmp_path):
-    from clusterucb.chat import ChatFormat
-    from clusterucb.lm import LanguageModel
-    from clusterucb.lora import LoraSpec, attach_lora, load_lora, save_adapter
-    from clusterucb.modeling import load_base_model
+    from clusterucb.data.chat import ChatFormat
+    from clusterucb.models.lm import LanguageModel
+    from clusterucb.models.lora import LoraSpec, attach_lora, load_lora, save_adapter
+    from clusterucb.models.modeling import load_base_model
     from clusterucb.pipeline.evaluate import load_for_evaluation
 
     base_dir = saved_tiny_llama(tmp_path / "base", hidden=128)
@@ -270,9 +270,9 @@ def test_bfloat16_evaluation_unmerged_is_the_trained_model_merged_is_not(tmp_pat
 
 
 def test_batched_greedy_generation_equals_batch_one(tmp_path):
-    from clusterucb.chat import ChatFormat
-    from clusterucb.lm import LanguageModel
-    from clusterucb.modeling import load_base_model
+    from clusterucb.data.chat import ChatFormat
+    from clusterucb.models.lm import LanguageModel
+    from clusterucb.models.modeling import load_base_model
 
     base_dir = saved_tiny_llama(tmp_path / "base", hidden=64, seed=4)
     model, tokenizer = load_base_model(base_dir)
@@ -319,7 +319,7 @@ def test_oom_back_off_forced_with_a_memory_fraction(caplog):
     training step both back off, drop nothing, and end where an unconstrained run ends."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from clusterucb.lora import LoraSpec, attach_lora
+    from clusterucb.models.lora import LoraSpec, attach_lora
 
     def big_vocab_model():
         torch.manual_seed(0)  # the logits (tokens x 32k vocabulary) dominate the activations

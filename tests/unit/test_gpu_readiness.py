@@ -11,11 +11,11 @@ import pytest
 import torch
 from tinymodels import random_adam_state, ragged_examples, tiny_lora_llama
 
-from clusterucb.dropout import ExampleSeededDropout, example_keys, install_example_dropout, keep_mask
-from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients
-from clusterucb.projection import SJLTProjector
-from clusterucb.schedule import plan_steps
-from clusterucb.training import TrainSpec, train_lora
+from clusterucb.training.dropout import ExampleSeededDropout, example_keys, install_example_dropout, keep_mask
+from clusterucb.features.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients
+from clusterucb.features.projection import SJLTProjector
+from clusterucb.training.schedule import plan_steps
+from clusterucb.training.trainer import TrainSpec, train_lora
 
 
 class OutOfMemoryAbove:
@@ -106,7 +106,7 @@ def test_training_oom_redoes_the_step_with_smaller_micro_batches(caplog):
     _, reference = _train(tiny_lora_llama(seed=5), examples, 4)
     model = tiny_lora_llama(seed=5)
     hook = OutOfMemoryAbove(model, limit=1)
-    with caplog.at_level("WARNING", logger="clusterucb.training"):
+    with caplog.at_level("WARNING", logger="clusterucb.training.trainer"):
         _, weights = _train(model, examples, 4)
     hook.handle.remove()
     assert hook.failed and {rows for rows, _, _ in hook.runs} == {1}
@@ -192,10 +192,10 @@ def test_dropout_masks_belong_to_the_example():
 def test_bfloat16_evaluation_is_the_trained_adapter_unmerged(tmp_path):
     from tinymodels import TEXTS, saved_tiny_llama
 
-    from clusterucb.chat import ChatFormat
-    from clusterucb.lm import LanguageModel
-    from clusterucb.lora import LoraSpec, attach_lora, load_lora, save_adapter
-    from clusterucb.modeling import load_base_model
+    from clusterucb.data.chat import ChatFormat
+    from clusterucb.models.lm import LanguageModel
+    from clusterucb.models.lora import LoraSpec, attach_lora, load_lora, save_adapter
+    from clusterucb.models.modeling import load_base_model
     from clusterucb.pipeline.evaluate import load_for_evaluation
 
     base_dir = saved_tiny_llama(tmp_path / "base")
@@ -250,7 +250,7 @@ def test_gradient_jobs_claim_their_gpu_before_loading_onto_it(monkeypatch):
 def test_training_state_keeps_only_the_claimed_gpus_generator(monkeypatch):
     import json
 
-    from clusterucb import training
+    from clusterucb.training import trainer as training
 
     current = torch.arange(16, dtype=torch.uint8)
     restored = []
@@ -275,7 +275,7 @@ def test_training_state_keeps_only_the_claimed_gpus_generator(monkeypatch):
 
 
 def test_deterministic_mode_is_switched_on_around_the_call_only(monkeypatch):
-    from clusterucb import devices
+    from clusterucb.infra import devices
 
     monkeypatch.delenv(devices.CUBLAS_ENV, raising=False)
     assert not torch.are_deterministic_algorithms_enabled()
@@ -311,7 +311,7 @@ class RefusedOnce:
 
 
 def test_an_op_refused_by_deterministic_mode_falls_back_to_warn_only(caplog):
-    from clusterucb.devices import is_nondeterminism_error
+    from clusterucb.infra.devices import is_nondeterminism_error
 
     assert is_nondeterminism_error(RuntimeError(RefusedOnce.MESSAGE)) and not is_nondeterminism_error(RuntimeError("shape mismatch"))
     examples = ragged_examples(6, seed=13)

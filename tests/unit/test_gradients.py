@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from clusterucb.data.tokenize import IGNORE_INDEX
-from clusterucb.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, length_batches, pad_batch
-from clusterucb.projection import RademacherProjector
+from clusterucb.features.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, length_batches, pad_batch
+from clusterucb.features.projection import RademacherProjector
 
 from tinymodels import loop_gradients, ragged_examples, tiny_lora_llama
 
@@ -89,7 +89,7 @@ def test_length_batches_respect_limits_and_cover_everything():
 
 
 def test_killed_shard_resumes_without_recomputing_finished_samples(tmp_path):
-    from clusterucb.gradients import featurize_resumable
+    from clusterucb.features.gradients import featurize_resumable
 
     model = tiny_lora_llama()
     examples = ragged_examples(10, seed=8)
@@ -122,7 +122,7 @@ def test_killed_shard_resumes_without_recomputing_finished_samples(tmp_path):
 
 
 def test_scratch_dirs_are_one_per_job_even_when_outputs_share_a_folder(tmp_path):
-    from clusterucb.io import scratch_dir_for
+    from clusterucb.infra.io import scratch_dir_for
 
     results = tmp_path / "results"
     outputs = [results / f"grads/warmup/pool/shard-{i}.safetensors" for i in range(12)]
@@ -140,8 +140,8 @@ def test_a_shard_that_finishes_keeps_a_concurrent_shards_finished_parts(tmp_path
     (a shared folder made the other's next write fail and lost its resume state)."""
     import shutil
 
-    from clusterucb.gradients import featurize_resumable
-    from clusterucb.io import scratch_dir_for
+    from clusterucb.features.gradients import featurize_resumable
+    from clusterucb.infra.io import scratch_dir_for
 
     model = tiny_lora_llama()
     dim = PerSampleLoraGradients(model).dim
@@ -175,8 +175,8 @@ def test_a_shard_that_finishes_keeps_a_concurrent_shards_finished_parts(tmp_path
 def test_a_throughput_knob_changes_neither_features_nor_the_selection():
     """max_batch_size / max_batch_tokens are not in any rule's params (they rerun nothing): the features
     agree to rounding and the top-k selection they give is the same."""
-    from clusterucb.matching import influence_scores
-    from clusterucb.selection import top_k
+    from clusterucb.features.matching import influence_scores
+    from clusterucb.selection.select import top_k
 
     model = tiny_lora_llama()
     pool, val = ragged_examples(40, seed=11), ragged_examples(6, seed=12)

@@ -11,8 +11,8 @@ import pytest
 
 from clusterucb.data.pool import Decontaminator, build_pool, example_id, pool_table
 from clusterucb.data.sources import DataError
-from clusterucb.io import write_parquet
-from clusterucb.tokens import TokenTable, count_rows, tokens_schema, write_tokens
+from clusterucb.infra.io import write_parquet
+from clusterucb.data.tokens import TokenTable, count_rows, tokens_schema, write_tokens
 from clusterucb.data.tokenize import (
     IGNORE_INDEX,
     EncodeStats,
@@ -203,7 +203,7 @@ def test_decontaminator_unicode_words_and_too_short_texts():
 
 @pytest.fixture(scope="module")
 def tok():
-    from clusterucb.modeling import train_tokenizer
+    from clusterucb.models.modeling import train_tokenizer
 
     texts = [f"<|user|>\nWhat is {i} plus {i + 1}?\n<|assistant|>\nIt is {2 * i + 1}.</s>\n" for i in range(30)]
     texts += [
@@ -375,7 +375,7 @@ def test_encode_rows_unusable(tok):
 
 
 # ---------------------------------------------------------------------------------------------
-# The tokenized pool on disk: chunked, parallel, memory-mapped (clusterucb.tokens)
+# The tokenized pool on disk: chunked, parallel, memory-mapped (clusterucb.data.tokens)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -440,7 +440,7 @@ def test_token_table_rows_slices_and_lookup(tmp_path):
     with pytest.raises(IndexError):
         table[10]
     # a TokenTable row feeds the batcher like a list row
-    from clusterucb.gradients import pad_batch
+    from clusterucb.features.gradients import pad_batch
 
     input_ids, mask, labels = pad_batch([table[2], records[3]], pad_id=0, device="cpu")
     assert input_ids.tolist() == [[0, 1, 2, 0], [0, 1, 2, 3]] and mask.sum().item() == 7

@@ -10,12 +10,12 @@ import textwrap
 import pytest
 import torch
 
-from clusterucb import devices
-from clusterucb.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients, pad_batch
-from clusterucb.modeling import enable_gradient_checkpointing
-from clusterucb.projection import SJLTProjector
-from clusterucb.schedule import plan_steps
-from clusterucb.training import TrainSpec, train_lora
+from clusterucb.infra import devices
+from clusterucb.features.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients, pad_batch
+from clusterucb.models.modeling import enable_gradient_checkpointing
+from clusterucb.features.projection import SJLTProjector
+from clusterucb.training.schedule import plan_steps
+from clusterucb.training.trainer import TrainSpec, train_lora
 
 from tinymodels import random_adam_state, ragged_examples, tiny_lora_llama
 
@@ -127,7 +127,7 @@ def test_locks_name_physical_devices():
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from clusterucb import devices
+    from clusterucb.infra import devices
     print(devices.claim_device_index(int(sys.argv[1]), sys.argv[2]), flush=True)
     time.sleep(60)
     """
@@ -170,7 +170,7 @@ def test_single_visible_gpu_is_taken_without_a_lock(monkeypatch, tmp_path):
 
 
 def test_job_memory_follows_what_the_job_holds():
-    from clusterucb.resources import ModelShape, features_mb, kmeans_job_mb, model_job_mb
+    from clusterucb.infra.resources import ModelShape, features_mb, kmeans_job_mb, model_job_mb
 
     llama7b = ModelShape.from_hf_config({"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32})
     assert 6.5e9 < llama7b.n_params < 7.0e9
@@ -208,7 +208,7 @@ def _gpu_config(**precision):
 
 
 def test_gpu_memory_estimate_per_job_and_the_warning_before_a_sure_oom():
-    from clusterucb.resources import ModelShape, activations_mb, format_gpu_plan, gpu_plan, kv_cache_mb
+    from clusterucb.infra.resources import ModelShape, activations_mb, format_gpu_plan, gpu_plan, kv_cache_mb
 
     llama7b = ModelShape.from_hf_config({"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                                          "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096})

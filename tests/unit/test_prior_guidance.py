@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clusterucb.bandit import ArmState, make_policy
-from clusterucb.quality import BudgetedSpec, budgeted_selection, expand_grid, planted_pool, simulate, static_recall
-from clusterucb.runs import defaults_from_config, expand_runs
-from clusterucb.selection import ClusterUCB, PriorGuidance, clusters_from_labels, n_selected, plan_budget, top_k
+from clusterucb.selection.bandit import ArmState, make_policy
+from clusterucb.selection.quality import BudgetedSpec, budgeted_selection, expand_grid, planted_pool, simulate, static_recall
+from clusterucb.selection.runs import defaults_from_config, expand_runs
+from clusterucb.selection.select import ClusterUCB, PriorGuidance, clusters_from_labels, n_selected, plan_budget, top_k
 
 SELECTION = {"policy": "ucb_beta", "budget": 0.2, "csp": 0.05, "beta": 1.0, "ucb_p": 0.25, "draw_batch": 1, "tie_break": "random"}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from clusterucb.logsetup import progress
+from clusterucb.infra.logsetup import progress
 
 
 def test_progress_logs_every_few_percent_with_a_rate(caplog):

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clusterucb.kmeans import RowBlocks, kmeans_plusplus, resolve_backend, spherical_kmeans
-from clusterucb.projection import RademacherProjector, SJLTProjector, make_projector, rademacher_block, sjlt_block
+from clusterucb.selection.kmeans import RowBlocks, kmeans_plusplus, resolve_backend, spherical_kmeans
+from clusterucb.features.projection import RademacherProjector, SJLTProjector, make_projector, rademacher_block, sjlt_block
 
 
 def test_projector_is_deterministic_across_calls_instances_blocks_and_batches():
@@ -153,7 +153,7 @@ def test_kmeans_recovers_separable_clusters_and_is_deterministic():
 
 def test_kmeans_in_memory_cache_changes_nothing_but_is_used(monkeypatch):
     """cache_mb keeps the prepared blocks after the first pass: bit-identical results, and no second read."""
-    from clusterucb import kmeans
+    from clusterucb.selection import kmeans
 
     x, _ = separable_sphere(k=5, noise=0.8, seed=4)
     parts = [x[:100].half(), x[100:].half()]  # fp16 shards, as the store keeps them
@@ -263,7 +263,7 @@ def test_removing_the_shared_direction_recovers_the_clusters():
     # principal direction projected out, the planted clusters come back exactly.
     assert not _purity(plain.labels, truth)
     assert _purity(removed.labels, truth) and sorted(torch.bincount(removed.labels).tolist()) == [60] * 4
-    from clusterucb.kmeans import RowBlocks, fit_preprocess
+    from clusterucb.selection.kmeans import RowBlocks, fit_preprocess
 
     prep = fit_preprocess(RowBlocks(x, torch.device("cpu")), center=True, remove_components=1, seed=0)
     assert abs(float(prep.basis[:, 0] @ common)) > 0.85
@@ -288,7 +288,7 @@ def test_restarts_keep_the_best_run_and_are_seeded():
 
 
 def test_gpu_kmeans_defaults_to_the_gemm_and_keops_builds_in_a_folder_of_its_own(tmp_path, monkeypatch):
-    from clusterucb import kmeans
+    from clusterucb.selection import kmeans
 
     assert resolve_backend("auto", torch.device("cuda")) == "torch"  # KeOps compiles at run time: only when named
     assert resolve_backend("pykeops", torch.device("cuda")) == "pykeops"
@@ -309,7 +309,7 @@ def test_gpu_kmeans_defaults_to_the_gemm_and_keops_builds_in_a_folder_of_its_own
 
 def test_dense_projector_blocks_are_sized_by_device(monkeypatch):
     """On a GPU an uncached dense projection expands thousands of rows per GEMM (not 64): same matrix, same features."""
-    from clusterucb import projection
+    from clusterucb.features import projection
 
     grads = torch.randn(3, 40_000, generator=torch.Generator().manual_seed(1))
     cpu_sized = RademacherProjector(40_000, 8192, seed=4, cache_bytes=0)

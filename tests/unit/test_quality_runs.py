@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clusterucb.quality import (
+from clusterucb.selection.quality import (
     BudgetedSpec,
     cluster_concentration,
     eta_squared,
@@ -16,7 +16,7 @@ from clusterucb.quality import (
     recall_metrics,
     simulate,
 )
-from clusterucb.runs import SHARED_EPOCH1, defaults_from_config, expand_runs, make_run
+from clusterucb.selection.runs import SHARED_EPOCH1, defaults_from_config, expand_runs, make_run
 
 
 def test_recall_metrics_by_hand():
@@ -119,7 +119,7 @@ def test_eta_squared_and_cluster_concentration_against_random_groupings():
 
 
 def test_random_draw_asks_for_its_rewards_in_batches_with_the_same_draws():
-    from clusterucb.quality import RANDOM_DRAW_CALL, budgeted_selection
+    from clusterucb.selection.quality import RANDOM_DRAW_CALL, budgeted_selection
 
     labels, scores = planted_pool(n_clusters=30, n_pool=4000, seed=2)
     labels[::97] = -1  # a few samples without a warmup gradient: never drawn

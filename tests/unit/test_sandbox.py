@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from clusterucb import sandbox
-from clusterucb.sandbox import Isolation, ProgramResult, SandboxLimits, probe_isolation, run_program, run_programs
+from clusterucb.tasks import sandbox
+from clusterucb.tasks.sandbox import Isolation, ProgramResult, SandboxLimits, probe_isolation, run_program, run_programs
 
 SECRET_NAME = "CLUSTERUCB_SANDBOX_TEST_SECRET"
 # A good HumanEval-like program; it imports modules the bootstrap has not loaded, so nobody must reach the interpreter's files.
@@ -330,7 +330,7 @@ def test_probe_falls_back_or_raises_when_unshare_is_missing(monkeypatch: pytest.
     try:
         with pytest.raises(RuntimeError, match="unshare .* not found"):
             probe_isolation("namespaces")
-        with caplog.at_level("WARNING", logger="clusterucb.sandbox"):
+        with caplog.at_level("WARNING", logger="clusterucb.tasks.sandbox"):
             assert probe_isolation("auto") == sandbox.NO_ISOLATION
         assert "unshare (util-linux) not found" in caplog.text and "NOT isolated" in caplog.text
     finally:
@@ -349,5 +349,5 @@ def test_isolation_describes_what_is_not_isolated():
 
 
 def test_import_does_nothing():
-    check = "import clusterucb.sandbox as s; assert s._probe.cache_info().currsize == 0 and s._interpreter_dirs.cache_info().currsize == 0"
+    check = "import clusterucb.tasks.sandbox as s; assert s._probe.cache_info().currsize == 0 and s._interpreter_dirs.cache_info().currsize == 0"
     subprocess.run([sys.executable, "-c", check], check=True, timeout=60)

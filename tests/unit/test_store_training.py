@@ -7,11 +7,11 @@ import pytest
 import torch
 from tinymodels import ragged_examples, tiny_lora_llama
 
-from clusterucb.gradients import PerSampleLoraGradients
-from clusterucb.gradstore import GradientStore, merge_manifest, write_shard
-from clusterucb.lora import adam_state_for, load_optimizer_state, save_optimizer_state
-from clusterucb.schedule import linear_schedule, plan_steps, steps_per_epoch
-from clusterucb.training import TrainSpec, train_lora
+from clusterucb.features.gradients import PerSampleLoraGradients
+from clusterucb.features.gradstore import GradientStore, merge_manifest, write_shard
+from clusterucb.models.lora import adam_state_for, load_optimizer_state, save_optimizer_state
+from clusterucb.training.schedule import linear_schedule, plan_steps, steps_per_epoch
+from clusterucb.training.trainer import TrainSpec, train_lora
 
 META = {"model": "m", "checkpoint": "warmup", "grad_type": "adam", "projector": "rademacher", "proj_dim": 8, "proj_seed": 0,
         "grad_dim": 100, "eps_inside_sqrt": True, "max_length": 64, "dtype": "float32"}
@@ -106,7 +106,7 @@ def test_training_killed_mid_job_resumes_from_scratch_to_the_same_weights(tmp_pa
     reference = tiny_lora_llama(seed=2)
     _train(reference, examples, 5)
 
-    import clusterucb.training as training
+    import clusterucb.training.trainer as training
 
     model = tiny_lora_llama(seed=2)
     calls = {"n": 0}
@@ -153,7 +153,7 @@ def test_resuming_the_previous_epoch_continues_adam(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_shards_are_memory_mapped_in_their_storage_dtype(tmp_path, dtype):
-    from clusterucb.gradstore import mmap_tensor
+    from clusterucb.features.gradstore import mmap_tensor
 
     feats = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(2)), dim=1)
     write_shard(tmp_path / "s.safetensors", tmp_path / "s.parquet", 0, list("abcdef"), feats, torch.zeros(6), {}, {**META, "dtype": dtype})
@@ -166,7 +166,7 @@ def test_shards_are_memory_mapped_in_their_storage_dtype(tmp_path, dtype):
 
 
 def test_kmeans_streams_over_shards_like_one_matrix():
-    from clusterucb.kmeans import spherical_kmeans
+    from clusterucb.selection.kmeans import spherical_kmeans
 
     x = torch.nn.functional.normalize(torch.randn(300, 16, generator=torch.Generator().manual_seed(3)), dim=1)
     whole = spherical_kmeans(x, 5, seed=1)
@@ -183,7 +183,7 @@ def test_rng_state_round_trips_through_json():
 
     import numpy as np
 
-    from clusterucb.training import capture_rng_state, restore_rng_state
+    from clusterucb.training.trainer import capture_rng_state, restore_rng_state
 
     state = json.loads(json.dumps(capture_rng_state()))
     expected = (torch.rand(3), random.random(), np.random.rand())
@@ -195,9 +195,9 @@ def test_rng_state_round_trips_through_json():
 def test_less_weights_come_from_the_schedule_even_when_the_log_lost_rows(tmp_path):
     import pyarrow as pa
 
-    from clusterucb.io import write_parquet
+    from clusterucb.infra.io import write_parquet
     from clusterucb.pipeline.select import less_weights
-    from clusterucb.schedule import mean_lr_per_epoch
+    from clusterucb.training.schedule import mean_lr_per_epoch
 
     lr, per_epoch, epochs, ratio = 2e-5, 5, 4, 0.03
     total, warmup = per_epoch * epochs, plan_steps(0, per_epoch, per_epoch * epochs, ratio).warmup_steps

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clusterucb.chat import ChatFormat
+from clusterucb.data.chat import ChatFormat
 from clusterucb.data.sources import DataError
 from clusterucb.tasks import get_task, resolve_settings, task_names
 from clusterucb.tasks.base import Sampling, fields_of, pass_at_k, per_subtask_subset, seeded_subset

@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from clusterucb.config_layers import layer_files, layered_config, merge_layers
+from clusterucb.infra.config_layers import layer_files, layered_config, merge_layers
 from clusterucb.data.pool import build_pool, pool_table
 from clusterucb.data.sources import DataError
-from clusterucb.io import write_parquet
+from clusterucb.infra.io import write_parquet
 from clusterucb.pipeline.export import export_selections
 from clusterucb.pipeline.tables import write_selection
-from clusterucb.plan import markdown, parse_dry_run
+from clusterucb.infra.plan import markdown, parse_dry_run
 
 REPO = Path(__file__).resolve().parents[2]
 

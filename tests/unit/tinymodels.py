@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from clusterucb.data.tokenize import IGNORE_INDEX
-from clusterucb.lora import LoraSpec, attach_lora
+from clusterucb.models.lora import LoraSpec, attach_lora
 
 VOCAB = 97
 
@@ -30,7 +30,7 @@ def tiny_lora_llama(seed: int = 0, r: int = 4):
 
 def random_adam_state(dim: int, seed: int = 1):
     """Plausible AdamW moments (m ~ 1e-3, v ~ 1e-5) for a LoRA of ``dim`` parameters."""
-    from clusterucb.gradients import AdamState
+    from clusterucb.features.gradients import AdamState
 
     g = torch.Generator().manual_seed(seed)
     return AdamState(torch.randn(dim, generator=g) * 1e-3, torch.rand(dim, generator=g) * 1e-5, 0.9, 0.999, 1e-8)
@@ -71,7 +71,7 @@ TEXTS = [
 def saved_tiny_llama(directory, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 300):
     """A tiny random Llama and its BPE tokenizer (trained on a few sentences) saved as a model directory, so the
     workflow's real load path (``load_base_model``: dtype, tokenizer, pad token) can be used on it."""
-    from clusterucb.modeling import TinyLlamaSpec, build_tiny_llama, train_tokenizer
+    from clusterucb.models.modeling import TinyLlamaSpec, build_tiny_llama, train_tokenizer
 
     tokenizer = train_tokenizer(TEXTS * 10, vocab)
     spec = TinyLlamaSpec(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers, num_heads=4, num_kv_heads=2, max_position_embeddings=1024)

@@ -138,7 +138,7 @@ def shell_script(command: DocCommand, mirror: Path) -> str:
     snakefile = shlex.quote(str(REPO / "Snakefile"))
     functions = (
         f"snakemake() {{ {python} -m snakemake -n --snakefile {snakefile} \"$@\"; }}\n"
-        f"clusterucb-plan() {{ {python} -m clusterucb.plan \"$@\"; }}\n"
+        f"clusterucb-plan() {{ {python} -m clusterucb.infra.plan \"$@\"; }}\n"
         f"python() {{ {python} \"$@\"; }}\n"
     )
     return "set -eo pipefail\n" + functions + text + "\n"

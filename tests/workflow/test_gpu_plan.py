@@ -1,5 +1,5 @@
 """The workflow prints each heavy job's GPU memory estimate at start and warns before a job sure to run out
-of the card's memory (precision.gpu_memory_gb; clusterucb/resources.py gpu_plan)."""
+of the card's memory (precision.gpu_memory_gb; clusterucb/infra/resources.py gpu_plan)."""
 
 from __future__ import annotations
 

@@ -102,7 +102,7 @@ MATRIX: dict[str, tuple[str, set[str]]] = {
         "data={{val_max_length: 4000}}",
         {"tokenize_target"} | RUN_GRADIENTS,
     ),
-    # A layer that names data.sources replaces them (clusterucb/config_layers.py): each row lists them all.
+    # A layer that names data.sources replaces them (clusterucb/infra/config_layers.py): each row lists them all.
     "data.sources.*.format": (sources_change("gsm8k_train", format="messages"), EVERYTHING - TARGET_SOURCES),
     "data.sources.*.files": (
         sources_change("dolly", files=["dolly/dolly_3k.json.gz", "dolly/dolly_3k.json.gz"]),

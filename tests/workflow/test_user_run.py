@@ -44,7 +44,7 @@ def write_user_pool(path: Path, datasets: Path, n: int) -> list[dict]:
 
 def save_small_model(directory: Path, texts: list[str]) -> None:
     """A small Llama with its own tokenizer, saved as a local Hugging Face model directory."""
-    from clusterucb.modeling import TinyLlamaSpec, build_tiny_llama, train_tokenizer
+    from clusterucb.models.modeling import TinyLlamaSpec, build_tiny_llama, train_tokenizer
 
     tokenizer = train_tokenizer(texts, 600)
     spec = TinyLlamaSpec(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, max_position_embeddings=4096)
@@ -136,7 +136,7 @@ def test_the_paper_config_plans_its_cluster_requests(datasets, tmp_path):
     hub.mkdir(parents=True)
     hub.joinpath("config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32}))
     proc = subprocess.run(
-        [sys.executable, "-m", "clusterucb.plan", "--heavy", "--workflow-profile", str(REPO / "profiles/slurm"), "--configfile", str(REPO / "configs/paper.yaml"), "--config", f"datasets_dir={mirror}"],
+        [sys.executable, "-m", "clusterucb.infra.plan", "--heavy", "--workflow-profile", str(REPO / "profiles/slurm"), "--configfile", str(REPO / "configs/paper.yaml"), "--config", f"datasets_dir={mirror}"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

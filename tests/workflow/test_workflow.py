@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from clusterucb.tokens import TokenTable
+from clusterucb.data.tokens import TokenTable
 from dag import CORES, REPO, TINY, planned_job_wildcards, planned_jobs, rule_blocks, run, snakemake_cmd
 
 pytestmark = pytest.mark.workflow
