@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +30,9 @@ from scipy.stats import spearmanr
 
 def exact_gradients(model_dir: str, adapter_dir: str, examples: list[dict]) -> tuple[list[str], dict[str, torch.Tensor], np.ndarray]:
     """Per-example LoRA weight gradients [N, O, I] per bergson module name, in bergson's order, and the losses."""
+    from bergson.utils.worker_utils import extract_peft_target_modules
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from bergson.utils.worker_utils import extract_peft_target_modules
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, adapter_dir, autocast_adapter_dtype=False)

@@ -55,16 +55,15 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 
 def load_model(model_dir: str, adapter_dir: str, device: str):
     """bergson.utils.worker_utils.setup_model_and_peft for precision fp32 and a pretrained adapter."""
+    from bergson.utils.worker_utils import extract_peft_target_modules
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from bergson.utils.worker_utils import extract_peft_target_modules
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map=device)
     model = PeftModel.from_pretrained(model, adapter_dir, device_map=device, autocast_adapter_dtype=False)
@@ -129,6 +128,7 @@ def main() -> None:
     from datasets import Dataset
 
     logging.getLogger("CollectorComputer").addFilter(lambda record: record.levelno >= logging.WARNING)  # per-run module lists
+
     def dataset(path: Path) -> tuple[list[dict], Dataset, list[list[int]]]:
         rows = json.loads(path.read_text())
         data = Dataset.from_dict({"input_ids": [e["input_ids"] for e in rows], "labels": [e["labels"] for e in rows]})
@@ -153,8 +153,11 @@ def main() -> None:
             loss_reduction=args.loss_reduction,
         )
         cfg.partial_run_path.mkdir(parents=True)
+
         def make_processor(normalizers: dict):
-            return GradientProcessor(normalizers, projection_dim=projection_dim, projection_type=args.projection, projection_target=args.target)
+            return GradientProcessor(
+                normalizers, projection_dim=projection_dim, projection_type=args.projection, projection_target=args.target
+            )
 
         processor = make_processor(adam_normalizers(model, target_modules, args.adam_v))
 

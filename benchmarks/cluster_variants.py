@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from clusterucb.infra import paths
 from clusterucb.features.gradstore import GradientStore
+from clusterucb.infra import paths
 from clusterucb.selection.kmeans import spherical_kmeans
 from clusterucb.selection.quality import BudgetedSpec, cluster_concentration, simulate
 
@@ -63,15 +63,21 @@ def diagnose(x: torch.Tensor, scores: dict[str, np.ndarray]) -> None:
     print(f"features: N={len(x)}, d={x.shape[1]}; norm of the mean unit feature {float(mean.norm()):.3f}")
     print(f"  cosine to the mean direction: mean {float(along.mean()):.3f}, std {float(along.std()):.3f}, min {float(along.min()):.3f}")
     print(f"  uncentred top singular values^2 share: {', '.join(f'{float(v):.3f}' for v in (raw[:5] ** 2 / (raw**2).sum()))}")
-    print(f"  centred variance share of the top 1/4/16 components: {float(energy[:1].sum()):.3f} / {float(energy[:4].sum()):.3f} / {float(energy[:16].sum()):.3f}")
+    print(
+        f"  centred variance share of the top 1/4/16 components: {float(energy[:1].sum()):.3f} / {float(energy[:4].sum()):.3f} / {float(energy[:16].sum()):.3f}"
+    )
     for task, s in scores.items():
         finite = np.isfinite(s)
         corr = np.corrcoef(along.numpy()[finite], s[finite])[0, 1]
-        print(f"  {task}: share of negative scores {float((s[finite] < 0).mean()):.2f}, corr(score, cosine to the mean direction) {corr:+.3f}")
+        print(
+            f"  {task}: share of negative scores {float((s[finite] < 0).mean()):.2f}, corr(score, cosine to the mean direction) {corr:+.3f}"
+        )
 
 
 def load_scores(run_dir: Path, ckpt: str, task: str, ids: list[str]) -> np.ndarray:
-    table = pq.read_table(run_dir / paths.SCORES.format(ckpt=paths.task_checkpoint(task, ckpt), task=task), columns=["example_id", "score"]).to_pandas()
+    table = pq.read_table(
+        run_dir / paths.SCORES.format(ckpt=paths.task_checkpoint(task, ckpt), task=task), columns=["example_id", "score"]
+    ).to_pandas()
     return table.set_index("example_id").score.reindex(ids).to_numpy(dtype=np.float64)
 
 
@@ -86,7 +92,9 @@ def measure(x: torch.Tensor, scores: dict, variant: str, k: int, kseed: int, arg
         row.update(cluster_concentration(labels, s, args.top_p, seed=args.seed))
         for budget in BUDGETS:
             for method, tag in (("clusterucb", "ucb"), ("random_draw", "rd")):
-                results = [simulate(BudgetedSpec(method=method, budget=budget, seed=seed), labels, s, args.top_p) for seed in range(args.seeds)]
+                results = [
+                    simulate(BudgetedSpec(method=method, budget=budget, seed=seed), labels, s, args.top_p) for seed in range(args.seeds)
+                ]
                 row[f"{tag}_Rs@{budget}"] = float(np.mean([r["Rs"] for r in results]))
                 row[f"{tag}_Rs@{budget}_std"] = float(np.std([r["Rs"] for r in results]))
                 row[f"{tag}_Rx@{budget}"] = float(np.mean([r["Rinf_excess"] for r in results]))
@@ -98,13 +106,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=Path("."), help="a finished run's working directory (holds results/)")
     parser.add_argument("--tasks", default="gsm8k,mmlu,bbh,tydiqa,humaneval", help="target tasks whose scores exist in the run")
-    parser.add_argument("--checkpoints", default="warmup", help="comma-separated quality checkpoints (warmup, runs/full_matching/epoch-1, ...)")
+    parser.add_argument(
+        "--checkpoints", default="warmup", help="comma-separated quality checkpoints (warmup, runs/full_matching/epoch-1, ...)"
+    )
     parser.add_argument("--ks", default="12,25,50,100")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--top-p", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=42, help="k-means seed (the run's master seed)")
-    parser.add_argument("--kmeans-seeds", type=int, default=1, help="k-means runs from seed, seed+1, ... averaged (a variant's luck of the draw)")
+    parser.add_argument(
+        "--kmeans-seeds", type=int, default=1, help="k-means runs from seed, seed+1, ... averaged (a variant's luck of the draw)"
+    )
     parser.add_argument(
         "--features",
         default="warmup",
@@ -147,7 +159,9 @@ def main() -> None:
     )
     print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
     (variant, k), best = summary.ucb.idxmax(), summary.loc[summary.ucb.idxmax()]
-    print(f"best={variant}/K={k} rs_at_20={best.ucb:.4f} random_draw_rs_at_20={best.rd:.4f} eta2={best.eta2:.4f} eta2_random={best.eta2_random:.4f}")
+    print(
+        f"best={variant}/K={k} rs_at_20={best.ucb:.4f} random_draw_rs_at_20={best.rd:.4f} eta2={best.eta2:.4f} eta2_random={best.eta2_random:.4f}"
+    )
 
 
 if __name__ == "__main__":

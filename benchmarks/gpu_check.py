@@ -59,10 +59,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # What benchmarks/gradients.py reads: its pool sources, and GSM8K (its validation examples, when --val > 0).
-DATASET_FILES = ("alpaca/random_9k.json.gz", "dolly/dolly_3k.json.gz", "gpteacher/codegen-instruct.json.gz", "flan_v2_cot/ecqa_train.tsv.gz", "gsm8k/train.jsonl.gz")
+DATASET_FILES = (
+    "alpaca/random_9k.json.gz",
+    "dolly/dolly_3k.json.gz",
+    "gpteacher/codegen-instruct.json.gz",
+    "flan_v2_cot/ecqa_train.tsv.gz",
+    "gsm8k/train.jsonl.gz",
+)
 # TinyLlama-1.1B's shape (random init: timings and agreement need no trained weights).
-LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
-            "vocab_size": 32000, "max_position_embeddings": 2048}
+LLAMA_1B = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+}
 
 
 def default_datasets() -> Path:
@@ -78,7 +91,9 @@ def stage(target: Path, datasets: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, dest)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
-    print(f"staged {len(DATASET_FILES)} dataset files in {target}/datasets ({size / 2**20:.1f} MB); on the GPU machine run, from the repository root:")
+    print(
+        f"staged {len(DATASET_FILES)} dataset files in {target}/datasets ({size / 2**20:.1f} MB); on the GPU machine run, from the repository root:"
+    )
     print(f"  python benchmarks/gpu_check.py --datasets {target}/datasets      (carry {target})")
 
 
@@ -103,7 +118,9 @@ class Run:
         print(f"[{time.monotonic() - self.start:6.1f} s] {name}: {' '.join(command)} (limit {limit:.0f} s)", flush=True)
         with open(log, "w") as handle:
             try:
-                proc = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, timeout=limit)
+                proc = subprocess.run(
+                    command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, timeout=limit
+                )
                 rc = proc.returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
@@ -127,8 +144,15 @@ def environment(run: Run) -> dict:
     info["cuda_available"] = torch.cuda.is_available()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update({"gpu": props.name, "gpu_memory_gb": round(props.total_memory / 2**30, 1), "capability": f"{props.major}.{props.minor}",
-                     "gpu_count": torch.cuda.device_count(), "bf16_supported": torch.cuda.is_bf16_supported()})
+        info.update(
+            {
+                "gpu": props.name,
+                "gpu_memory_gb": round(props.total_memory / 2**30, 1),
+                "capability": f"{props.major}.{props.minor}",
+                "gpu_count": torch.cuda.device_count(),
+                "bf16_supported": torch.cuda.is_bf16_supported(),
+            }
+        )
     if shutil.which("nvidia-smi"):
         try:
             smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30)
@@ -155,8 +179,25 @@ def cuda_tests(run: Run, device: str) -> dict:
     env = {"CLUSTERUCB_TEST_DEVICE": device, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     if device == "cpu":
         env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})  # tiny models: one thread (a loaded CI machine makes two spin)
-    result = run.command("test_cuda", [sys.executable, "-m", "pytest", "tests/unit/test_cuda.py", "-p", "no:cacheprovider", "-o", "addopts=",
-                                       "-q", "-rs", "-s", f"--junitxml={junit}"], 300 if device == "cuda" else 120, env)
+    result = run.command(
+        "test_cuda",
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/unit/test_cuda.py",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=",
+            "-q",
+            "-rs",
+            "-s",
+            f"--junitxml={junit}",
+        ],
+        300 if device == "cuda" else 120,
+        env,
+    )
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": [], "skips": []}
     if junit.exists():
         for case in ET.parse(junit).getroot().iter("testcase"):
@@ -173,7 +214,9 @@ def cuda_tests(run: Run, device: str) -> dict:
             else:
                 counts["passed"] += 1
     log = Path(result["log"]).read_text(errors="replace")
-    counts["measured"] = [line.strip() for line in log.splitlines() if line.startswith(("bf16 vs fp32", "bf16 target loss", "k-means d=8192"))]
+    counts["measured"] = [
+        line.strip() for line in log.splitlines() if line.startswith(("bf16 vs fp32", "bf16 target loss", "k-means d=8192"))
+    ]
     if any("k-means d=8192" in m for m in counts["measured"]):
         counts["keops"] = "checked"
     elif not importlib.util.find_spec("pykeops"):
@@ -186,7 +229,7 @@ def cuda_tests(run: Run, device: str) -> dict:
 def llama_1b_dir(run: Run, datasets: Path) -> Path:
     """A directory with TinyLlama-1.1B's config and a 32k BPE tokenizer trained on the benchmark's pool sources."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from gradients import pool_conversations  # noqa: E402  (benchmarks/gradients.py)
+    from gradients import pool_conversations
     from transformers import LlamaConfig
 
     from clusterucb.data.tokenize import concat_messages
@@ -196,30 +239,86 @@ def llama_1b_dir(run: Run, datasets: Path) -> Path:
     texts = [concat_messages(c, "</s>") for c in pool_conversations(datasets, 2000, seed=1)]
     tokenizer = train_tokenizer(texts, LLAMA_1B["vocab_size"])
     tokenizer.save_pretrained(str(target))
-    config = LlamaConfig(**LLAMA_1B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        **LLAMA_1B,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     config.save_pretrained(str(target))
     return target
 
 
 def benchmark(run: Run, device: str, datasets: Path, dtype: str, model: str) -> dict:
     saved = run.out / f"gradients-{dtype}.pt"
-    common = ["--device", device, "--datasets", str(datasets), "--base-dtype", dtype, "--less-projector", "ours", "--quality", "no",
-              "--agreement", "no", "--val", "0", "--save-features", str(saved)]
+    common = [
+        "--device",
+        device,
+        "--datasets",
+        str(datasets),
+        "--base-dtype",
+        dtype,
+        "--less-projector",
+        "ours",
+        "--quality",
+        "no",
+        "--agreement",
+        "no",
+        "--val",
+        "0",
+        "--save-features",
+        str(saved),
+    ]
     if run.args.quick:
-        sizes = ["--model", "tiny", "--samples", "16", "--quality-samples", "300", "--max-length", "64", "--batch-size", "8", "--threads", "1",
-                 "--rank", "8", "--rows", "a,a-sjlt,b,c,c-dense"]
+        sizes = [
+            "--model",
+            "tiny",
+            "--samples",
+            "16",
+            "--quality-samples",
+            "300",
+            "--max-length",
+            "64",
+            "--batch-size",
+            "8",
+            "--threads",
+            "1",
+            "--rank",
+            "8",
+            "--rows",
+            "a,a-sjlt,b,c,c-dense",
+        ]
     else:
-        sizes = ["--model", model, "--random-init", "--samples", str(run.args.samples), "--quality-samples", str(run.args.samples), "--max-length", "256",
-                 "--batch-size", "16", "--rank", "128", "--rows", "a,a-sjlt,b,c,c-dense"]
+        sizes = [
+            "--model",
+            model,
+            "--random-init",
+            "--samples",
+            str(run.args.samples),
+            "--quality-samples",
+            str(run.args.samples),
+            "--max-length",
+            "256",
+            "--batch-size",
+            "16",
+            "--rank",
+            "128",
+            "--rows",
+            "a,a-sjlt,b,c,c-dense",
+        ]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "TQDM_DISABLE": "1"}
-    result = run.command(f"gradients-{dtype}", [sys.executable, "benchmarks/gradients.py", *sizes, *common], 60 if run.args.quick else 200, env)
+    result = run.command(
+        f"gradients-{dtype}", [sys.executable, "benchmarks/gradients.py", *sizes, *common], 60 if run.args.quick else 200, env
+    )
     if result["rc"] != 0 or not saved.exists():
         return result
     import torch
 
     data = torch.load(saved, weights_only=False)
-    result.update({k: data[k] for k in ("samples_per_s", "cosine_min", "peak_mb", "peak_c_mb", "max_batch_tokens", "grad_dim", "samples", "model")})
+    result.update(
+        {k: data[k] for k in ("samples_per_s", "cosine_min", "peak_mb", "peak_c_mb", "max_batch_tokens", "grad_dim", "samples", "model")}
+    )
     result["exactness"] = [[what, cosine] for what, cosine in data["exactness"]]
     result["features"] = data["features"]
     return result
@@ -241,13 +340,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--quick", action="store_true", help="small models and sizes: the CPU smoke test CI runs")
-    parser.add_argument("--datasets", type=Path, default=None, help="the staged dataset files (default $CLUSTERUCB_DATASETS or ../shared/datasets)")
+    parser.add_argument(
+        "--datasets", type=Path, default=None, help="the staged dataset files (default $CLUSTERUCB_DATASETS or ../shared/datasets)"
+    )
     parser.add_argument("--out", default=None, help="where results go (default $OUT, else benchmarks/out/gpu_check)")
     parser.add_argument("--budget-s", type=float, default=None, help="time for everything (default 450 on cuda, 240 on cpu)")
     parser.add_argument("--samples", type=int, default=96, help="pool samples per benchmark row on the GPU")
     parser.add_argument("--skip", default="", help="parts to leave out, comma-separated: tests, bench")
     parser.add_argument("--wheels", type=Path, default=None, help="install these carried wheels first (pip --no-index --no-deps)")
-    parser.add_argument("--stage", type=Path, default=None, help="only copy the dataset files the check reads into STAGE/datasets, then exit")
+    parser.add_argument(
+        "--stage", type=Path, default=None, help="only copy the dataset files the check reads into STAGE/datasets, then exit"
+    )
     args = parser.parse_args()
     datasets = (args.datasets or default_datasets()).resolve()
     if args.stage:
@@ -259,7 +362,9 @@ def main() -> None:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_check: --device cuda but torch sees no GPU (torch.cuda.is_available() is False); --device cpu --quick runs the CPU part")
+        raise SystemExit(
+            "gpu_check: --device cuda but torch sees no GPU (torch.cuda.is_available() is False); --device cpu --quick runs the CPU part"
+        )
     report = run.report
     report["environment"] = environment(run)
     if args.wheels:
@@ -278,8 +383,11 @@ def main() -> None:
             report["parts"]["bench"] = {d: {k: v for k, v in b.items() if k != "features"} for d, b in benches.items()}
     agreement = None
     if all("features" in benches.get(d, {}) for d in ("bfloat16", "float32")):
-        cos = {row: torch.nn.functional.cosine_similarity(benches["bfloat16"]["features"][row], benches["float32"]["features"][row], dim=1)
-               for row in benches["float32"]["features"] if row in benches["bfloat16"]["features"]}
+        cos = {
+            row: torch.nn.functional.cosine_similarity(benches["bfloat16"]["features"][row], benches["float32"]["features"][row], dim=1)
+            for row in benches["float32"]["features"]
+            if row in benches["bfloat16"]["features"]
+        }
         agreement = {row: {"min": float(c.min()), "mean": float(c.mean())} for row, c in cos.items()}
         report["bf16_vs_fp32_feature_cosine"] = agreement
         for dtype, bench in benches.items():
@@ -289,7 +397,8 @@ def main() -> None:
 
     tests = report["parts"].get("tests", {})
     ok = (tests.get("rc") == 0 if "tests" not in skip else True) and (
-        "bench" in skip or (all(b.get("rc") == 0 for b in benches.values()) and len(benches) == 2 and agreement is not None))
+        "bench" in skip or (all(b.get("rc") == 0 for b in benches.values()) and len(benches) == 2 and agreement is not None)
+    )
     report["status"] = "ok" if ok else "FAIL"
     report["seconds"] = round(time.monotonic() - run.start, 1)
     with open(run.out / "gpu_check.json.tmp", "w") as handle:
@@ -297,10 +406,18 @@ def main() -> None:
     os.replace(run.out / "gpu_check.json.tmp", run.out / "gpu_check.json")
 
     env = report["environment"]
-    parts = [f"gpu_check: status={report['status']}", f"device={env.get('gpu', 'cpu').replace(' ', '_')}", f"torch={env.get('torch')}", f"cuda={env.get('torch_cuda')}"]
+    parts = [
+        f"gpu_check: status={report['status']}",
+        f"device={env.get('gpu', 'cpu').replace(' ', '_')}",
+        f"torch={env.get('torch')}",
+        f"cuda={env.get('torch_cuda')}",
+    ]
     if tests:
-        parts.append(f"tests={tests.get('passed', 0)} passed/{tests.get('failed', 0) + tests.get('errors', 0)} failed/{tests.get('skipped', 0)} skipped"
-                     + (f" (failed: {','.join(tests['failures'][:3])})" if tests.get("failures") else "") + (f" rc={tests['rc']}" if tests.get("rc") not in (0, 1) else ""))
+        parts.append(
+            f"tests={tests.get('passed', 0)} passed/{tests.get('failed', 0) + tests.get('errors', 0)} failed/{tests.get('skipped', 0)} skipped"
+            + (f" (failed: {','.join(tests['failures'][:3])})" if tests.get("failures") else "")
+            + (f" rc={tests['rc']}" if tests.get("rc") not in (0, 1) else "")
+        )
         parts.append(f"keops={tests.get('keops')}")
     for dtype, short in (("bfloat16", "bf16"), ("float32", "fp32")):
         bench = benches.get(dtype)
@@ -309,7 +426,9 @@ def main() -> None:
         if "samples_per_s" in bench:
             rate = {row: bench["samples_per_s"].get(row, float("nan")) for row in ("a", "b", "c", "c'")}
             atomic = rate["c'"]
-            line = f"c_{short}={rate['c']:.1f}/s (a {rate['a']:.1f}, b {rate['b']:.1f}, c' {atomic:.1f}) exact_min={bench['cosine_min']:.5f}"
+            line = (
+                f"c_{short}={rate['c']:.1f}/s (a {rate['a']:.1f}, b {rate['b']:.1f}, c' {atomic:.1f}) exact_min={bench['cosine_min']:.5f}"
+            )
             estimate = report["parts"]["bench"][dtype].get("estimate_mb")
             if estimate:
                 line += f" peak_c={bench['peak_c_mb'] / 1024:.1f}GB est={estimate / 1024:.1f}GB"

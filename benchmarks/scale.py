@@ -39,7 +39,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GRADS = {"projector": "sjlt", "proj_dim": 8192, "proj_seed": 0, "sjlt_c": 1, "dtype": "float16", "adam_eps_inside_sqrt": True, "max_batch_size": 16, "max_batch_tokens": 4096}
+GRADS = {
+    "projector": "sjlt",
+    "proj_dim": 8192,
+    "proj_seed": 0,
+    "sjlt_c": 1,
+    "dtype": "float16",
+    "adam_eps_inside_sqrt": True,
+    "max_batch_size": 16,
+    "max_batch_tokens": 4096,
+}
 LORA = {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 TRAIN = {"lr": 1e-3, "warmup_ratio": 0.0, "effective_batch": 16, "micro_batch": 8, "weight_decay": 0.0, "epochs": 1}
 MAX_LENGTH = 512
@@ -82,7 +91,9 @@ def run_job(name: str, log_path: Path, threads: int, **kwargs) -> tuple[float, f
     env = {**os.environ, "SCALE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "--job", name, json.dumps(kwargs)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--job", name, json.dumps(kwargs)], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
     if status != 0:
@@ -114,7 +125,9 @@ def repeated_pool(base, n: int, out: Path) -> None:
     index = np.arange(n) % base.num_rows
     table = base.take(pa.array(index))
     suffix = pa.array([f"-{i}" for i in np.arange(n) // base.num_rows])
-    table = table.set_column(table.schema.get_field_index("example_id"), "example_id", pc.binary_join_element_wise(table.column("example_id"), suffix, ""))
+    table = table.set_column(
+        table.schema.get_field_index("example_id"), "example_id", pc.binary_join_element_wise(table.column("example_id"), suffix, "")
+    )
     write_parquet(table, out)
 
 
@@ -144,7 +157,9 @@ def val_tokens(pool_tokens: Path, out: Path) -> None:
     write_tokens([pa.Table.from_pylist(rows, schema=schema)], schema, out)
 
 
-def fill_shard(source_tensors: Path, source_index: Path, pool_tokens: Path, shard: int, n_shards: int, tensors_out: Path, index_out: Path) -> None:
+def fill_shard(
+    source_tensors: Path, source_index: Path, pool_tokens: Path, shard: int, n_shards: int, tensors_out: Path, index_out: Path
+) -> None:
     """A shard not run at this size: its own rows' ids with the features of a run shard's rows, cycled.
 
     Only the later stages' time and memory are measured on them (k-means, matching, the re-selection,
@@ -154,10 +169,10 @@ def fill_shard(source_tensors: Path, source_index: Path, pool_tokens: Path, shar
     import torch
     from safetensors.torch import load_file
 
+    from clusterucb.data.tokens import TokenTable
     from clusterucb.features.gradstore import write_shard
     from clusterucb.infra.io import read_safetensors_metadata
     from clusterucb.pipeline.grads import shard_bounds
-    from clusterucb.data.tokens import TokenTable
 
     features = load_file(str(source_tensors))["features"]
     losses = torch.as_tensor(np.array(pq.read_table(source_index, columns=["loss"]).column("loss").to_numpy()))
@@ -202,7 +217,10 @@ def main() -> None:
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     t = a.threads
-    print(f"scale benchmark: sizes {sizes}, {t} threads, shard {a.shard_rows} rows, K={a.k}, d={GRADS['proj_dim']}, budget {a.budget}, work {work}", flush=True)
+    print(
+        f"scale benchmark: sizes {sizes}, {t} threads, shard {a.shard_rows} rows, K={a.k}, d={GRADS['proj_dim']}, budget {a.budget}, work {work}",
+        flush=True,
+    )
 
     # --- shared setup (not timed): model, warmup checkpoint, validation features, features of the base rows
     base = base_pool(Path(a.datasets), a.seed)
@@ -211,15 +229,51 @@ def main() -> None:
     if not (model_dir / "model.safetensors").exists():
         build_model(base, model_dir, a.seed)
     repeated_pool(base, base.num_rows, setup / "pool.parquet")
-    tokenize_args = {"model_dir": str(model_dir), "max_length": MAX_LENGTH, "chat_template": "tulu", "overlong": "truncate", "on_unusable": "skip", "workers": t}
-    run_job("tokenize", logs / "setup-tokenize.log", t, pool_path=str(setup / "pool.parquet"), out=str(setup / "tokens.arrow"), **tokenize_args)
+    tokenize_args = {
+        "model_dir": str(model_dir),
+        "max_length": MAX_LENGTH,
+        "chat_template": "tulu",
+        "overlong": "truncate",
+        "on_unusable": "skip",
+        "workers": t,
+    }
+    run_job(
+        "tokenize", logs / "setup-tokenize.log", t, pool_path=str(setup / "pool.parquet"), out=str(setup / "tokens.arrow"), **tokenize_args
+    )
     adapter, optimizer = setup / "warmup" / "adapter", setup / "warmup" / "optimizer.safetensors"
-    run_job("warmup", logs / "setup-warmup.log", t, model_dir=str(model_dir), pool_tokens=str(setup / "tokens.arrow"), adapter_dir=str(adapter), optimizer_out=str(optimizer),
-            log_out=str(setup / "warmup" / "train_log.parquet"), lora=LORA, train=TRAIN, steps=4, epochs=1, seed=a.seed, scratch=str(setup / "scratch-warmup"))
+    run_job(
+        "warmup",
+        logs / "setup-warmup.log",
+        t,
+        model_dir=str(model_dir),
+        pool_tokens=str(setup / "tokens.arrow"),
+        adapter_dir=str(adapter),
+        optimizer_out=str(optimizer),
+        log_out=str(setup / "warmup" / "train_log.parquet"),
+        lora=LORA,
+        train=TRAIN,
+        steps=4,
+        epochs=1,
+        seed=a.seed,
+        scratch=str(setup / "scratch-warmup"),
+    )
     val_tokens(setup / "tokens.arrow", setup / "val_tokens.arrow")
     checkpoint = {"model_dir": str(model_dir), "adapter_dir": str(adapter), "checkpoint": "warmup"}
-    val = {"val_tensors": str(setup / "val.safetensors"), "val_index": str(setup / "val.parquet"), "val_tokens": str(setup / "val_tokens.arrow")}
-    run_job("grads_val", logs / "setup-val.log", t, **checkpoint, val_tokens=val["val_tokens"], tensors_out=val["val_tensors"], index_out=val["val_index"], params=GRADS)
+    val = {
+        "val_tensors": str(setup / "val.safetensors"),
+        "val_index": str(setup / "val.parquet"),
+        "val_tokens": str(setup / "val_tokens.arrow"),
+    }
+    run_job(
+        "grads_val",
+        logs / "setup-val.log",
+        t,
+        **checkpoint,
+        val_tokens=val["val_tokens"],
+        tensors_out=val["val_tensors"],
+        index_out=val["val_index"],
+        params=GRADS,
+    )
     results: dict[int, dict[str, dict]] = {}
     for n in sizes:
         d = work / f"n{n}"
@@ -231,13 +285,28 @@ def main() -> None:
         stage["tokenize"] = {"s": sec, "rss": rss, "note": f"{n / sec:.0f} rows/s"}
 
         n_shards = math.ceil(n / a.shard_rows)
-        run = sorted({round(i * (n_shards - 1) / max(1, a.shard_sample - 1)) for i in range(a.shard_sample)}) if n_shards > a.shard_sample else list(range(n_shards))
+        run = (
+            sorted({round(i * (n_shards - 1) / max(1, a.shard_sample - 1)) for i in range(a.shard_sample)})
+            if n_shards > a.shard_sample
+            else list(range(n_shards))
+        )
         shard_files = [(d / f"shard-{s}.safetensors", d / f"shard-{s}.parquet") for s in range(n_shards)]
         times, rsses, pending = [], [], []
         for s in range(n_shards):
             if s in run:
-                sec, rss = run_job("grads_shard", logs / f"{n}-shard-{s}.log", t, **checkpoint, optimizer_path=str(optimizer), pool_tokens=str(tokens), shard=s, n_shards=n_shards,
-                                   tensors_out=str(shard_files[s][0]), index_out=str(shard_files[s][1]), params=GRADS)
+                sec, rss = run_job(
+                    "grads_shard",
+                    logs / f"{n}-shard-{s}.log",
+                    t,
+                    **checkpoint,
+                    optimizer_path=str(optimizer),
+                    pool_tokens=str(tokens),
+                    shard=s,
+                    n_shards=n_shards,
+                    tensors_out=str(shard_files[s][0]),
+                    index_out=str(shard_files[s][1]),
+                    params=GRADS,
+                )
                 times.append(sec)
                 rsses.append(rss)
             else:
@@ -245,28 +314,90 @@ def main() -> None:
         for s in pending:
             fill_shard(*shard_files[run[0]], tokens, s, n_shards, *shard_files[s])
         per_shard = float(np.mean(times))
-        stage["grad_shards"] = {"s": per_shard * n_shards, "rss": max(rsses), "shard_s": per_shard, "shard_rss": max(rsses), "extrapolated": len(run) < n_shards,
-                                "note": f"{len(run)}/{n_shards} shards run, {n / (per_shard * n_shards):.1f} samples/s"}
+        stage["grad_shards"] = {
+            "s": per_shard * n_shards,
+            "rss": max(rsses),
+            "shard_s": per_shard,
+            "shard_rss": max(rsses),
+            "extrapolated": len(run) < n_shards,
+            "note": f"{len(run)}/{n_shards} shards run, {n / (per_shard * n_shards):.1f} samples/s",
+        }
         from clusterucb.features.gradstore import merge_manifest
 
         manifest = d / "manifest.parquet"
         merge_manifest([(str(x), str(y)) for x, y in shard_files], manifest)
 
         assignments = d / "assignments.parquet"
-        sec, rss = run_job("kmeans", logs / f"{n}-kmeans.log", t, manifest=str(manifest), assignments_out=str(assignments), centroids_out=str(d / "centroids.safetensors"),
-                           k=a.k, max_iter=a.kmeans_iter, init="k-means++", backend="auto", seed=a.seed, center=True, remove_components=1, cache_mb=a.kmeans_cache_mb)
-        stage["kmeans"] = {"s": sec, "rss": rss, "note": f"K={a.k}, {a.kmeans_iter} iterations max, backend auto, cache {a.kmeans_cache_mb:.0f} MB"}
+        sec, rss = run_job(
+            "kmeans",
+            logs / f"{n}-kmeans.log",
+            t,
+            manifest=str(manifest),
+            assignments_out=str(assignments),
+            centroids_out=str(d / "centroids.safetensors"),
+            k=a.k,
+            max_iter=a.kmeans_iter,
+            init="k-means++",
+            backend="auto",
+            seed=a.seed,
+            center=True,
+            remove_components=1,
+            cache_mb=a.kmeans_cache_mb,
+        )
+        stage["kmeans"] = {
+            "s": sec,
+            "rss": rss,
+            "note": f"K={a.k}, {a.kmeans_iter} iterations max, backend auto, cache {a.kmeans_cache_mb:.0f} MB",
+        }
 
         scores = d / "scores.parquet"
         sec1, rss1 = run_job("scores", logs / f"{n}-scores.log", t, manifest=str(manifest), **val, out=str(scores))
-        sec2, rss2 = run_job("select_top", logs / f"{n}-select-top.log", t, scores_path=str(scores), pool_tokens=str(tokens), selection_out=str(d / "full_matching.parquet"),
-                             top_p=a.top_p, task="scale", run="full_matching", epoch=1)
+        sec2, rss2 = run_job(
+            "select_top",
+            logs / f"{n}-select-top.log",
+            t,
+            scores_path=str(scores),
+            pool_tokens=str(tokens),
+            selection_out=str(d / "full_matching.parquet"),
+            top_p=a.top_p,
+            task="scale",
+            run="full_matching",
+            epoch=1,
+        )
         stage["full_matching"] = {"s": sec1 + sec2, "rss": max(rss1, rss2), "note": "scores + top-p"}
 
-        run_params = {"method": "clusterucb", "policy": "ucb_beta", "budget": a.budget, "csp": 0.05, "beta": 1.0, "ucb_p": 0.25, "draw_batch": 1, "tie_break": "random", "seed": a.seed, "k": a.k}
+        run_params = {
+            "method": "clusterucb",
+            "policy": "ucb_beta",
+            "budget": a.budget,
+            "csp": 0.05,
+            "beta": 1.0,
+            "ucb_p": 0.25,
+            "draw_batch": 1,
+            "tie_break": "random",
+            "seed": a.seed,
+            "k": a.k,
+        }
         draws = d / "draws.parquet"
-        sec, rss = run_job("select_budgeted", logs / f"{n}-select-budgeted.log", t, **checkpoint, optimizer_path=str(optimizer), pool_tokens=str(tokens), **val, arms=str(assignments),
-                           selection_out=str(d / "clusterucb.parquet"), draws_out=str(draws), grad_params=GRADS, run_params=run_params, top_p=a.top_p, task="scale", run="clusterucb", epoch=2, scratch=None)
+        sec, rss = run_job(
+            "select_budgeted",
+            logs / f"{n}-select-budgeted.log",
+            t,
+            **checkpoint,
+            optimizer_path=str(optimizer),
+            pool_tokens=str(tokens),
+            **val,
+            arms=str(assignments),
+            selection_out=str(d / "clusterucb.parquet"),
+            draws_out=str(draws),
+            grad_params=GRADS,
+            run_params=run_params,
+            top_p=a.top_p,
+            task="scale",
+            run="clusterucb",
+            epoch=2,
+            scratch=None,
+        )
         import pyarrow.parquet as pq
 
         n_draws = pq.read_metadata(draws).num_rows
@@ -275,13 +406,18 @@ def main() -> None:
         print(f"\nN = {n}", flush=True)
         for name, r in stage.items():
             extra = f"  (per shard job: {r['shard_s']:.1f} s, {r['shard_rss']:.0f} MB)" if name == "grad_shards" else ""
-            print(f"  {name:14s} {r['s']:9.1f} s{'*' if r.get('extrapolated') else ' '} {r['rss']:8.0f} MB   {r['note']}{extra}", flush=True)
+            print(
+                f"  {name:14s} {r['s']:9.1f} s{'*' if r.get('extrapolated') else ' '} {r['rss']:8.0f} MB   {r['note']}{extra}", flush=True
+            )
 
     print("\n| stage | " + " | ".join(f"N={n}: s / peak RSS MB" for n in sizes) + " | time exponent | RSS exponent |")
     print("|---|" + "---|" * (len(sizes) + 2))
     worst = -math.inf
     for name in results[sizes[0]]:
-        cells = [f"{results[n][name]['s']:.1f}{'*' if results[n][name].get('extrapolated') else ''} / {results[n][name]['rss']:.0f}" for n in sizes]
+        cells = [
+            f"{results[n][name]['s']:.1f}{'*' if results[n][name].get('extrapolated') else ''} / {results[n][name]['rss']:.0f}"
+            for n in sizes
+        ]
         t_exp = [exponent(results[n1][name]["s"], results[n2][name]["s"], n1, n2) for n1, n2 in zip(sizes, sizes[1:])]
         r_exp = [exponent(results[n1][name]["rss"], results[n2][name]["rss"], n1, n2) for n1, n2 in zip(sizes, sizes[1:])]
         worst = max([worst, *t_exp])

@@ -42,10 +42,23 @@ def run(labels: np.ndarray, scores: np.ndarray, top_p: float, seeds: list[int]) 
                 spec = BudgetedSpec(method=method, policy=policy if method == "clusterucb" else "random_cluster", budget=budget, seed=seed)
                 start = time.perf_counter()
                 result = simulate(spec, labels, scores, top_p)
-                rows.append({"method": method, "policy": policy, "budget": budget, "seed": seed, "seconds": time.perf_counter() - start, **result})
+                rows.append(
+                    {"method": method, "policy": policy, "budget": budget, "seed": seed, "seconds": time.perf_counter() - start, **result}
+                )
         for seed in seeds:
-            rows.append({"method": "random", "policy": "-", "budget": budget, "seed": seed, "seconds": 0.0, **random_subset_recall(scores, top_p, seed)})
-        rows.append({"method": "full (Dynamic/LESS)", "policy": "-", "budget": budget, "seed": 0, "seconds": 0.0, **full_recall(scores, top_p)})
+            rows.append(
+                {
+                    "method": "random",
+                    "policy": "-",
+                    "budget": budget,
+                    "seed": seed,
+                    "seconds": 0.0,
+                    **random_subset_recall(scores, top_p, seed),
+                }
+            )
+        rows.append(
+            {"method": "full (Dynamic/LESS)", "policy": "-", "budget": budget, "seed": 0, "seconds": 0.0, **full_recall(scores, top_p)}
+        )
     return pd.DataFrame(rows)
 
 
@@ -68,7 +81,13 @@ def main() -> None:
     frame = run(labels, scores, args.top_p, list(range(args.seeds)))
     table = (
         frame.groupby(["budget", "method", "policy"], sort=False)
-        .agg(Rs=("Rs", "mean"), Rinf=("Rinf", "mean"), in_topk_clusters=("budget_in_topk_clusters", "mean"), gradients=("n_gradients", "mean"), ms=("seconds", "mean"))
+        .agg(
+            Rs=("Rs", "mean"),
+            Rinf=("Rinf", "mean"),
+            in_topk_clusters=("budget_in_topk_clusters", "mean"),
+            gradients=("n_gradients", "mean"),
+            ms=("seconds", "mean"),
+        )
         .reset_index()
     )
     table["ms"] *= 1000

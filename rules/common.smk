@@ -168,7 +168,8 @@ NO_RUN = r"(?!)"  # a constraint nothing matches: no configured run of that kind
 
 def runs_pattern(methods, extra=()):
     """The configured run names of ``methods``, from the run registry: the rule that selects for a
-    method takes exactly its runs (no regex copying the naming grammar of clusterucb/selection/runs.py)."""
+    method takes exactly its runs (no regex copying the naming grammar of clusterucb/selection/runs.py).
+    """
     names = [name for name, run in RUNS.items() if run.method in methods] + list(extra)
     return alternatives(names) if names else NO_RUN
 
@@ -468,7 +469,8 @@ def get_grad_params(wildcards=None):
 
 def get_train_params(wildcards=None):
     """Training settings, less micro_batch: the scripts read it from the config (a memory knob:
-    dropout masks are keyed per example, clusterucb/training/dropout.py), so lowering it reruns nothing."""
+    dropout masks are keyed per example, clusterucb/training/dropout.py), so lowering it reruns nothing.
+    """
     train = {k: v for k, v in config["train"].items() if k != "micro_batch"}
     return {**train, "base_dtype": config["precision"]["base_dtype"]}
 

@@ -40,7 +40,7 @@ def model_dir(path):
 def named_inputs(snakemake) -> dict[str, list[str]]:
     """The rule's named inputs as lists of paths (a single file becomes a one-element list)."""
     out = {}
-    for name in snakemake.input.keys():
+    for name in snakemake.input.keys():  # noqa: SIM118 (a Namedlist: `in` would test its values)
         value = getattr(snakemake.input, name)
         out[name] = [value] if isinstance(value, str) else list(value)
     return out

@@ -2,9 +2,15 @@ from pathlib import Path
 
 from _common import finish, init
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.model import build_builtin_model  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.model import build_builtin_model
 
-p = snakemake.params  # noqa: F821
-build_builtin_model(snakemake.input.pool, str(Path(snakemake.output.weights).parent), p.sizes, p.pretrain, p.seed)  # noqa: F821
+p = snakemake.params
+build_builtin_model(
+    pool_path=snakemake.input.pool,
+    out_dir=str(Path(snakemake.output.weights).parent),
+    sizes=p.sizes,
+    pretrain_params=p.pretrain,
+    seed=p.seed,
+)
 finish()

@@ -1,8 +1,15 @@
 from _common import finish, init
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.report import compare  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.report import compare
 
-i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-compare(list(i.metrics), p.compare, o.table, o.markdown, o.config, p.config)
+i, o, p = snakemake.input, snakemake.output, snakemake.params
+compare(
+    metrics_paths=list(i.metrics),
+    params=p.compare,
+    table_out=o.table,
+    markdown_out=o.markdown,
+    config_out=o.config,
+    config=p.config,
+)
 finish()

@@ -2,8 +2,11 @@ from pathlib import Path
 
 from _common import finish, init
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.model import convert_gguf  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.model import convert_gguf
 
-convert_gguf(snakemake.input.gguf, str(Path(snakemake.output.weights).parent))  # noqa: F821
+convert_gguf(
+    gguf_path=snakemake.input.gguf,
+    out_dir=str(Path(snakemake.output.weights).parent),
+)
 finish()

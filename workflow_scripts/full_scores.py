@@ -1,8 +1,14 @@
 from _common import finish, init
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.scores import full_scores  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.scores import full_scores
 
-i = snakemake.input  # noqa: F821
-full_scores(i.manifest, i.val_tensors, i.val_index, i.val_tokens, snakemake.output[0])  # noqa: F821
+i = snakemake.input
+full_scores(
+    manifest=i.manifest,
+    val_tensors=i.val_tensors,
+    val_index=i.val_index,
+    val_tokens=i.val_tokens,
+    out=snakemake.output[0],
+)
 finish()

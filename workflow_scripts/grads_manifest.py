@@ -1,7 +1,11 @@
 from _common import finish, init
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.grads import grads_manifest  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.grads import grads_manifest
 
-grads_manifest(list(snakemake.input.tensors), list(snakemake.input.indexes), snakemake.output[0])  # noqa: F821
+grads_manifest(
+    tensor_paths=list(snakemake.input.tensors),
+    index_paths=list(snakemake.input.indexes),
+    out=snakemake.output[0],
+)
 finish()

@@ -1,9 +1,22 @@
 from _common import finish, init, throughput
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.cluster import cluster  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.cluster import cluster
 
-i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-k = int(snakemake.wildcards.k)  # noqa: F821
-cluster(i.manifest, o.assignments, o.centroids, k, p.max_iter, p.init, p.backend, p.seed, p.center, p.remove_components, p.restarts, **throughput(snakemake, "cluster"))  # noqa: F821
+i, o, p = snakemake.input, snakemake.output, snakemake.params
+k = int(snakemake.wildcards.k)
+cluster(
+    manifest=i.manifest,
+    assignments_out=o.assignments,
+    centroids_out=o.centroids,
+    k=k,
+    max_iter=p.max_iter,
+    init=p.init,
+    backend=p.backend,
+    seed=p.seed,
+    center=p.center,
+    remove_components=p.remove_components,
+    restarts=p.restarts,
+    **throughput(snakemake, "cluster"),
+)
 finish()

@@ -1,7 +1,11 @@
 from _common import finish, init
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.report import arm_pulls_figure  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.report import arm_pulls_figure
 
-arm_pulls_figure(list(snakemake.input), snakemake.wildcards.task, snakemake.output[0])  # noqa: F821
+arm_pulls_figure(
+    arms_paths=list(snakemake.input),
+    task=snakemake.wildcards.task,
+    out=snakemake.output[0],
+)
 finish()

@@ -1,7 +1,11 @@
 from _common import finish, init
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.report import cluster_influence_figure  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.report import cluster_influence_figure
 
-cluster_influence_figure(list(snakemake.input.scores), snakemake.input.assignments, snakemake.output[0])  # noqa: F821
+cluster_influence_figure(
+    scores_paths=list(snakemake.input.scores),
+    assignments_path=snakemake.input.assignments,
+    out=snakemake.output[0],
+)
 finish()

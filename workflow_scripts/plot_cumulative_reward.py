@@ -1,7 +1,10 @@
 from _common import finish, init
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.report import cumulative_reward_figure  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.report import cumulative_reward_figure
 
-cumulative_reward_figure(list(snakemake.input), snakemake.output[0])  # noqa: F821
+cumulative_reward_figure(
+    draw_paths=list(snakemake.input),
+    out=snakemake.output[0],
+)
 finish()

@@ -1,9 +1,15 @@
 from _common import finish, init
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.report import quality_table  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.report import quality_table
 
-o = snakemake.output  # noqa: F821
-i = snakemake.input  # noqa: F821
-quality_table(list(i.sweeps), list(i.clusters), o.table, o.markdown, o.figure)
+o = snakemake.output
+i = snakemake.input
+quality_table(
+    sweep_paths=list(i.sweeps),
+    cluster_paths=list(i.clusters),
+    table_out=o.table,
+    markdown_out=o.markdown,
+    figure_out=o.figure,
+)
 finish()

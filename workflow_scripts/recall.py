@@ -1,8 +1,16 @@
 from _common import finish, init
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.quality import recall  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.quality import recall
 
-i, o = snakemake.input, snakemake.output  # noqa: F821
-recall(i.selection, i.draws, i.scores, i.assignments, o.recall, o.arms, snakemake.params.top_p)  # noqa: F821
+i, o = snakemake.input, snakemake.output
+recall(
+    selection=i.selection,
+    draws=i.draws,
+    scores_path=i.scores,
+    assignments=i.assignments,
+    recall_out=o.recall,
+    arms_out=o.arms,
+    top_p=snakemake.params.top_p,
+)
 finish()

@@ -2,11 +2,11 @@ from pathlib import Path
 
 from _common import finish, init, model_dir, throughput
 
-init(snakemake)  # noqa: F821
-from clusterucb.infra import paths  # noqa: E402
-from clusterucb.pipeline.reselect import select_budgeted  # noqa: E402
+init(snakemake)
+from clusterucb.infra import paths
+from clusterucb.pipeline.reselect import select_budgeted
 
-i, o, p, w = snakemake.input, snakemake.output, snakemake.params, snakemake.wildcards  # noqa: F821
+i, o, p, w = snakemake.input, snakemake.output, snakemake.params, snakemake.wildcards
 select_budgeted(
     model_dir=model_dir(i.model),
     adapter_dir=str(Path(i.adapter).parent),
@@ -19,7 +19,7 @@ select_budgeted(
     arms=i.arms,
     selection_out=o.selection,
     draws_out=o.draws,
-    grad_params={**p.grads, **throughput(snakemake, "gradients"), **throughput(snakemake, "precision")},  # noqa: F821
+    grad_params={**p.grads, **throughput(snakemake, "gradients"), **throughput(snakemake, "precision")},
     run_params=p.run,
     top_p=p.top_p,
     task=w.task,

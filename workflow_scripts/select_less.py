@@ -1,11 +1,18 @@
 from _common import finish, init
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.select import select_less  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.select import select_less
 
-i, o, p, w = snakemake.input, snakemake.output, snakemake.params, snakemake.wildcards  # noqa: F821
+i, o, p, w = snakemake.input, snakemake.output, snakemake.params, snakemake.wildcards
 select_less(
-    scores_paths=list(i.scores), train_log=i.train_log, pool_tokens=i.pool, pool_table=i.pool_table,
-    selection_out=o.selection, top_p=p.top_p, task=w.task, run=w.run, epoch=int(w.epoch),
+    scores_paths=list(i.scores),
+    train_log=i.train_log,
+    pool_tokens=i.pool,
+    pool_table=i.pool_table,
+    selection_out=o.selection,
+    top_p=p.top_p,
+    task=w.task,
+    run=w.run,
+    epoch=int(w.epoch),
 )
 finish()

@@ -1,7 +1,11 @@
 from _common import finish, init, named_inputs
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.data import target_decontamination  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.data import target_decontamination
 
-target_decontamination(snakemake.wildcards.task, named_inputs(snakemake), snakemake.output[0])  # noqa: F821
+target_decontamination(
+    task=snakemake.wildcards.task,
+    files=named_inputs(snakemake),
+    out=snakemake.output[0],
+)
 finish()

@@ -1,8 +1,14 @@
 from _common import finish, init, model_dir
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.data import tokenize_target  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.data import tokenize_target
 
-p = snakemake.params  # noqa: F821
-tokenize_target(snakemake.input.val, model_dir(snakemake.input.model), snakemake.output[0], p.max_length, p.chat_template)  # noqa: F821
+p = snakemake.params
+tokenize_target(
+    val_path=snakemake.input.val,
+    model_dir=model_dir(snakemake.input.model),
+    out=snakemake.output[0],
+    max_length=p.max_length,
+    chat_template=p.chat_template,
+)
 finish()

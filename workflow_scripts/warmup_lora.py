@@ -2,9 +2,21 @@ from pathlib import Path
 
 from _common import finish, init, model_dir, throughput
 
-init(snakemake)  # noqa: F821
-from clusterucb.pipeline.train import warmup  # noqa: E402
+init(snakemake)
+from clusterucb.pipeline.train import warmup
 
-i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
-warmup(model_dir(i.model), i.pool, str(Path(o.adapter).parent), o.optimizer, o.train_log, p.lora, {**p.train, **throughput(snakemake, "train"), **throughput(snakemake, "precision")}, p.steps, p.train["epochs"], p.seed, p.scratch)
+i, o, p = snakemake.input, snakemake.output, snakemake.params
+warmup(
+    model_dir=model_dir(i.model),
+    pool_tokens=i.pool,
+    adapter_dir=str(Path(o.adapter).parent),
+    optimizer_out=o.optimizer,
+    log_out=o.train_log,
+    lora=p.lora,
+    train={**p.train, **throughput(snakemake, "train"), **throughput(snakemake, "precision")},
+    steps=p.steps,
+    epochs=p.train["epochs"],
+    seed=p.seed,
+    scratch=p.scratch,
+)
 finish()

@@ -188,10 +188,25 @@ def build_pool(
         reports.append(report)
         skipped = report.malformed + report.duplicate_ids + report.empty_files
         if skipped:
-            log.warning("source %s: skipped %d malformed rows, %d repeated ids, %d empty files, e.g. %s", name, report.malformed, report.duplicate_ids, report.empty_files, report.malformed_examples[:3])
+            log.warning(
+                "source %s: skipped %d malformed rows, %d repeated ids, %d empty files, e.g. %s",
+                name,
+                report.malformed,
+                report.duplicate_ids,
+                report.empty_files,
+                report.malformed_examples[:3],
+            )
         log.info(
             "source %s: %d rows read, %d malformed, %d repeated ids, %d duplicates, %d decontaminated, %d left by the cap (%s), %d kept",
-            name, report.rows_read, report.malformed, report.duplicate_ids, report.duplicates, report.contaminated, report.left_by_cap, cap, report.kept,
+            name,
+            report.rows_read,
+            report.malformed,
+            report.duplicate_ids,
+            report.duplicates,
+            report.contaminated,
+            report.left_by_cap,
+            cap,
+            report.kept,
         )
     if not rows:
         raise ValueError("the pool is empty: no source produced any example")

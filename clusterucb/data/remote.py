@@ -56,7 +56,9 @@ def read_manifest(path: str | os.PathLike = MANIFEST) -> dict[str, RemoteFile]:
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     return {
-        r["path"]: RemoteFile(r["path"], r["repo"], r["commit"], r["source_path"], r["upstream_sha256"], r["gzip"] == "true", r["sha256"], int(r["bytes"]))
+        r["path"]: RemoteFile(
+            r["path"], r["repo"], r["commit"], r["source_path"], r["upstream_sha256"], r["gzip"] == "true", r["sha256"], int(r["bytes"])
+        )
         for r in rows
     }
 
@@ -94,7 +96,7 @@ def _download(url: str, part: Path, timeout: float) -> None:
     """Append the rest of ``url`` to ``part`` (an HTTP Range request from its current size)."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) URLs from our manifest)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         mode = "ab" if have and response.status == 206 else "wb"  # 200: the server ignored the range, start over
         with open(part, mode) as sink:
             while chunk := response.read(1 << 20):
@@ -105,7 +107,14 @@ def _download(url: str, part: Path, timeout: float) -> None:
         raise ConnectionError(f"connection closed after {got} of {expected} bytes")
 
 
-def fetch(entry: RemoteFile, dest: str | os.PathLike, base_url: str = DEFAULT_BASE_URL, retries: int = 5, timeout: float = 60.0, backoff: float = 1.0) -> Path:
+def fetch(
+    entry: RemoteFile,
+    dest: str | os.PathLike,
+    base_url: str = DEFAULT_BASE_URL,
+    retries: int = 5,
+    timeout: float = 60.0,
+    backoff: float = 1.0,
+) -> Path:
     """Download ``entry`` to ``dest``, verified, atomically (see the module doc)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -291,9 +291,7 @@ def expand_files(patterns: list[str | Path]) -> list[Path]:
     return out
 
 
-def read_source(
-    files: list[str | Path], fmt: str, on_malformed: str = "error", stats: ReadStats | None = None
-) -> Iterator[RawExample]:
+def read_source(files: list[str | Path], fmt: str, on_malformed: str = "error", stats: ReadStats | None = None) -> Iterator[RawExample]:
     """Yield every conversation in ``files`` (in file, then row order) for source format ``fmt``."""
     if fmt not in CONVERTERS:
         raise DataError(f"unknown source format {fmt!r}; known: {sorted(CONVERTERS)}")

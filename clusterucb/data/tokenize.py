@@ -31,9 +31,7 @@ def _ids(tokenizer, text: str, max_length: int | None, add_special_tokens: bool 
     return tokenizer(text, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
 
 
-def encode_messages(
-    messages: list[dict[str, str]], tokenizer, max_length: int, template: str = "tulu"
-) -> tuple[list[int], list[int], int]:
+def encode_messages(messages: list[dict[str, str]], tokenizer, max_length: int, template: str = "tulu") -> tuple[list[int], list[int], int]:
     """Token ids, labels (prompt tokens = -100) and the untruncated length.
 
     ``template="tulu"`` follows ``encode_with_messages_format``: every

@@ -39,12 +39,11 @@ def tokens_schema(extra_fields=(), metadata: dict[str, Any] | None = None) -> pa
 def write_tokens(batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema, path: str | Path) -> int:
     """Stream ``batches`` into ``path`` (temp name, renamed when complete); returns the row count."""
     rows = 0
-    with atomic_path(path) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for batch in batches:
-                batch = batch.cast(schema) if isinstance(batch, pa.Table) else pa.Table.from_batches([batch]).cast(schema)
-                writer.write_table(batch)
-                rows += batch.num_rows
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for batch in batches:
+            batch = batch.cast(schema) if isinstance(batch, pa.Table) else pa.Table.from_batches([batch]).cast(schema)
+            writer.write_table(batch)
+            rows += batch.num_rows
     return rows
 
 

@@ -81,7 +81,9 @@ class PerSampleLoraGradients:
         self.shapes = [tuple(m.weight.shape) for m in self.modules]
         self.dim = sum(o * i for o, i in self.shapes)
 
-    def module_grads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[Iterator[tuple[int, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    def module_grads(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[Iterator[tuple[int, torch.Tensor]], torch.Tensor, torch.Tensor]:
         """One forward/backward for the batch; returns ``(blocks, losses, bad)``.
 
         ``blocks`` lazily yields ``(offset, grads)`` per LoRA factor, grads (B, n_k) fp32
@@ -227,7 +229,17 @@ class FeatureResult:
 class GradientFeaturizer:
     """Examples -> unit-norm projected (optionally Adam-preconditioned) gradient features."""
 
-    def __init__(self, model, pad_id: int, projector, preconditioner=None, device="cpu", max_batch_size: int = 16, max_batch_tokens: int = 8192, deterministic: bool = True):
+    def __init__(
+        self,
+        model,
+        pad_id: int,
+        projector,
+        preconditioner=None,
+        device="cpu",
+        max_batch_size: int = 16,
+        max_batch_tokens: int = 8192,
+        deterministic: bool = True,
+    ):
         self.grads = PerSampleLoraGradients(model)
         if projector.grad_dim != self.grads.dim:
             raise ValueError(f"projector expects {projector.grad_dim} gradient dims, the LoRA model has {self.grads.dim}")
@@ -318,7 +330,14 @@ class GradientFeaturizer:
         return out
 
 
-def featurize_resumable(featurizer: GradientFeaturizer, examples: Sequence[dict], scratch_dir: str | Path | None, key: str, chunk_size: int = 512, desc: str = "gradients") -> FeatureResult:
+def featurize_resumable(
+    featurizer: GradientFeaturizer,
+    examples: Sequence[dict],
+    scratch_dir: str | Path | None,
+    key: str,
+    chunk_size: int = 512,
+    desc: str = "gradients",
+) -> FeatureResult:
     """``featurizer.featurize`` in chunks whose results are kept in ``scratch_dir``, so a
     killed job resumes at the first unfinished chunk instead of starting over.
 
@@ -350,7 +369,9 @@ def featurize_resumable(featurizer: GradientFeaturizer, examples: Sequence[dict]
                     reused += stop - start
                     continue
         result = featurizer.featurize(examples[start:stop], desc=f"{desc} part {part_index}")
-        save_safetensors({"features": result.features, "losses": result.losses}, part, {"key": digest, "failures": json.dumps(result.failures)})
+        save_safetensors(
+            {"features": result.features, "losses": result.losses}, part, {"key": digest, "failures": json.dumps(result.failures)}
+        )
         out.features[start:stop] = result.features
         out.losses[start:stop] = result.losses
         out.failures.update({start + i: r for i, r in result.failures.items()})

@@ -24,7 +24,18 @@ log = logging.getLogger(__name__)
 
 FEATURES = "features"
 # Metadata that must agree between shards, and with what a reader expects.
-IDENTITY_KEYS = ("model", "checkpoint", "grad_type", "projector", "proj_dim", "proj_seed", "grad_dim", "eps_inside_sqrt", "max_length", "dtype")
+IDENTITY_KEYS = (
+    "model",
+    "checkpoint",
+    "grad_type",
+    "projector",
+    "proj_dim",
+    "proj_seed",
+    "grad_dim",
+    "eps_inside_sqrt",
+    "max_length",
+    "dtype",
+)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -125,7 +136,13 @@ def merge_manifest(shards: Sequence[tuple[str | Path, str | Path]], manifest_pat
             diff = {k: (reference.get(k), meta.get(k)) for k in IDENTITY_KEYS if reference.get(k) != meta.get(k)}
             raise ValueError(f"{tensors_path}: metadata differs from the first shard: {diff}")
         tables.append(pq.read_table(index_path))
-        files.append({"shard": int(read_safetensors_metadata(tensors_path)["shard"]), "path": str(Path(tensors_path).resolve().relative_to(manifest_path.parent.resolve())), "sha256": file_sha256(tensors_path)})
+        files.append(
+            {
+                "shard": int(read_safetensors_metadata(tensors_path)["shard"]),
+                "path": str(Path(tensors_path).resolve().relative_to(manifest_path.parent.resolve())),
+                "sha256": file_sha256(tensors_path),
+            }
+        )
     table = pa.concat_tables(tables)
     ids = table.column("example_id").to_pylist()
     if len(set(ids)) != len(ids):
@@ -196,4 +213,3 @@ class GradientStore:
         if not parts:
             return ids, torch.empty(0, self.proj_dim)
         return ids, torch.cat([features.float() for _, features in parts])
-

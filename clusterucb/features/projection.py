@@ -241,7 +241,16 @@ class RademacherProjector(Projector):
     name = "rademacher"
     GPU_STREAM_BYTES = 256 << 20
 
-    def __init__(self, grad_dim: int, proj_dim: int, seed: int, block_rows: int | None = None, cache_bytes: int = 2 << 30, stream_rows: int | None = None, device=None):
+    def __init__(
+        self,
+        grad_dim: int,
+        proj_dim: int,
+        seed: int,
+        block_rows: int | None = None,
+        cache_bytes: int = 2 << 30,
+        stream_rows: int | None = None,
+        device=None,
+    ):
         on_gpu = device is not None and torch.device(device).type == "cuda"
         gpu_rows = max(1024, self.GPU_STREAM_BYTES // (4 * int(proj_dim)))
         block_rows = block_rows or (gpu_rows if on_gpu else 1024)
@@ -286,7 +295,16 @@ class SJLTProjector(Projector):
 
     name = "sjlt"
 
-    def __init__(self, grad_dim: int, proj_dim: int, seed: int, c: int = 1, block_rows: int = 1 << 20, cache_bytes: int = 2 << 30, deterministic: bool = True):
+    def __init__(
+        self,
+        grad_dim: int,
+        proj_dim: int,
+        seed: int,
+        c: int = 1,
+        block_rows: int = 1 << 20,
+        cache_bytes: int = 2 << 30,
+        deterministic: bool = True,
+    ):
         if c < 1:
             raise ValueError(f"sjlt needs c >= 1 nonzeros per column, got {c}")
         super().__init__(grad_dim, proj_dim, seed, block_rows, 1.0 / math.sqrt(c), cache_bytes)

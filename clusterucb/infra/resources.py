@@ -56,8 +56,12 @@ class ModelShape:
         head_dim = int(config.get("head_dim") or hidden // heads)
         kv_hidden = int(config.get("num_key_value_heads") or heads) * head_dim
         return cls(
-            int(config["vocab_size"]), hidden, int(config.get("intermediate_size") or 4 * hidden), int(config["num_hidden_layers"]),
-            kv_hidden, int(config.get("max_position_embeddings") or 4096),
+            int(config["vocab_size"]),
+            hidden,
+            int(config.get("intermediate_size") or 4 * hidden),
+            int(config["num_hidden_layers"]),
+            kv_hidden,
+            int(config.get("max_position_embeddings") or 4096),
         )
 
     @classmethod
@@ -113,7 +117,6 @@ def kmeans_job_mb(store_mb: float, store_dtype: str, cache_mb: float, chunk_rows
     held = prepared + store_mb if prepared <= cache_mb else 0
     blocks = 4 * chunk_rows * proj_dim * 4 / MB
     return math.ceil(MARGIN * (RUNTIME_MB + held + blocks))
-
 
 
 # ---------------------------------------------------------------- GPU memory
@@ -178,7 +181,9 @@ def kv_cache_mb(shape: ModelShape, base_dtype: str, tokens: int) -> float:
     return 2 * shape.layers * shape.kv * tokens * DTYPE_BYTES[base_dtype] / MB
 
 
-def gpu_plan(config: dict, shape: ModelShape, pool_rows: int, max_new_tokens: int, generation_batch: int | None = None) -> list[GpuEstimate]:
+def gpu_plan(
+    config: dict, shape: ModelShape, pool_rows: int, max_new_tokens: int, generation_batch: int | None = None
+) -> list[GpuEstimate]:
     """The GPU estimate of every heavy job of a run with ``config`` (the workflow's resolved config).
 
     ``max_new_tokens``: the largest generation budget of the target tasks; ``generation_batch``: the largest
@@ -193,10 +198,19 @@ def gpu_plan(config: dict, shape: ModelShape, pool_rows: int, max_new_tokens: in
 
     train_one = data["max_length"]
     train_tokens = train["micro_batch"] * train_one
-    plans.append(GpuEstimate(
-        "training (warmup_lora, less_warmup, train_epoch)", train_tokens, train_one, weights, lora_n * 16 / MB, 0.0,
-        activations_mb(shape, dtype, train_tokens, checkpointing), activations_mb(shape, dtype, train_one, checkpointing), True,
-    ))
+    plans.append(
+        GpuEstimate(
+            "training (warmup_lora, less_warmup, train_epoch)",
+            train_tokens,
+            train_one,
+            weights,
+            lora_n * 16 / MB,
+            0.0,
+            activations_mb(shape, dtype, train_tokens, checkpointing),
+            activations_mb(shape, dtype, train_one, checkpointing),
+            True,
+        )
+    )
 
     if grads["projector"] == "sjlt":
         projector = min(lora_n * grads.get("sjlt_c", 1) * 12 / MB, PROJECTOR_CACHE_MB)
@@ -204,34 +218,65 @@ def gpu_plan(config: dict, shape: ModelShape, pool_rows: int, max_new_tokens: in
         matrix = lora_n * grads["proj_dim"] * 4 / MB  # cached whole when it fits, else the cache plus a streamed block
         projector = matrix if matrix <= PROJECTOR_CACHE_MB else PROJECTOR_CACHE_MB + DENSE_STREAM_MB
     per_sample = 4 * grads["max_batch_size"] * lora["r"] * shape.hidden * 4 / MB  # one module's per-sample gradients, Adam copies
-    for job, key, adam in (("pool gradients (grads_pool_shard, select_budgeted)", "max_length", True),
-                           ("validation gradients (grads_val)", "val_max_length", False)):
+    for job, key, adam in (
+        ("pool gradients (grads_pool_shard, select_budgeted)", "max_length", True),
+        ("validation gradients (grads_val)", "val_max_length", False),
+    ):
         length = data[key]
         tokens = max(min(grads["max_batch_size"] * length, grads["max_batch_tokens"]), length)
         state = projector + (2 * lora_n * 4 / MB if adam else 0) + per_sample
-        plans.append(GpuEstimate(
-            job, tokens, length, weights, lora_n * 8 / MB, state,
-            activations_mb(shape, dtype, tokens, checkpointing), activations_mb(shape, dtype, length, checkpointing), True,
-            f"bfloat16 base weights, gradient checkpointing, a shorter data.{key}, or a larger card",
-        ))
+        plans.append(
+            GpuEstimate(
+                job,
+                tokens,
+                length,
+                weights,
+                lora_n * 8 / MB,
+                state,
+                activations_mb(shape, dtype, tokens, checkpointing),
+                activations_mb(shape, dtype, length, checkpointing),
+                True,
+                f"bfloat16 base weights, gradient checkpointing, a shorter data.{key}, or a larger card",
+            )
+        )
 
     batch = max(config["target"]["eval_batch_size"], generation_batch or 0)
     kv_tokens = min(batch * shape.context, LM_MAX_BATCH_TOKENS + batch * max_new_tokens)
     nll_tokens = config["target"]["eval_batch_size"] * data["val_max_length"]
     one = min(shape.context, data["val_max_length"] + max_new_tokens)
-    plans.append(GpuEstimate(
-        "evaluation (evaluate: generation, target loss)", max(kv_tokens, nll_tokens), one, weights, lora_n * 4 / MB, 0.0,
-        max(kv_cache_mb(shape, dtype, kv_tokens) + inference_mb(shape, dtype, batch), inference_mb(shape, dtype, nll_tokens)),
-        kv_cache_mb(shape, dtype, one) + inference_mb(shape, dtype, one), False,
-        "a smaller target.eval_batch_size or data.val_max_length, bfloat16 base weights, or a larger card",
-    ))
+    plans.append(
+        GpuEstimate(
+            "evaluation (evaluate: generation, target loss)",
+            max(kv_tokens, nll_tokens),
+            one,
+            weights,
+            lora_n * 4 / MB,
+            0.0,
+            max(kv_cache_mb(shape, dtype, kv_tokens) + inference_mb(shape, dtype, batch), inference_mb(shape, dtype, nll_tokens)),
+            kv_cache_mb(shape, dtype, one) + inference_mb(shape, dtype, one),
+            False,
+            "a smaller target.eval_batch_size or data.val_max_length, bfloat16 base weights, or a larger card",
+        )
+    )
 
     dim = grads["proj_dim"]
     rows_mb = pool_rows * dim * 4 / MB
     cached = rows_mb if rows_mb <= config["cluster"]["cache_mb"] else 0.0
     blocks = (3 * KMEANS_CHUNK * dim + 2 * KMEANS_CHUNK * config["cluster"]["k"]) * 4 / MB
-    plans.append(GpuEstimate("k-means (kmeans)", KMEANS_CHUNK, KMEANS_CHUNK, 0.0, 0.0, cached, blocks, blocks, False,
-                             "a cluster.cache_mb below the features' size (they are then streamed), or a larger card"))
+    plans.append(
+        GpuEstimate(
+            "k-means (kmeans)",
+            KMEANS_CHUNK,
+            KMEANS_CHUNK,
+            0.0,
+            0.0,
+            cached,
+            blocks,
+            blocks,
+            False,
+            "a cluster.cache_mb below the features' size (they are then streamed), or a larger card",
+        )
+    )
     return plans
 
 
@@ -253,9 +298,13 @@ def format_gpu_plan(plans: list[GpuEstimate], gpu_memory_gb: float | None) -> tu
         card = gpu_memory_gb * gb
         if plan.floor_mb > card:
             what = "even one example" if plan.backs_off else "it"
-            warnings.append(f"{plan.job}: sure to run out of GPU memory: {what} needs ~{plan.floor_mb / gb:.1f} GB of the card's "
-                            f"{gpu_memory_gb:g} GB (try {plan.remedy})")
+            warnings.append(
+                f"{plan.job}: sure to run out of GPU memory: {what} needs ~{plan.floor_mb / gb:.1f} GB of the card's "
+                f"{gpu_memory_gb:g} GB (try {plan.remedy})"
+            )
         elif plan.total_mb > card:
-            warnings.append(f"{plan.job}: its configured batch (~{plan.total_mb / gb:.1f} GB) does not fit {gpu_memory_gb:g} GB; the job "
-                            "halves it on out-of-memory (same results, a little more time): lower it to skip the failed tries")
+            warnings.append(
+                f"{plan.job}: its configured batch (~{plan.total_mb / gb:.1f} GB) does not fit {gpu_memory_gb:g} GB; the job "
+                "halves it on out-of-memory (same results, a little more time): lower it to skip the failed tries"
+            )
     return lines, warnings

@@ -1,6 +1,6 @@
 """Summarise the ``benchmark:`` files of a run: wall time and peak memory per job and per stage.
 
-    clusterucb-stage-times [results/benchmarks]
+clusterucb-stage-times [results/benchmarks]
 """
 
 from __future__ import annotations

@@ -35,7 +35,17 @@ class LanguageModel:
     beside the model (HumanEval's sandboxed test runs).
     """
 
-    def __init__(self, model, tokenizer, chat: ChatFormat, device="cpu", batch_size: int = 8, max_batch_tokens: int = 16384, seed: int = 0, workers: int = 1):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        chat: ChatFormat,
+        device="cpu",
+        batch_size: int = 8,
+        max_batch_tokens: int = 16384,
+        seed: int = 0,
+        workers: int = 1,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.chat = chat
@@ -101,7 +111,9 @@ class LanguageModel:
         extra = {"stop_strings": list(stops), "tokenizer": self.tokenizer} if stops else {}
         done = 0
         for batch in progress(batches, desc=desc):
-            generated = self._generate([encoded[i] for i in batch], max_new_tokens=max_new_tokens, do_sample=False, **extra).tolist()  # one copy to the host per batch
+            generated = self._generate(
+                [encoded[i] for i in batch], max_new_tokens=max_new_tokens, do_sample=False, **extra
+            ).tolist()  # one copy to the host per batch
             for row, index in enumerate(batch):
                 outputs[index] = self._decode(generated[row], stops)
             done += len(batch)
@@ -110,14 +122,23 @@ class LanguageModel:
         return outputs
 
     @torch.no_grad()
-    def sample(self, prompt: str, n: int, temperature: float, top_p: float, max_new_tokens: int, stops: Sequence[str], seed: int) -> list[str]:
+    def sample(
+        self, prompt: str, n: int, temperature: float, top_p: float, max_new_tokens: int, stops: Sequence[str], seed: int
+    ) -> list[str]:
         """``n`` sampled continuations of one prompt; seeded per prompt, so results do not depend on batching."""
         torch.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed_all(seed)
         extra = {"stop_strings": list(stops), "tokenizer": self.tokenizer} if stops else {}
         generated = self._generate(
-            [self.ids(prompt)], max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n, **extra
+            [self.ids(prompt)],
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            num_return_sequences=n,
+            **extra,
         )
         return [self._decode(row, stops) for row in generated.tolist()]
 
@@ -143,7 +164,9 @@ class LanguageModel:
         """Token-weighted mean NLL of each completion given its (user, assistant_prefix) prompt: the target loss."""
         examples = []
         for user, prefix, completion in triples:
-            input_ids, labels, _ = encode_prompt_completion(self.chat.prompt(user, prefix), completion, self.tokenizer, max_length, self.chat.add_special_tokens)
+            input_ids, labels, _ = encode_prompt_completion(
+                self.chat.prompt(user, prefix), completion, self.tokenizer, max_length, self.chat.add_special_tokens
+            )
             examples.append({"input_ids": input_ids, "labels": labels})
         total_nll, total_tokens, per_example = 0.0, 0, []
         for batch in length_batches([len(e["input_ids"]) for e in examples], self.batch_size, self.max_batch_tokens):
@@ -155,4 +178,8 @@ class LanguageModel:
             per_example.extend((sums / counts.clamp(min=1)).tolist())
         if total_tokens == 0:
             raise ValueError(f"no reference-answer token left within max_length {max_length}: the target loss is undefined")
-        return {"target_loss": total_nll / total_tokens, "target_loss_per_example_mean": sum(per_example) / len(per_example), "target_tokens": total_tokens}
+        return {
+            "target_loss": total_nll / total_tokens,
+            "target_loss_per_example_mean": sum(per_example) / len(per_example),
+            "target_tokens": total_tokens,
+        }

@@ -119,7 +119,9 @@ class OptimizerCheckpoint:
 def optimizer_checkpoint(peft_model, optimizer: torch.optim.Optimizer, extra: dict) -> OptimizerCheckpoint:
     names = {id(p): n for n, p in peft_model.named_parameters() if p.requires_grad}
     group = optimizer.param_groups[0]
-    ckpt = OptimizerCheckpoint({}, {}, {}, {"betas": list(group["betas"]), "eps": group["eps"], "weight_decay": group["weight_decay"], **extra})
+    ckpt = OptimizerCheckpoint(
+        {}, {}, {}, {"betas": list(group["betas"]), "eps": group["eps"], "weight_decay": group["weight_decay"], **extra}
+    )
     for param, state in optimizer.state.items():
         name = names[id(param)]
         ckpt.exp_avg[name] = state["exp_avg"].detach().float().cpu()
@@ -150,7 +152,7 @@ def load_optimizer_state(path: str | Path) -> OptimizerCheckpoint:
             raise ValueError(f"{path}: not an optimizer state written by clusterucb (no hyper/step metadata)")
         ckpt.hyper = json.loads(meta["hyper"])
         ckpt.step = json.loads(meta["step"])
-        for key in handle.keys():
+        for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict: it has no __contains__/__iter__)
             name, _, kind = key.rpartition("::")
             target = ckpt.exp_avg if kind == "exp_avg" else ckpt.exp_avg_sq
             target[name] = handle.get_tensor(key)

@@ -9,9 +9,9 @@ import pyarrow as pa
 import torch
 
 from clusterucb.features.gradstore import GradientStore
+from clusterucb.infra.devices import device
 from clusterucb.infra.io import save_safetensors, write_parquet
 from clusterucb.selection.kmeans import spherical_kmeans
-from clusterucb.infra.devices import device
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,41 @@ def cluster(
         cache_mb=cache_mb,
     )
     counts = np.bincount(result.labels.numpy(), minlength=k)
-    meta = {"k": k, "seed": seed, "init": init, "backend": backend, "center": center, "remove_components": remove_components, "restarts": restarts, "n_iter": result.n_iter, "converged": result.converged, "reseeded": result.reseeded, "empty_clusters": int((counts == 0).sum()), "features": store.meta}
+    meta = {
+        "k": k,
+        "seed": seed,
+        "init": init,
+        "backend": backend,
+        "center": center,
+        "remove_components": remove_components,
+        "restarts": restarts,
+        "n_iter": result.n_iter,
+        "converged": result.converged,
+        "reseeded": result.reseeded,
+        "empty_clusters": int((counts == 0).sum()),
+        "features": store.meta,
+    }
     table = pa.table(
-        {"example_id": ids, "cluster": pa.array(result.labels.numpy(), pa.int32()), "similarity": pa.array(result.similarity.numpy(), pa.float32())},
-        schema=pa.schema([pa.field("example_id", pa.string(), nullable=False), pa.field("cluster", pa.int32(), nullable=False), pa.field("similarity", pa.float32())]),
+        {
+            "example_id": ids,
+            "cluster": pa.array(result.labels.numpy(), pa.int32()),
+            "similarity": pa.array(result.similarity.numpy(), pa.float32()),
+        },
+        schema=pa.schema(
+            [
+                pa.field("example_id", pa.string(), nullable=False),
+                pa.field("cluster", pa.int32(), nullable=False),
+                pa.field("similarity", pa.float32()),
+            ]
+        ),
     )
     write_parquet(table, assignments_out, meta)
     save_safetensors({"centroids": result.centroids, "sizes": torch.as_tensor(counts)}, centroids_out, meta)
-    log.info("clusters: K=%d, sizes min/median/max %d/%d/%d, %d empty", k, counts.min(), int(np.median(counts)), counts.max(), int((counts == 0).sum()))
+    log.info(
+        "clusters: K=%d, sizes min/median/max %d/%d/%d, %d empty",
+        k,
+        counts.min(),
+        int(np.median(counts)),
+        counts.max(),
+        int((counts == 0).sum()),
+    )

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 from clusterucb.data.chat import ChatFormat
 from clusterucb.data.pool import build_pool, pool_table
 from clusterucb.data.tokenize import EncodeStats, encode_messages, encode_prompt_completion, encode_rows
-from clusterucb.infra.io import read_parquet_metadata, write_parquet
 from clusterucb.data.tokens import TokenTable, count_rows, tokens_schema, write_tokens
+from clusterucb.infra.io import read_parquet_metadata, write_parquet
 from clusterucb.tasks import get_task, resolve_settings
 from clusterucb.tasks.base import test_schema, validation_schema
 
@@ -78,7 +78,11 @@ def build_pool_table(sources: dict, datasets_dir: str, decontamination_files: li
         texts += pq.read_table(path, columns=["text"]).column("text").to_pylist()
     rows, reports = build_pool(sources, datasets_dir, texts, seed, on_malformed)
     tasks = [read_parquet_metadata(p)["task"] for p in decontamination_files]
-    write_parquet(pool_table(rows), out, {"seed": seed, "sources": [asdict(r) for r in reports], "datasets_dir": str(datasets_dir), "decontaminated_against": tasks})
+    write_parquet(
+        pool_table(rows),
+        out,
+        {"seed": seed, "sources": [asdict(r) for r in reports], "datasets_dir": str(datasets_dir), "decontaminated_against": tasks},
+    )
     by_source = {r.source: r.kept for r in reports}
     log.info("pool: %d examples from %d sources: %s", len(rows), len(reports), by_source)
 
@@ -99,7 +103,14 @@ class _PoolEncoder:
     def __call__(self, rows: list[dict]) -> tuple[pa.Table, dict]:
         max_length, chat_template, overlong, on_unusable = self.settings
         stats = EncodeStats()
-        records = encode_rows(rows, lambda row: encode_messages(row["messages"], self.tokenizer, max_length, chat_template), max_length, overlong, on_unusable, stats)
+        records = encode_rows(
+            rows,
+            lambda row: encode_messages(row["messages"], self.tokenizer, max_length, chat_template),
+            max_length,
+            overlong,
+            on_unusable,
+            stats,
+        )
         return pa.Table.from_pylist(records, schema=tokens_schema()), stats.as_dict()
 
 
@@ -120,7 +131,10 @@ def _encode_in_worker(rows: list[dict]) -> tuple[pa.Table, dict]:
 
 def _encoded_chunks(pool_path: str, encoder_args: tuple, workers: int) -> Iterator[tuple[pa.Table, dict]]:
     """The pool's chunks encoded in order, ``workers`` processes at a time; at most 2 chunks per worker in flight."""
-    chunks = (batch.to_pylist() for batch in pq.ParquetFile(pool_path).iter_batches(batch_size=TOKENIZE_CHUNK_ROWS, columns=["example_id", "messages"]))
+    chunks = (
+        batch.to_pylist()
+        for batch in pq.ParquetFile(pool_path).iter_batches(batch_size=TOKENIZE_CHUNK_ROWS, columns=["example_id", "messages"])
+    )
     if workers <= 1:
         encoder = _PoolEncoder(*encoder_args)
         yield from (encoder(rows) for rows in chunks)
@@ -129,7 +143,9 @@ def _encoded_chunks(pool_path: str, encoder_args: tuple, workers: int) -> Iterat
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn: a forked worker would inherit the tokenizers library's thread pool (it disables itself and warns)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=encoder_args) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=encoder_args
+    ) as pool:
         pending = deque()
         for rows in chunks:
             pending.append(pool.submit(_encode_in_worker, rows))
@@ -147,7 +163,17 @@ def _read_batches(path: Path) -> Iterator[pa.RecordBatch]:
             yield reader.get_batch(i)
 
 
-def tokenize_pool(pool_path: str, model_dir: str, out: str, max_length: int, chat_template: str, overlong: str, on_unusable: str, workers: int = 1, scratch: str | None = None) -> None:
+def tokenize_pool(
+    pool_path: str,
+    model_dir: str,
+    out: str,
+    max_length: int,
+    chat_template: str,
+    overlong: str,
+    on_unusable: str,
+    workers: int = 1,
+    scratch: str | None = None,
+) -> None:
     """The tokenized pool, encoded in chunks of ``TOKENIZE_CHUNK_ROWS`` by ``workers`` processes.
 
     Memory is bounded by the chunks in flight, not the pool. The chunks are
@@ -180,7 +206,14 @@ def tokenize_pool(pool_path: str, model_dir: str, out: str, max_length: int, cha
     rows = write_tokens(_read_batches(body), tokens_schema(metadata=meta), out)
     shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
-    log.info("tokenized: %s in %.1f s (%.0f rows/s, %d workers); %d rows written", totals.as_dict(), seconds, totals.total / max(seconds, 1e-9), workers, rows)
+    log.info(
+        "tokenized: %s in %.1f s (%.0f rows/s, %d workers); %d rows written",
+        totals.as_dict(),
+        seconds,
+        totals.total / max(seconds, 1e-9),
+        workers,
+        rows,
+    )
 
 
 def tokenize_target(val_path: str, model_dir: str, out: str, max_length: int, chat_template: str) -> None:
@@ -192,7 +225,9 @@ def tokenize_target(val_path: str, model_dir: str, out: str, max_length: int, ch
     rows = pq.read_table(val_path).to_pylist()
 
     def encode(row):
-        return encode_prompt_completion(chat.prompt(row["user"], row["assistant_prefix"]), row["completion"], tokenizer, max_length, chat.add_special_tokens)
+        return encode_prompt_completion(
+            chat.prompt(row["user"], row["assistant_prefix"]), row["completion"], tokenizer, max_length, chat.add_special_tokens
+        )
 
     stats = EncodeStats()
     try:
@@ -202,7 +237,13 @@ def tokenize_target(val_path: str, model_dir: str, out: str, max_length: int, ch
     subtask_of = {r["example_id"]: r["subtask"] for r in rows}
     for record in records:
         record["subtask"] = subtask_of[record["example_id"]]
-    meta = {"model_dir": model_dir, "max_length": max_length, "chat_template": chat_template, "task": read_parquet_metadata(val_path)["task"], "encode_stats": stats.as_dict()}
+    meta = {
+        "model_dir": model_dir,
+        "max_length": max_length,
+        "chat_template": chat_template,
+        "task": read_parquet_metadata(val_path)["task"],
+        "encode_stats": stats.as_dict(),
+    }
     schema = tokens_schema((pa.field("subtask", pa.string(), nullable=False),), meta)
     write_tokens([pa.Table.from_pylist(records, schema=schema)], schema, out)
     log.info("tokenized: %s", stats.as_dict())

@@ -37,7 +37,9 @@ def _pool_rows(pool_table: str, example_ids: set[str]) -> dict[str, dict]:
     return rows
 
 
-def selected_lines(selection: list[dict], pool: dict[str, dict], integer_id_sources: set[str], task: str, run: str, epoch: int) -> list[str]:
+def selected_lines(
+    selection: list[dict], pool: dict[str, dict], integer_id_sources: set[str], task: str, run: str, epoch: int
+) -> list[str]:
     """One JSON line per selected row, in rank order."""
     lines = []
     for chosen in sorted(selection, key=lambda r: r["rank"]):

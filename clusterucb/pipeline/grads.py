@@ -10,17 +10,17 @@ from pathlib import Path
 
 import torch
 
+from clusterucb.data.tokens import token_meta
 from clusterucb.features.gradients import AdamPreconditioner, GradientFeaturizer, featurize_resumable
-from clusterucb.infra.devices import device
 from clusterucb.features.gradstore import merge_manifest, write_shard
+from clusterucb.features.projection import make_projector
+from clusterucb.infra.devices import device
 from clusterucb.infra.io import file_sha256
+from clusterucb.infra.throughput import THROUGHPUT
 from clusterucb.models.lora import ADAPTER_WEIGHTS, adam_state_for, load_optimizer_state
 from clusterucb.models.modeling import enable_gradient_checkpointing
 from clusterucb.pipeline.data import read_tokens
 from clusterucb.pipeline.model import load_checkpoint
-from clusterucb.features.projection import make_projector
-from clusterucb.infra.throughput import THROUGHPUT
-from clusterucb.data.tokens import token_meta
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ def make_featurizer(model_dir: str, adapter_dir: str, optimizer_path: str, check
         raise ValueError(f"unknown gradient type {grad_type!r} (adam or sgd)")
     n_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     projector = make_projector(params.projector, n_params, params.proj_dim, params.proj_seed, params.sjlt_c, device=dev)
-    featurizer = GradientFeaturizer(peft_model, tokenizer.pad_token_id, projector, preconditioner, dev, params.max_batch_size, params.max_batch_tokens)
+    featurizer = GradientFeaturizer(
+        peft_model, tokenizer.pad_token_id, projector, preconditioner, dev, params.max_batch_size, params.max_batch_tokens
+    )
     meta = {
         "model": model_dir,
         "checkpoint": checkpoint,
@@ -90,7 +92,19 @@ def shard_bounds(n: int, shard: int, n_shards: int) -> tuple[int, int]:
     return shard * n // n_shards, (shard + 1) * n // n_shards
 
 
-def grads_pool_shard(model_dir: str, adapter_dir: str, optimizer_path: str, checkpoint: str, pool_tokens: str, shard: int, n_shards: int, tensors_out: str, index_out: str, params: dict, scratch: str | None = None) -> None:
+def grads_pool_shard(
+    model_dir: str,
+    adapter_dir: str,
+    optimizer_path: str,
+    checkpoint: str,
+    pool_tokens: str,
+    shard: int,
+    n_shards: int,
+    tensors_out: str,
+    index_out: str,
+    params: dict,
+    scratch: str | None = None,
+) -> None:
     """Adam-preconditioned features of the pool rows in ``shard`` (contiguous slice of the tokenized pool).
 
     Finished chunks of ``resume_chunk`` samples are kept in ``scratch`` (outside the

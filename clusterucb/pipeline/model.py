@@ -8,13 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 from clusterucb.data.tokenize import concat_messages
 from clusterucb.infra.devices import base_dtype
 from clusterucb.infra.io import atomic_dir
 from clusterucb.models.lora import load_lora
-from clusterucb.models.modeling import PretrainSpec, TinyLlamaSpec, build_tiny_llama, drop_gguf_quantizer, load_base_model, pretrain, train_tokenizer
+from clusterucb.models.modeling import (
+    PretrainSpec,
+    TinyLlamaSpec,
+    build_tiny_llama,
+    drop_gguf_quantizer,
+    load_base_model,
+    pretrain,
+    train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +36,12 @@ def build_builtin_model(pool_path: str, out_dir: str, sizes: dict, pretrain_para
     tokenizer = train_tokenizer(texts, spec.vocab_size)
     model = build_tiny_llama(spec, tokenizer, seed)
     stream = np.concatenate([np.asarray(tokenizer(t)["input_ids"], dtype=np.int32) for t in texts])
-    log.info("built tiny Llama: %d parameters, vocab %d; pretraining on %d pool tokens", sum(p.numel() for p in model.parameters()), len(tokenizer), len(stream))
+    log.info(
+        "built tiny Llama: %d parameters, vocab %d; pretraining on %d pool tokens",
+        sum(p.numel() for p in model.parameters()),
+        len(tokenizer),
+        len(stream),
+    )
     losses = pretrain(model, stream, PretrainSpec(seed=seed, **pretrain_params))
     with atomic_dir(out_dir, last=WEIGHTS) as tmp:
         tokenizer.save_pretrained(str(tmp))
@@ -55,4 +67,3 @@ def load_checkpoint(model_dir: str, adapter_dir: str | Path, dtype: str = "float
     peft_model = load_lora(model.to(device), adapter_dir, trainable=True, device=device)
     peft_model.eval()
     return peft_model, tokenizer
-

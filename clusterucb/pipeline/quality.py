@@ -9,11 +9,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clusterucb.selection.bandit import policy_params
 from clusterucb.infra.io import read_parquet_metadata, write_json, write_parquet
 from clusterucb.infra.logsetup import progress
 from clusterucb.pipeline.tables import read_assignments, read_scores
-from clusterucb.selection.quality import cluster_concentration, expand_grid, full_recall, random_subset_recall, recall_metrics, simulate, static_recall
+from clusterucb.selection.bandit import policy_params
+from clusterucb.selection.quality import (
+    cluster_concentration,
+    expand_grid,
+    full_recall,
+    random_subset_recall,
+    recall_metrics,
+    simulate,
+    static_recall,
+)
 from clusterucb.selection.select import n_selected, top_k
 
 log = logging.getLogger(__name__)
@@ -33,7 +41,11 @@ def recall(selection: str, draws: str, scores_path: str, assignments: str, recal
     )
     truth = set(top_k(scores, k).tolist())
     frame = pd.DataFrame({"cluster": pool_labels, "score": scores, "in_top_k": [i in truth for i in range(len(ids))]})
-    arms = frame[frame.cluster >= 0].groupby("cluster").agg(size=("score", "size"), oracle_mean=("score", "mean"), oracle_std=("score", "std"), top_k_members=("in_top_k", "sum"))
+    arms = (
+        frame[frame.cluster >= 0]
+        .groupby("cluster")
+        .agg(size=("score", "size"), oracle_mean=("score", "mean"), oracle_std=("score", "std"), top_k_members=("in_top_k", "sum"))
+    )
     # The clusters the draws fell in, from the assignments (random_draw's draws do not carry them).
     drawn_cluster = drawn.example_id.map(labels).fillna(-1).astype(int)
     arms["pulls"] = drawn.groupby(drawn_cluster).size().reindex(arms.index, fill_value=0)
@@ -41,9 +53,24 @@ def recall(selection: str, draws: str, scores_path: str, assignments: str, recal
     arms = arms.reset_index()
     write_parquet(pa.Table.from_pandas(arms, preserve_index=False), arms_out, {"checkpoint": meta["checkpoint"]})
     selection_meta = read_parquet_metadata(selection)
-    result = {**metrics, "k": k, "n_drawn": len(drawn), "checkpoint": meta["checkpoint"], "task": selection_meta.get("task"), "run": selection_meta.get("run"), "epoch": selection_meta.get("epoch")}
+    result = {
+        **metrics,
+        "k": k,
+        "n_drawn": len(drawn),
+        "checkpoint": meta["checkpoint"],
+        "task": selection_meta.get("task"),
+        "run": selection_meta.get("run"),
+        "epoch": selection_meta.get("epoch"),
+    }
     write_json(result, recall_out)
-    log.info("recall of %s epoch %s: Rs %.3f, Rinf_excess %.3f, budget in top-k clusters %.3f", result["run"], result["epoch"], metrics["Rs"], metrics["Rinf_excess"], metrics["budget_in_topk_clusters"])
+    log.info(
+        "recall of %s epoch %s: Rs %.3f, Rinf_excess %.3f, budget in top-k clusters %.3f",
+        result["run"],
+        result["epoch"],
+        metrics["Rs"],
+        metrics["Rinf_excess"],
+        metrics["budget_in_topk_clusters"],
+    )
 
 
 def aligned_scores(path: str, ids: list[str]) -> np.ndarray:
@@ -53,7 +80,17 @@ def aligned_scores(path: str, ids: list[str]) -> np.ndarray:
     return np.array([other[position[e]] if e in position else np.nan for e in ids])
 
 
-def quality_sweep(scores_path: str, assignment_paths: list[str], grid: dict, top_p: float, seed: int, out: str, clusters_out: str, prior_path: str | None = None, static_path: str | None = None) -> None:
+def quality_sweep(
+    scores_path: str,
+    assignment_paths: list[str],
+    grid: dict,
+    top_p: float,
+    seed: int,
+    out: str,
+    clusters_out: str,
+    prior_path: str | None = None,
+    static_path: str | None = None,
+) -> None:
     """Replay every grid point on the full-pool scores of one checkpoint; recall and cost per point.
 
     ``prior_path``: the prior scores at this checkpoint (warmup features against its validation gradients), read
@@ -71,7 +108,16 @@ def quality_sweep(scores_path: str, assignment_paths: list[str], grid: dict, top
         labels_by_k[k] = np.array([mapping.get(e, -1) for e in ids], dtype=np.int64)
     concentration = [{"k": k, **cluster_concentration(labels, scores, top_p, seed=seed)} for k, labels in sorted(labels_by_k.items())]
     for row in concentration:
-        log.info("K=%d: sizes %d/%.0f/%d (min/median/max), eta2 %.3f vs %.3f +- %.3f for random groupings", row["k"], row["size_min"], row["size_median"], row["size_max"], row["eta2"], row["eta2_random_mean"], row["eta2_random_std"])
+        log.info(
+            "K=%d: sizes %d/%.0f/%d (min/median/max), eta2 %.3f vs %.3f +- %.3f for random groupings",
+            row["k"],
+            row["size_min"],
+            row["size_median"],
+            row["size_max"],
+            row["eta2"],
+            row["eta2_random_mean"],
+            row["eta2_random_std"],
+        )
     clusters = pd.DataFrame(concentration)
     clusters.insert(0, "checkpoint", meta["checkpoint"])
     clusters.insert(0, "task", meta.get("task"))
@@ -101,7 +147,9 @@ def quality_sweep(scores_path: str, assignment_paths: list[str], grid: dict, top
         rows.append({"method": "random", "seed": s, **random_subset_recall(scores, top_p, s)})
     rows.append({"method": "full", "seed": None, **full_recall(scores, top_p)})
     if static_path is not None:
-        rows.append({"method": "static", "seed": None, **static_recall(np.nan_to_num(aligned_scores(static_path, ids), nan=-np.inf), scores, top_p)})
+        rows.append(
+            {"method": "static", "seed": None, **static_recall(np.nan_to_num(aligned_scores(static_path, ids), nan=-np.inf), scores, top_p)}
+        )
     frame = pd.DataFrame(rows)
     frame.insert(0, "checkpoint", meta["checkpoint"])
     frame.insert(0, "task", meta.get("task"))

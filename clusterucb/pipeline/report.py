@@ -73,7 +73,9 @@ def compare(metrics_paths: list[str], params: dict, table_out: str, markdown_out
             row[column] = float(np.mean([r[column] for r in recalls])) if recalls else None
         rows.append(row)
     frame = pd.DataFrame(rows).astype({"k": "Int64", "seed": "Int64"})
-    pool = next((read_parquet_metadata(p)["n_pool"] for by_run in params["selections"].values() for paths in by_run.values() for p in paths), None)
+    pool = next(
+        (read_parquet_metadata(p)["n_pool"] for by_run in params["selections"].values() for paths in by_run.values() for p in paths), None
+    )
     _write_table(frame, table_out, markdown_out, {"config": config, "n_pool": pool})
     with atomic_path(config_out) as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -92,18 +94,24 @@ def quality_table(sweep_paths: list[str], cluster_paths: list[str], table_out: s
             frame[guidance] = None
     frame["variant"] = [variant_name(row) for row in frame.itertuples()]
     keys = ["task", "checkpoint", "method", "variant", "policy", "budget", "csp", "beta", "ucb_p", "k"]
-    agg = frame.groupby(keys, sort=False, dropna=False).agg(
-        seeds=("Rs", "size"),
-        Rs=("Rs", "mean"),
-        Rs_std=("Rs", "std"),
-        Rinf_excess=("Rinf_excess", "mean"),
-        Rinf_excess_std=("Rinf_excess", "std"),
-        Rinf=("Rinf", "mean"),
-        Rinf_std=("Rinf", "std"),
-        budget_in_topk_clusters=("budget_in_topk_clusters", "mean"),
-        n_gradients=("n_gradients", "mean"),
-    ).reset_index()
-    agg = agg.sort_values(["task", "checkpoint", "method", "variant", "policy", "budget"], kind="stable").astype({"k": "Int64", "n_gradients": "Int64"})
+    agg = (
+        frame.groupby(keys, sort=False, dropna=False)
+        .agg(
+            seeds=("Rs", "size"),
+            Rs=("Rs", "mean"),
+            Rs_std=("Rs", "std"),
+            Rinf_excess=("Rinf_excess", "mean"),
+            Rinf_excess_std=("Rinf_excess", "std"),
+            Rinf=("Rinf", "mean"),
+            Rinf_std=("Rinf", "std"),
+            budget_in_topk_clusters=("budget_in_topk_clusters", "mean"),
+            n_gradients=("n_gradients", "mean"),
+        )
+        .reset_index()
+    )
+    agg = agg.sort_values(["task", "checkpoint", "method", "variant", "policy", "budget"], kind="stable").astype(
+        {"k": "Int64", "n_gradients": "Int64"}
+    )
     clusters = pd.concat([pq.read_table(p).to_pandas() for p in cluster_paths], ignore_index=True)
     appendix = (
         "\nClusters: sizes, and the share of the influence scores' variance they explain (eta2) "
@@ -118,7 +126,11 @@ def variant_name(row) -> str:
     """ClusterUCB's prior guidance as a short label ("paper" when none is on); "" for the other methods."""
     if row.method != "clusterucb":
         return ""
-    on = [name for name, value in (("prior order", row.order == "prior"), ("arm prior", row.arm_prior is True), ("exhaust", row.exhaust is True)) if value]
+    on = [
+        name
+        for name, value in (("prior order", row.order == "prior"), ("arm prior", row.arm_prior is True), ("exhaust", row.exhaust is True))
+        if value
+    ]
     return " + ".join(on) or "paper"
 
 
@@ -154,7 +166,15 @@ def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
                 label = method if method != "clusterucb" else f"clusterucb/{policy}" + ("" if variant == "paper" else f" ({variant})")
                 line = line.groupby("budget")[[metric, f"{metric}_std"]].mean().reset_index()
                 style = "--" if method in ("random_draw", "prior_rerank") else "-"
-                ax.errorbar(line.budget.astype(float), line[metric], yerr=line[f"{metric}_std"].fillna(0), label=label, linestyle=style, marker="o", capsize=3)
+                ax.errorbar(
+                    line.budget.astype(float),
+                    line[metric],
+                    yerr=line[f"{metric}_std"].fillna(0),
+                    label=label,
+                    linestyle=style,
+                    marker="o",
+                    capsize=3,
+                )
             if len(baselines):
                 ax.axhline(float(baselines[metric].mean()), color="grey", linestyle=":", label="random subset")
             if len(static) and checkpoint != "results/warmup":
@@ -177,7 +197,9 @@ def cluster_influence_figure(scores_paths: list[str], assignments_path: str, out
     plt = _pyplot()
     clusters = pq.read_table(assignments_path, columns=["example_id", "cluster"]).to_pandas()
     k = int(read_parquet_metadata(assignments_path)["k"])
-    fig, axes = plt.subplots(len(scores_paths), 1, figsize=(max(8, 0.18 * k), 3.6 * len(scores_paths)), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(scores_paths), 1, figsize=(max(8, 0.18 * k), 3.6 * len(scores_paths)), squeeze=False, constrained_layout=True
+    )
     for ax, path in zip(axes[:, 0], scores_paths):
         scores = pq.read_table(path, columns=["example_id", "score"]).to_pandas()
         frame = scores.merge(clusters, on="example_id").dropna(subset=["score"])
@@ -255,9 +277,7 @@ def pool_report(pool_table: str, pool_tokens: str, markdown_out: str) -> None:
         "`data.on_malformed: skip`, an error otherwise); duplicates (the same conversation again) and decontaminated "
         "rows among the candidates visited before the source's cap; rows left by the cap; rows kept in the pool.",
         f"Decontaminated against: {', '.join(meta.get('decontaminated_against', []))}.",
-        "Tokenization (`data.max_length`, `data.overlong`, `data.on_unusable`): "
-        + ", ".join(f"{k} {v}" for k, v in encoded.items())
-        + ".",
+        "Tokenization (`data.max_length`, `data.overlong`, `data.on_unusable`): " + ", ".join(f"{k} {v}" for k, v in encoded.items()) + ".",
     ]
     for source in meta["sources"]:
         for example in source.get("malformed_examples", [])[:3]:

@@ -11,16 +11,16 @@ import numpy as np
 import pyarrow as pa
 
 from clusterucb.features.gradstore import GradientStore
-from clusterucb.infra.io import config_hash, file_sha256, write_parquet
 from clusterucb.features.matching import influence_scores
+from clusterucb.infra.io import config_hash, file_sha256, write_parquet
+from clusterucb.infra.throughput import THROUGHPUT
 from clusterucb.pipeline.data import read_tokens
 from clusterucb.pipeline.grads import GradParams, make_featurizer
-from clusterucb.pipeline.scores import val_features
 from clusterucb.pipeline.quality import aligned_scores
+from clusterucb.pipeline.scores import val_features
 from clusterucb.pipeline.tables import draws_schema, read_assignments, write_selection
 from clusterucb.selection.quality import BudgetedSpec, budgeted_selection
 from clusterucb.selection.reward_cache import RewardLog
-from clusterucb.infra.throughput import THROUGHPUT
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,14 @@ def select_budgeted(
     result, selected = budgeted_selection(spec, pool_label, top_p, reward_fn, np.random.default_rng([spec.seed, epoch]), prior=prior_scores)
     seconds = time.perf_counter() - start
     computed = len(result.draws) - (rewards.reused if rewards else 0)
-    log.info("%s: %d draws in %.1f s (%.2f draws/s computed; %d rewards taken from an interrupted run)", spec.method, len(result.draws), seconds, computed / max(seconds, 1e-9), rewards.reused if rewards else 0)
+    log.info(
+        "%s: %d draws in %.1f s (%.2f draws/s computed; %d rewards taken from an interrupted run)",
+        spec.method,
+        len(result.draws),
+        seconds,
+        computed / max(seconds, 1e-9),
+        rewards.reused if rewards else 0,
+    )
     draws = result.draws
     position = {int(d.index): n for n, d in enumerate(draws)}
     draw_ids = [pool_ids[d.index] for d in draws]
@@ -129,7 +136,15 @@ def select_budgeted(
         run_meta,
     )
     order = [position[int(i)] for i in selected]
-    meta = {**run_meta, "rule": spec.method if spec.method != "clusterucb" else f"clusterucb/{spec.policy}", "retired_arms": result.retired, "n_pool": len(pool), "n_gradients": len(draws), "n_failed": int((~np.isfinite(draw_scores)).sum()), "top_p": top_p}
+    meta = {
+        **run_meta,
+        "rule": spec.method if spec.method != "clusterucb" else f"clusterucb/{spec.policy}",
+        "retired_arms": result.retired,
+        "n_pool": len(pool),
+        "n_gradients": len(draws),
+        "n_failed": int((~np.isfinite(draw_scores)).sum()),
+        "top_p": top_p,
+    }
     write_selection([draw_ids[i] for i in order], draw_scores[order], [draw_clusters[i] for i in order], selection_out, meta, pool_table)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from clusterucb.data.tokens import TokenTable, token_meta
 from clusterucb.features.gradstore import GradientStore
+from clusterucb.features.matching import subtask_scores
 from clusterucb.infra.io import write_parquet
 from clusterucb.infra.logsetup import progress
-from clusterucb.features.matching import subtask_scores
 from clusterucb.pipeline.tables import scores_schema
-from clusterucb.data.tokens import TokenTable, token_meta
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,23 @@ def full_scores(manifest: str, val_tensors: str, val_index: str, val_tokens: str
     scores = np.concatenate([per_subtask.max(axis=1), np.full(len(failed), np.nan)])
     rows = list(per_subtask) + [np.full(len(names), np.nan)] * len(failed)
     table = pa.table(
-        {"example_id": ids + failed, "score": pa.array(scores, pa.float32()), "subtask_scores": pa.array([r.tolist() for r in rows], pa.list_(pa.float32()))},
+        {
+            "example_id": ids + failed,
+            "score": pa.array(scores, pa.float32()),
+            "subtask_scores": pa.array([r.tolist() for r in rows], pa.list_(pa.float32())),
+        },
         schema=scores_schema(),
     )
     task = token_meta(val_tokens).get("task")
-    write_parquet(table, out, {"checkpoint": store.meta["checkpoint"], "task": task, "subtasks": names, "n_gradients": len(store.index), "n_failed": len(failed)})
-    log.info("full scores at %s: %d samples (%d failed), mean %.4f", store.meta["checkpoint"], len(ids) + len(failed), len(failed), float(np.nanmean(scores)))
+    write_parquet(
+        table,
+        out,
+        {"checkpoint": store.meta["checkpoint"], "task": task, "subtasks": names, "n_gradients": len(store.index), "n_failed": len(failed)},
+    )
+    log.info(
+        "full scores at %s: %d samples (%d failed), mean %.4f",
+        store.meta["checkpoint"],
+        len(ids) + len(failed),
+        len(failed),
+        float(np.nanmean(scores)),
+    )

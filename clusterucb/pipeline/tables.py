@@ -76,12 +76,18 @@ def write_selection(ids: list[str], scores, clusters, out: str, meta: dict, pool
         schema=selection_schema(),
     )
     write_parquet(table, out, meta)
-    log.info("selected %d examples (%s)", len(ids), ", ".join(f"{k}={v}" for k, v in meta.items() if k in ("method", "epoch", "n_gradients")))
+    log.info(
+        "selected %d examples (%s)", len(ids), ", ".join(f"{k}={v}" for k, v in meta.items() if k in ("method", "epoch", "n_gradients"))
+    )
 
 
 def read_scores(path: str) -> tuple[list[str], np.ndarray, dict]:
     table = pq.read_table(path, columns=["example_id", "score"])
-    return table.column("example_id").to_pylist(), table.column("score").to_numpy(zero_copy_only=False).astype(np.float64), read_parquet_metadata(path)
+    return (
+        table.column("example_id").to_pylist(),
+        table.column("score").to_numpy(zero_copy_only=False).astype(np.float64),
+        read_parquet_metadata(path),
+    )
 
 
 def read_assignments(path: str) -> dict[str, int]:

@@ -8,13 +8,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clusterucb.infra.devices import base_dtype, device
 from clusterucb.infra.io import write_parquet
 from clusterucb.models.lora import LoraSpec, attach_lora, load_lora, load_optimizer_state, save_adapter, save_optimizer_state
 from clusterucb.models.modeling import enable_gradient_checkpointing, load_base_model
 from clusterucb.pipeline.data import read_tokens
-from clusterucb.infra.devices import base_dtype, device
-from clusterucb.training.schedule import plan_steps, steps_per_epoch
 from clusterucb.selection.select import n_selected
+from clusterucb.training.schedule import plan_steps, steps_per_epoch
 from clusterucb.training.trainer import TrainSpec, train_lora
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,25 @@ def load_base_model_for_training(model_dir: str, train: dict):
 
 def _write_log(steps: list[dict], out: str, meta: dict) -> None:
     """Per-step training log (the steps before a resume from scratch state included)."""
-    schema = pa.schema([pa.field("epoch", pa.int32()), pa.field("global_step", pa.int32()), pa.field("lr", pa.float64()), pa.field("loss", pa.float32())])
+    schema = pa.schema(
+        [pa.field("epoch", pa.int32()), pa.field("global_step", pa.int32()), pa.field("lr", pa.float64()), pa.field("loss", pa.float32())]
+    )
     write_parquet(pa.Table.from_pylist(steps, schema=schema), out, meta)
 
 
-def warmup(model_dir: str, pool_tokens: str, adapter_dir: str, optimizer_out: str, log_out: str, lora: dict, train: dict, steps: int, epochs: int, seed: int, scratch: str) -> None:
+def warmup(
+    model_dir: str,
+    pool_tokens: str,
+    adapter_dir: str,
+    optimizer_out: str,
+    log_out: str,
+    lora: dict,
+    train: dict,
+    steps: int,
+    epochs: int,
+    seed: int,
+    scratch: str,
+) -> None:
     """``steps`` optimizer steps of LoRA training on the shuffled pool (spec §2.3, the 20-step warmup).
 
     The LR schedule is the one of ``epochs`` epochs over the whole pool, as in
@@ -56,7 +70,18 @@ def warmup(model_dir: str, pool_tokens: str, adapter_dir: str, optimizer_out: st
     log.info("warmup done: loss %.4f -> %.4f", records[0]["loss"], records[-1]["loss"])
 
 
-def less_warmup(model_dir: str, pool_tokens: str, adapter_dirs: list[str], optimizer_outs: list[str], log_out: str, lora: dict, train: dict, less: dict, seed: int, scratch: str) -> None:
+def less_warmup(
+    model_dir: str,
+    pool_tokens: str,
+    adapter_dirs: list[str],
+    optimizer_outs: list[str],
+    log_out: str,
+    lora: dict,
+    train: dict,
+    less: dict,
+    seed: int,
+    scratch: str,
+) -> None:
     """LESS's warmup (spec §2.2): LoRA on a random ``warmup_fraction`` of the pool for
     ``warmup_epochs`` epochs, one checkpoint (adapter + AdamW state) per epoch."""
     pool = read_tokens(pool_tokens)
@@ -73,7 +98,17 @@ def less_warmup(model_dir: str, pool_tokens: str, adapter_dirs: list[str], optim
     ckpt, records = None, []
     for epoch in range(1, epochs + 1):
         plan = plan_steps((epoch - 1) * per_epoch, per_epoch, epochs * per_epoch, spec.warmup_ratio)
-        ckpt, steps = train_lora(peft_model, examples, spec, plan, tokenizer.pad_token_id, [seed, 1, epoch], resume_from=ckpt, device=dev, scratch_dir=f"{scratch}/epoch-{epoch}")
+        ckpt, steps = train_lora(
+            peft_model,
+            examples,
+            spec,
+            plan,
+            tokenizer.pad_token_id,
+            [seed, 1, epoch],
+            resume_from=ckpt,
+            device=dev,
+            scratch_dir=f"{scratch}/epoch-{epoch}",
+        )
         records += [{**r, "epoch": epoch} for r in steps]
         save_optimizer_state(ckpt, optimizer_outs[epoch - 1], {"model": model_dir, "checkpoint": f"less/ckpt-{epoch}", "epoch": epoch})
         save_adapter(peft_model, adapter_dirs[epoch - 1])
@@ -123,9 +158,21 @@ def train_epoch(
         peft_model = load_lora(model, prev_adapter_dir, trainable=True, device=dev)
         resume = load_optimizer_state(prev_optimizer)
         if int(resume.hyper.get("global_step", -1)) != plan.start_step:
-            raise ValueError(f"{prev_optimizer} ends at global step {resume.hyper.get('global_step')}, epoch {epoch} starts at {plan.start_step}")
-    log.info("epoch %d/%d: %d examples, steps %d-%d of %d", epoch, epochs, len(examples), plan.start_step + 1, plan.start_step + per_epoch, plan.total_steps)
-    ckpt, records = train_lora(peft_model, examples, spec, plan, tokenizer.pad_token_id, [seed, epoch], resume_from=resume, device=dev, scratch_dir=scratch)
+            raise ValueError(
+                f"{prev_optimizer} ends at global step {resume.hyper.get('global_step')}, epoch {epoch} starts at {plan.start_step}"
+            )
+    log.info(
+        "epoch %d/%d: %d examples, steps %d-%d of %d",
+        epoch,
+        epochs,
+        len(examples),
+        plan.start_step + 1,
+        plan.start_step + per_epoch,
+        plan.total_steps,
+    )
+    ckpt, records = train_lora(
+        peft_model, examples, spec, plan, tokenizer.pad_token_id, [seed, epoch], resume_from=resume, device=dev, scratch_dir=scratch
+    )
     meta = {"model": model_dir, "checkpoint": adapter_dir, "epoch": epoch, "selection": selection}
     save_optimizer_state(ckpt, optimizer_out, meta)
     _write_log([{**r, "epoch": epoch} for r in records], log_out, meta)

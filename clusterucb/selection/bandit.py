@@ -53,7 +53,15 @@ class ArmState:
     def for_sizes(cls, sizes) -> ArmState:
         sizes = np.asarray(sizes, dtype=np.int64)
         zeros = np.zeros(len(sizes))
-        return cls(sizes.copy(), np.zeros(len(sizes), dtype=np.int64), zeros.copy(), zeros.copy(), np.full(len(sizes), -np.inf), sizes.copy(), np.zeros(len(sizes), dtype=bool))
+        return cls(
+            sizes.copy(),
+            np.zeros(len(sizes), dtype=np.int64),
+            zeros.copy(),
+            zeros.copy(),
+            np.full(len(sizes), -np.inf),
+            sizes.copy(),
+            np.zeros(len(sizes), dtype=bool),
+        )
 
     @property
     def valid(self) -> np.ndarray:
@@ -264,7 +272,9 @@ class RandomCluster(BanditPolicy):
         return int(self.rng.choice(self._valid_arms(state)))
 
 
-def make_policy(name: str, n_arms: int, rng: np.random.Generator, beta: float = 1.0, ucb_p: float = 0.25, tie_break: str = "random") -> BanditPolicy:
+def make_policy(
+    name: str, n_arms: int, rng: np.random.Generator, beta: float = 1.0, ucb_p: float = 0.25, tie_break: str = "random"
+) -> BanditPolicy:
     if name == "ucb_beta":
         return UCBBeta(rng, beta, tie_break)
     if name == "ucb1":

@@ -68,7 +68,14 @@ class RowBlocks:
     direction they all share.
     """
 
-    def __init__(self, x: torch.Tensor | Sequence[torch.Tensor], device: torch.device, chunk: int = 16384, preprocess: Preprocess | None = None, cache_mb: float = 0):
+    def __init__(
+        self,
+        x: torch.Tensor | Sequence[torch.Tensor],
+        device: torch.device,
+        chunk: int = 16384,
+        preprocess: Preprocess | None = None,
+        cache_mb: float = 0,
+    ):
         self.parts = [x] if isinstance(x, torch.Tensor) else list(x)
         if not self.parts or any(p.ndim != 2 for p in self.parts) or len({p.shape[1] for p in self.parts}) != 1:
             raise ValueError("expected one or more (rows, D) matrices with the same D")
@@ -319,7 +326,9 @@ def spherical_kmeans(
     if restarts < 1:
         raise ValueError(f"restarts={restarts} must be at least 1")
     if isinstance(init, torch.Tensor) and (init.shape != (k, rows.dim) or restarts > 1):
-        raise ValueError(f"initial centroids must be one ({k}, {rows.dim}) matrix (restarts=1), got {tuple(init.shape)} with restarts={restarts}")
+        raise ValueError(
+            f"initial centroids must be one ({k}, {rows.dim}) matrix (restarts=1), got {tuple(init.shape)} with restarts={restarts}"
+        )
     resolved = resolve_backend(backend, device)
     assign = ASSIGN[resolved]
     best_result = None
@@ -361,7 +370,7 @@ def _lloyd(rows: RowBlocks, k: int, seed: int, max_iter: int, init: str | torch.
 
     sums, counts = e_step(centroids)
     reseeded, converged, it = 0, False, 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 (it: the iterations run, logged after the loop)
         previous = labels.clone()
         empty = torch.nonzero(counts == 0).flatten().tolist()
         if empty:
@@ -376,5 +385,12 @@ def _lloyd(rows: RowBlocks, k: int, seed: int, max_iter: int, init: str | torch.
         if changed == 0 and not empty:
             converged = True
             break
-    log.info("k-means: K=%d, %d iterations, converged=%s, %d empty clusters re-seeded, mean cos %.4f", k, it, converged, reseeded, float(best.mean()))
+    log.info(
+        "k-means: K=%d, %d iterations, converged=%s, %d empty clusters re-seeded, mean cos %.4f",
+        k,
+        it,
+        converged,
+        reseeded,
+        float(best.mean()),
+    )
     return KMeansResult(labels, centroids.cpu(), best, it, converged, reseeded)

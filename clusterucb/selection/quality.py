@@ -16,10 +16,21 @@ import numpy as np
 
 from clusterucb.selection.bandit import make_policy, policy_params
 from clusterucb.selection.runs import BUDGETED
-from clusterucb.selection.select import ClusterUCB, ClusterUCBResult, PriorGuidance, clusters_from_labels, n_selected, plan_budget, prior_rerank, top_k
+from clusterucb.selection.select import (
+    ClusterUCB,
+    ClusterUCBResult,
+    PriorGuidance,
+    clusters_from_labels,
+    n_selected,
+    plan_budget,
+    prior_rerank,
+    top_k,
+)
 
 
-def recall_metrics(selected: np.ndarray, drawn: np.ndarray, scores: np.ndarray, k: int, labels: np.ndarray | None = None) -> dict[str, float]:
+def recall_metrics(
+    selected: np.ndarray, drawn: np.ndarray, scores: np.ndarray, k: int, labels: np.ndarray | None = None
+) -> dict[str, float]:
     """Rs, Rinf and their variants (spec §9.1) for a selection against the full top-k by ``scores``.
 
     R_s   = |S ∩ T*| / k;                 R_inf = sum_S s / sum_T* s
@@ -90,7 +101,9 @@ class BudgetedSpec:
         return self.method == "prior_rerank" or (self.method == "clusterucb" and self.guidance.needs_prior)
 
 
-def budgeted_selection(spec: BudgetedSpec, labels: np.ndarray, top_p: float, reward_fn, rng: np.random.Generator, prior: np.ndarray | None = None):
+def budgeted_selection(
+    spec: BudgetedSpec, labels: np.ndarray, top_p: float, reward_fn, rng: np.random.Generator, prior: np.ndarray | None = None
+):
     """Run a budgeted method over the pool; returns the ClusterUCB result (draws, arm state) and the selected indices.
 
     ``labels`` gives each pool index its cluster (negative: not clusterable).
@@ -127,14 +140,26 @@ def budgeted_selection(spec: BudgetedSpec, labels: np.ndarray, top_p: float, rew
     return result, selected
 
 
-def simulate(spec: BudgetedSpec, labels: np.ndarray, scores: np.ndarray, top_p: float, rng: np.random.Generator | None = None, prior: np.ndarray | None = None) -> dict:
+def simulate(
+    spec: BudgetedSpec,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    top_p: float,
+    rng: np.random.Generator | None = None,
+    prior: np.ndarray | None = None,
+) -> dict:
     """Replay a budgeted method with rewards looked up in ``scores``; its recall and cost."""
     rng = rng if rng is not None else np.random.default_rng(spec.seed)
     scores = np.asarray(scores, dtype=np.float64)
     result, selected = budgeted_selection(spec, labels, top_p, lambda idx: scores[idx], rng, prior=prior)
     drawn = np.array([d.index for d in result.draws], dtype=np.int64)
     k = n_selected(len(labels), top_p)
-    return {**recall_metrics(selected, drawn, scores, k, labels), "n_gradients": len(drawn), "cumulative_reward": float(np.nansum(scores[drawn])), "retired_arms": result.retired}
+    return {
+        **recall_metrics(selected, drawn, scores, k, labels),
+        "n_gradients": len(drawn),
+        "cumulative_reward": float(np.nansum(scores[drawn])),
+        "retired_arms": result.retired,
+    }
 
 
 def static_recall(earlier_scores: np.ndarray, scores: np.ndarray, top_p: float) -> dict:
@@ -156,12 +181,17 @@ def full_recall(scores: np.ndarray, top_p: float) -> dict:
     """Full matching (Dynamic / LESS at one checkpoint): every gradient, recall 1 by definition."""
     k = n_selected(len(scores), top_p)
     selected = top_k(scores, k)
-    return {**recall_metrics(selected, np.arange(len(scores)), scores, k), "n_gradients": len(scores), "cumulative_reward": float(np.nansum(scores))}
+    return {
+        **recall_metrics(selected, np.arange(len(scores)), scores, k),
+        "n_gradients": len(scores),
+        "cumulative_reward": float(np.nansum(scores)),
+    }
 
 
 def expand_grid(grid: dict, ks: list[int]) -> list[tuple[BudgetedSpec, int]]:
     """Every (spec, k) of a sweep grid; random_draw and prior_rerank points ignore the clustering parameters
     (deduplicated), and the prior-guidance axes (order, arm_prior, exhaust) apply to clusterucb only."""
+
     def values(key, default):
         return list(grid.get(key) or default)
 
@@ -179,8 +209,21 @@ def expand_grid(grid: dict, ks: list[int]) -> list[tuple[BudgetedSpec, int]]:
             # A policy does not depend on another policy's parameter: sweep only its own.
             betas = values("beta", [1.0]) if "beta" in policy_params(policy) else [1.0]
             ucb_ps = values("ucb_p", [0.25]) if "ucb_p" in policy_params(policy) else [0.25]
-            for budget, csp, beta, ucb_p, k, seed in itertools.product(values("budget", [0.2]), values("csp", [0.05]), betas, ucb_ps, values("k", ks), values("seed", [0])):
-                spec = BudgetedSpec(method=method, policy=policy, budget=budget, csp=csp, beta=beta, ucb_p=ucb_p, seed=seed, order=order, arm_prior=bool(arm_prior), exhaust=bool(exhaust))
+            for budget, csp, beta, ucb_p, k, seed in itertools.product(
+                values("budget", [0.2]), values("csp", [0.05]), betas, ucb_ps, values("k", ks), values("seed", [0])
+            ):
+                spec = BudgetedSpec(
+                    method=method,
+                    policy=policy,
+                    budget=budget,
+                    csp=csp,
+                    beta=beta,
+                    ucb_p=ucb_p,
+                    seed=seed,
+                    order=order,
+                    arm_prior=bool(arm_prior),
+                    exhaust=bool(exhaust),
+                )
                 points[(spec, k)] = (spec, k)
     return list(points.values())
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from clusterucb.selection.bandit import policy_params
 from clusterucb.infra.paths import ALL_TASKS, run_checkpoint
+from clusterucb.selection.bandit import policy_params
 
 METHODS = ("clusterucb", "random_draw", "prior_rerank", "static", "dynamic", "less", "random")
 BUDGETED = ("clusterucb", "random_draw", "prior_rerank")

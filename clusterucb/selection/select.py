@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clusterucb.selection.bandit import ArmState, BanditPolicy
 from clusterucb.infra.logsetup import progress
+from clusterucb.selection.bandit import ArmState, BanditPolicy
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,9 @@ class ClusterUCB:
         self.prior = None if prior is None else np.asarray(prior, dtype=np.float64)
         if guidance.order == "prior":
             # Best prior first; ties by pool index (a stable sort), so no random number is drawn.
-            self.queues = [np.asarray(c, dtype=np.int64)[np.argsort(-self.prior[np.asarray(c, dtype=np.int64)], kind="stable")] for c in clusters]
+            self.queues = [
+                np.asarray(c, dtype=np.int64)[np.argsort(-self.prior[np.asarray(c, dtype=np.int64)], kind="stable")] for c in clusters
+            ]
         else:
             # Uniform sampling without replacement inside a cluster = walking a seeded
             # permutation of it; O(1) per draw.
@@ -245,8 +247,12 @@ class ClusterUCB:
         result.arm_state = self.state
         log.info(
             "ClusterUCB: %d draws (%d cold start), %d failed, %d arms, %d exhausted, %d retired early",
-            len(result.draws), sum(plan.cold_start.values()), sum(1 for d in result.draws if not np.isfinite(d.score)),
-            len(self.queues), int((self.state.remaining == 0).sum()), result.retired,
+            len(result.draws),
+            sum(plan.cold_start.values()),
+            sum(1 for d in result.draws if not np.isfinite(d.score)),
+            len(self.queues),
+            int((self.state.remaining == 0).sum()),
+            result.retired,
         )
         return result
 

@@ -136,7 +136,13 @@ def validation_row(example_id: str, subtask: str, user: str, assistant_prefix: s
 
 def test_row(example_id: str, subtask: str, question: str, reference: str, **fields_: Any) -> dict:
     """``question``: the text shown and matched; ``reference``: the gold answer; task-specific ``fields`` as JSON."""
-    return {"example_id": example_id, "subtask": subtask, "question": question, "reference": reference, "fields": json.dumps(fields_, ensure_ascii=False)}
+    return {
+        "example_id": example_id,
+        "subtask": subtask,
+        "question": question,
+        "reference": reference,
+        "fields": json.dumps(fields_, ensure_ascii=False),
+    }
 
 
 def fields_of(row: Mapping[str, Any]) -> dict:

@@ -15,7 +15,17 @@ import string
 from pathlib import Path
 
 from clusterucb.data.sources import DataError, read_json
-from clusterucb.tasks.base import TaskSettings, example_id, fields_of, fit_shots, per_subtask_subset, prediction, single_file, test_row, validation_row
+from clusterucb.tasks.base import (
+    TaskSettings,
+    example_id,
+    fields_of,
+    fit_shots,
+    per_subtask_subset,
+    prediction,
+    single_file,
+    test_row,
+    validation_row,
+)
 
 NAME = "bbh"
 ANSWER = re.compile(r"[t|T]he answer is (.*?)\.")  # open-instruct's, character class and all
@@ -112,7 +122,11 @@ class Bbh:
             for i in range(settings.n_val):
                 icl = "".join(q + "\nA:" + a + "\n\n" for q, a in map(split_exemplar, exemplars[:i] + exemplars[i + 1 :]))
                 question, answer = split_exemplar(exemplars[i])
-                rows.append(validation_row(example_id(NAME, "three_shot", task, question), task, description.strip() + "\n\n" + icl + question, "A:", answer))
+                rows.append(
+                    validation_row(
+                        example_id(NAME, "three_shot", task, question), task, description.strip() + "\n\n" + icl + question, "A:", answer
+                    )
+                )
         return rows
 
     def test_examples(self, files, settings: TaskSettings, seed: int) -> tuple[list[dict], dict]:
@@ -123,7 +137,10 @@ class Bbh:
             raise DataError(f"bbh: no cot-prompts file for {missing}")
         rows = [
             test_row(
-                example_id(NAME, "test", task_name(path), e["input"]), task_name(path), e["input"], e["target"],
+                example_id(NAME, "test", task_name(path), e["input"]),
+                task_name(path),
+                e["input"],
+                e["target"],
                 description=parse_cot_prompt(prompts[task_name(path)])[0].strip(),
             )
             for path in sorted(files["tasks"])
@@ -143,7 +160,15 @@ class Bbh:
             description, exemplars = parsed[example["subtask"]]
             return task_prompt(description, exemplars, shots).strip() + "\n\nQ: " + example["question"]
 
-        fitted = [fit_shots(lambda k, e=e: lm.chat.prompt(user(e, k), "A:"), settings.n_shot, lambda p: lm.fits(p, settings.max_new_tokens), e["example_id"]) for e in examples]
+        fitted = [
+            fit_shots(
+                lambda k, e=e: lm.chat.prompt(user(e, k), "A:"),
+                settings.n_shot,
+                lambda p: lm.fits(p, settings.max_new_tokens),
+                e["example_id"],
+            )
+            for e in examples
+        ]
         # Under a chat format open-instruct sets no stop sequence: the answer ends at EOS or the budget.
         outputs = lm.greedy([p for p, _ in fitted], settings.max_new_tokens, desc=NAME)
         records = []

@@ -14,7 +14,17 @@ import re
 from pathlib import Path
 
 from clusterucb.data.sources import DataError, iter_records
-from clusterucb.tasks.base import TaskSettings, example_id, fields_of, fit_shots, prediction, seeded_subset, single_file, test_row, validation_row
+from clusterucb.tasks.base import (
+    TaskSettings,
+    example_id,
+    fields_of,
+    fit_shots,
+    prediction,
+    seeded_subset,
+    single_file,
+    test_row,
+    validation_row,
+)
 
 NAME = "gsm8k"
 VAL_POOL = 500  # held-out train problems the validation examples are drawn from
@@ -39,16 +49,12 @@ COT_EXEMPLARS: list[tuple[str, str]] = [
         "they had 74 - 35 = 39. So the answer is 39.",
     ),
     (
-        "Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did "
-        "Jason give to Denny?",
-        "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. "
-        "So the answer is 8.",
+        "Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did Jason give to Denny?",
+        "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. So the answer is 8.",
     ),
     (
-        "Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have "
-        "now?",
-        "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. "
-        "5 + 4 = 9. So the answer is 9.",
+        "Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have now?",
+        "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. So the answer is 9.",
     ),
     (
         "There were nine computers in the server room. Five more computers were installed each day, from monday to "
@@ -170,7 +176,12 @@ class Gsm8k:
     def evaluate(self, lm, examples: list[dict], shared: dict, settings: TaskSettings) -> tuple[dict, list[dict]]:
         """Greedy n-shot CoT, cut at the first blank line; exact match of the last number (exemplars dropped to fit the context)."""
         fitted = [
-            fit_shots(lambda k, q=e["question"]: lm.chat.prompt(fewshot_user(q, k), "Answer:"), settings.n_shot, lambda p: lm.fits(p, settings.max_new_tokens), e["example_id"])
+            fit_shots(
+                lambda k, q=e["question"]: lm.chat.prompt(fewshot_user(q, k), "Answer:"),
+                settings.n_shot,
+                lambda p: lm.fits(p, settings.max_new_tokens),
+                e["example_id"],
+            )
             for e in examples
         ]
         outputs = lm.greedy([p for p, _ in fitted], settings.max_new_tokens, [STOP], desc=NAME)

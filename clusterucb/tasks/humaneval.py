@@ -18,7 +18,18 @@ import random
 from collections import Counter
 
 from clusterucb.data.sources import DataError, iter_records
-from clusterucb.tasks.base import Sampling, TaskSettings, example_id, fields_of, pass_at_k, prediction, seeded_subset, single_file, test_row, validation_row
+from clusterucb.tasks.base import (
+    Sampling,
+    TaskSettings,
+    example_id,
+    fields_of,
+    pass_at_k,
+    prediction,
+    seeded_subset,
+    single_file,
+    test_row,
+    validation_row,
+)
 
 NAME = "humaneval"
 VALIDATION_SEED = 42  # the official builder's random.seed(42), whatever the run's seed
@@ -82,7 +93,13 @@ class HumanEval:
 
     def validation_examples(self, files, settings: TaskSettings, seed: int) -> list[dict]:
         return [
-            validation_row(example_id(NAME, "test", p["task_id"]), NAME, p["instruction"], ANSWER_START + p["prompt"], p["canonical_solution"] + "\n```")
+            validation_row(
+                example_id(NAME, "test", p["task_id"]),
+                NAME,
+                p["instruction"],
+                ANSWER_START + p["prompt"],
+                p["canonical_solution"] + "\n```",
+            )
             for p in validation_problems(self._problems(files), settings.n_val)
         ]
 
@@ -93,8 +110,15 @@ class HumanEval:
         remaining = [p for p in problems if p["task_id"] not in held]
         rows = [
             test_row(
-                example_id(NAME, "test", p["task_id"]), NAME, p["prompt"], p["canonical_solution"],
-                task_id=p["task_id"], prompt=p["prompt"], instruction=p["instruction"], test=p["test"], entry_point=p["entry_point"],
+                example_id(NAME, "test", p["task_id"]),
+                NAME,
+                p["prompt"],
+                p["canonical_solution"],
+                task_id=p["task_id"],
+                prompt=p["prompt"],
+                instruction=p["instruction"],
+                test=p["test"],
+                entry_point=p["entry_point"],
             )
             for p in seeded_subset(remaining, settings.max_per_subtask, seed)
         ]
@@ -115,7 +139,18 @@ class HumanEval:
                 samples.append([[o] for o in lm.greedy(prompts, settings.max_new_tokens, STOPS, desc=NAME)])
             else:
                 samples.append(
-                    [lm.sample(prompt, spec.n, spec.temperature, spec.top_p, settings.max_new_tokens, STOPS, sample_seed(lm.seed, p["task_id"], index)) for prompt, p in zip(prompts, problems)]
+                    [
+                        lm.sample(
+                            prompt,
+                            spec.n,
+                            spec.temperature,
+                            spec.top_p,
+                            settings.max_new_tokens,
+                            STOPS,
+                            sample_seed(lm.seed, p["task_id"], index),
+                        )
+                        for prompt, p in zip(prompts, problems)
+                    ]
                 )
         isolation = probe_isolation("auto")
         sources = [program(p, c) for per_problem in samples for p, completions in zip(problems, per_problem) for c in completions]

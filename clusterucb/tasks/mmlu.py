@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from clusterucb.data.sources import DataError
-from clusterucb.tasks.base import TaskSettings, example_id, fields_of, fit_shots, prediction, per_subtask_subset, test_row, validation_row
+from clusterucb.tasks.base import TaskSettings, example_id, fields_of, fit_shots, per_subtask_subset, prediction, test_row, validation_row
 
 NAME = "mmlu"
 CHOICES = ("A", "B", "C", "D")
@@ -95,13 +95,17 @@ class Mmlu:
                 raise ValueError(f"mmlu: n_val={settings.n_val} exceeds the {len(dev)} dev rows of {subject}")
             for row in dev[: settings.n_val]:
                 user = header(subject) + format_example(row, False)
-                rows.append(validation_row(example_id(NAME, "dev", subject, row["question"]), subject, user, ANSWER_PREFIX, " " + row["answer"]))
+                rows.append(
+                    validation_row(example_id(NAME, "dev", subject, row["question"]), subject, user, ANSWER_PREFIX, " " + row["answer"])
+                )
         return rows
 
     def test_examples(self, files, settings: TaskSettings, seed: int) -> tuple[list[dict], dict]:
         """The capped test questions per subject, and every subject's dev rows (the exemplars)."""
         rows = [
-            test_row(example_id(NAME, "test", subject, r["question"], *r["choices"]), subject, r["question"], r["answer"], choices=r["choices"])
+            test_row(
+                example_id(NAME, "test", subject, r["question"], *r["choices"]), subject, r["question"], r["answer"], choices=r["choices"]
+            )
             for subject, subject_rows in by_subject(files["test"], "test").items()
             for r in subject_rows
         ]
@@ -109,7 +113,9 @@ class Mmlu:
 
     def decontamination_texts(self, files) -> list[str]:
         rows = [r for part in ("dev", "test") for rs in by_subject(files[part], part).values() for r in rs]
-        return [r["question"] if len(r["question"].split()) >= SHORT_QUESTION_WORDS else " ".join([r["question"], *r["choices"]]) for r in rows]
+        return [
+            r["question"] if len(r["question"].split()) >= SHORT_QUESTION_WORDS else " ".join([r["question"], *r["choices"]]) for r in rows
+        ]
 
     def evaluate(self, lm, examples: list[dict], shared: dict, settings: TaskSettings) -> tuple[dict, list[dict]]:
         """k-shot prompts (fewer shots while over the context), argmax over the next-token logits of ' A'..' D'."""
@@ -122,7 +128,14 @@ class Mmlu:
         fitted = []
         for e in examples:
             row = {"question": e["question"], "choices": fields_of(e)["choices"], "answer": e["reference"]}
-            fitted.append(fit_shots(lambda k, s=e["subtask"], r=row: lm.chat.prompt(fewshot_user(s, dev[s], r, k), ANSWER_PREFIX), settings.n_shot, fits, e["example_id"]))
+            fitted.append(
+                fit_shots(
+                    lambda k, s=e["subtask"], r=row: lm.chat.prompt(fewshot_user(s, dev[s], r, k), ANSWER_PREFIX),
+                    settings.n_shot,
+                    fits,
+                    e["example_id"],
+                )
+            )
         logits = lm.next_token_logits([p for p, _ in fitted], candidates)
         records = []
         for example, (_, shots), row in zip(examples, fitted, logits.argmax(1).tolist()):

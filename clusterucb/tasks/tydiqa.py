@@ -18,7 +18,17 @@ import string
 from collections import Counter
 
 from clusterucb.data.sources import DataError, read_json
-from clusterucb.tasks.base import TaskSettings, example_id, fields_of, fit_shots, per_subtask_subset, prediction, single_file, test_row, validation_row
+from clusterucb.tasks.base import (
+    TaskSettings,
+    example_id,
+    fields_of,
+    fit_shots,
+    per_subtask_subset,
+    prediction,
+    single_file,
+    test_row,
+    validation_row,
+)
 
 NAME = "tydiqa"
 
@@ -85,7 +95,15 @@ def read_dev(path) -> list[dict]:
                 answers = [a["text"] for a in qa["answers"]]
                 if not answers:
                     raise DataError(f"{path}: question {qa['id']} has no answer")
-                out.append({"id": qa["id"], "lang": language_of(qa["id"]), "context": paragraph["context"], "question": qa["question"], "answers": answers})
+                out.append(
+                    {
+                        "id": qa["id"],
+                        "lang": language_of(qa["id"]),
+                        "context": paragraph["context"],
+                        "question": qa["question"],
+                        "answers": answers,
+                    }
+                )
     if not out:
         raise DataError(f"{path}: 0 questions read")
     return out
@@ -95,7 +113,13 @@ def read_one_shot(path) -> dict[str, list[dict]]:
     record = read_json(path)
     if not isinstance(record, dict) or set(record) - set(TEMPLATES):
         raise DataError(f"{path}: expected an object language -> examples, languages {sorted(TEMPLATES)}")
-    return {lang: [{"id": e["id"], "context": e["context"], "question": e["question"], "answers": [a["text"] for a in e["answers"]]} for e in examples] for lang, examples in record.items()}
+    return {
+        lang: [
+            {"id": e["id"], "context": e["context"], "question": e["question"], "answers": [a["text"] for a in e["answers"]]}
+            for e in examples
+        ]
+        for lang, examples in record.items()
+    }
 
 
 def passage_question(lang: str, context: str, question: str) -> str:
@@ -145,7 +169,15 @@ class TyDiQA:
         dev = read_dev(single_file(files, "dev"))
         overlap = [d["id"] for d in dev if d["id"] in seen or d["question"].strip() in seen or d["context"] in seen]
         rows = [
-            test_row(example_id(NAME, "dev", d["id"]), d["lang"], d["question"], d["answers"][0], id=d["id"], context=d["context"], answers=d["answers"])
+            test_row(
+                example_id(NAME, "dev", d["id"]),
+                d["lang"],
+                d["question"],
+                d["answers"][0],
+                id=d["id"],
+                context=d["context"],
+                answers=d["answers"],
+            )
             for d in sorted((d for d in dev if d["id"] not in overlap), key=lambda d: d["lang"])
         ]
         return per_subtask_subset(rows, settings.max_per_subtask, seed), {"one_shot": one_shot, "excluded_one_shot_overlap": overlap}
@@ -165,14 +197,19 @@ class TyDiQA:
             context = lm.truncate(fields_of(example)["context"], settings.max_context_tokens)
             return lm.chat.prompt(eval_user(lang, demos[lang][:shots], context, example["question"]), TEMPLATES[lang][3])
 
-        fitted = [fit_shots(lambda k, e=e: render(e, k), settings.n_shot, lambda p: lm.fits(p, settings.max_new_tokens), e["example_id"]) for e in examples]
+        fitted = [
+            fit_shots(lambda k, e=e: render(e, k), settings.n_shot, lambda p: lm.fits(p, settings.max_new_tokens), e["example_id"])
+            for e in examples
+        ]
         outputs = lm.greedy([p for p, _ in fitted], settings.max_new_tokens, desc=NAME)
         records = []
         for example, output, (_, shots) in zip(examples, outputs, fitted):
             answer = output.strip()
             answers = fields_of(example)["answers"]
             f1 = best_over_answers(f1_score, answer, answers)
-            records.append(prediction(example, shots, output, answer, f1, exact_match=best_over_answers(exact_match_score, answer, answers)))
+            records.append(
+                prediction(example, shots, output, answer, f1, exact_match=best_over_answers(exact_match_score, answer, answers))
+            )
         per_language: dict[str, list[tuple[float, float]]] = {}
         for record in records:
             per_language.setdefault(record["subtask"], []).append((record["score"], json.loads(record["details"])["exact_match"]))

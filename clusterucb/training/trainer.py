@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clusterucb.infra.devices import deterministic_algorithms, is_nondeterminism_error, release_memory
-from clusterucb.training.dropout import example_keys, install_example_dropout, kernel_dropout, row_keys
 from clusterucb.features.gradients import pad_batch, token_losses
+from clusterucb.infra.devices import deterministic_algorithms, is_nondeterminism_error, release_memory
 from clusterucb.infra.io import atomic_path, config_hash
 from clusterucb.infra.logsetup import progress
 from clusterucb.models.lora import OptimizerCheckpoint, load_optimizer_state, optimizer_checkpoint, restore_optimizer, save_optimizer_state
+from clusterucb.training.dropout import example_keys, install_example_dropout, kernel_dropout, row_keys
 from clusterucb.training.schedule import StepPlan, linear_schedule
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,11 @@ def train_lora(
     install_example_dropout(peft_model)
     in_kernels = kernel_dropout(peft_model)
     if in_kernels:
-        log.warning("attention dropout %s acts inside the attention kernel and is not keyed per example: with it, "
-                    "train.micro_batch and the device change the masks", in_kernels)
+        log.warning(
+            "attention dropout %s acts inside the attention kernel and is not keyed per example: with it, "
+            "train.micro_batch and the device change the masks",
+            in_kernels,
+        )
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
     if resume_from is not None:
@@ -264,11 +267,17 @@ class _StepRunner:
             optimizer.zero_grad(set_to_none=True)
             release_memory(self.device)
             if failure[0] == "nondeterministic":
-                log.warning("%s; going on with warn-only deterministic mode: this job's training is not bit-repeatable on this GPU", failure[1])
+                log.warning(
+                    "%s; going on with warn-only deterministic mode: this job's training is not bit-repeatable on this GPU", failure[1]
+                )
                 self.strict = False
             elif self.micro_batch == 1:
                 raise torch.OutOfMemoryError(f"out of memory at micro-batch 1 (global step {global_step + 1}): {failure[1]}")
             else:
                 self.micro_batch = max(1, self.micro_batch // 2)
-                log.warning("out of memory at global step %d; redoing the step with micro-batches of %d (effective batch %d unchanged)",
-                            global_step + 1, self.micro_batch, self.spec.effective_batch)
+                log.warning(
+                    "out of memory at global step %d; redoing the step with micro-batches of %d (effective batch %d unchanged)",
+                    global_step + 1,
+                    self.micro_batch,
+                    self.spec.effective_batch,
+                )

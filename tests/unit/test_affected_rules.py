@@ -23,7 +23,11 @@ def test_an_edit_reruns_the_rules_that_import_it_and_no_other():
 
 def test_dependencies_follow_imports_transitively():
     deps = dependencies(REPO / "workflow_scripts/grads_pool_shard.py")
-    assert {REPO / "workflow_scripts/_common.py", REPO / "clusterucb/features/gradients.py", REPO / "clusterucb/features/projection.py"} <= deps
+    assert {
+        REPO / "workflow_scripts/_common.py",
+        REPO / "clusterucb/features/gradients.py",
+        REPO / "clusterucb/features/projection.py",
+    } <= deps
 
 
 def test_cli_prints_a_forcerun_list(capsys):

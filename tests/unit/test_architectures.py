@@ -6,32 +6,56 @@ import warnings
 
 import pytest
 import torch
+from tinymodels import loop_gradients, ragged_examples, random_adam_state
 
 from clusterucb.features.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients, pad_batch
-from clusterucb.models.lora import LoraSpec, attach_lora, attention_targets
 from clusterucb.features.projection import make_projector
-
-from tinymodels import loop_gradients, ragged_examples, random_adam_state
+from clusterucb.models.lora import LoraSpec, attach_lora, attention_targets
 
 VOCAB = 97
 
 
 def build(arch: str):
     from transformers import (
-        GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
     )
 
     common = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     if arch == "llama":
-        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **common)
+        config = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            **common,
+        )
         return LlamaForCausalLM(config)
     if arch == "qwen2":  # biases on q, k, v
-        config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **common)
+        config = Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            **common,
+        )
         return Qwen2ForCausalLM(config)
     if arch == "gpt2":  # Conv1D layers, fused qkv, learned positions
         return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common))
     if arch == "gpt_neox":  # fused qkv, partial rotary, parallel residual
-        config = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, **common)
+        config = GPTNeoXConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, **common
+        )
         return GPTNeoXForCausalLM(config)
     raise ValueError(arch)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from clusterucb.selection.bandit import POLICIES, ArmState, RandomCluster, TopQuantile, UCBBeta, make_policy
 from clusterucb.features.matching import influence_scores
+from clusterucb.selection.bandit import POLICIES, ArmState, RandomCluster, TopQuantile, UCBBeta, make_policy
 from clusterucb.selection.select import ClusterUCB, clusters_from_labels, n_selected, plan_budget, top_k
 
 
@@ -273,7 +273,9 @@ def test_a_killed_reselection_resumes_from_its_reward_log_with_the_same_selectio
     computed.clear()
     resumed_log = RewardLog(tmp_path, "k")
     assert len(resumed_log.known) == len(first)
-    result, selected = budgeted_selection(spec, labels, 0.05, resumed_log.wrap(lambda i: (computed.extend(i.tolist()), scores[i])[1]), np.random.default_rng(3))
+    result, selected = budgeted_selection(
+        spec, labels, 0.05, resumed_log.wrap(lambda i: (computed.extend(i.tolist()), scores[i])[1]), np.random.default_rng(3)
+    )
     # Nothing computed twice, everything computed once, and the same draws and selection.
     assert not set(first) & set(computed) and len(first) + len(computed) == len(reference.draws)
     assert [d.index for d in result.draws] == [d.index for d in reference.draws]

@@ -20,14 +20,16 @@ from tinymodels import TEXTS, VOCAB, ragged_examples, random_adam_state, saved_t
 
 from clusterucb.data.tokenize import IGNORE_INDEX
 from clusterucb.features.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients, pad_batch
-from clusterucb.selection.kmeans import spherical_kmeans
 from clusterucb.features.projection import SJLTProjector, make_projector
+from clusterucb.selection.kmeans import spherical_kmeans
 from clusterucb.training.schedule import plan_steps
 from clusterucb.training.trainer import TrainSpec, train_lora
 
 DEVICE = torch.device(os.environ.get("CLUSTERUCB_TEST_DEVICE", "cuda"))
 ON_CUDA = DEVICE.type == "cuda"
-pytestmark = pytest.mark.skipif(ON_CUDA and not torch.cuda.is_available(), reason="needs a GPU (CLUSTERUCB_TEST_DEVICE=cpu runs the device-generic tests on the CPU)")
+pytestmark = pytest.mark.skipif(
+    ON_CUDA and not torch.cuda.is_available(), reason="needs a GPU (CLUSTERUCB_TEST_DEVICE=cpu runs the device-generic tests on the CPU)"
+)
 cuda_only = pytest.mark.skipif(not ON_CUDA, reason="compares a GPU with the CPU, or needs CUDA's memory controls")
 
 
@@ -67,7 +69,10 @@ def test_featurizer_on_gpu_matches_cpu_and_repeats_bit_for_bit(projector_kind):
     projector = make_projector(projector_kind, dim, 512, seed=3)
     cpu = GradientFeaturizer(model, 0, projector, AdamPreconditioner(state), max_batch_size=4).featurize(examples)
     model = model.cuda()
-    runs = [GradientFeaturizer(model, 0, projector, AdamPreconditioner(state), device="cuda", max_batch_size=4).featurize(examples) for _ in range(2)]
+    runs = [
+        GradientFeaturizer(model, 0, projector, AdamPreconditioner(state), device="cuda", max_batch_size=4).featurize(examples)
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0].features, runs[1].features)
     assert float((runs[0].features.cpu().float() * cpu.features.float()).sum(1).min()) > 1 - 1e-5
     assert torch.allclose(runs[0].losses.cpu(), cpu.losses, rtol=1e-5)
@@ -141,10 +146,22 @@ def checkpoint(tmp_path_factory):
     base_dir = saved_tiny_llama(root / "base", hidden=128, layers=2)
     model, tokenizer = load_base_model(base_dir)
     peft_model = attach_lora(model, LoraSpec(r=8, alpha=16, dropout=0.1, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=0))
-    ckpt, _ = train_lora(peft_model, ragged_examples(16, seed=30), TrainSpec(lr=1e-3, effective_batch=8, micro_batch=4), plan_steps(0, 2, 10, 0.0), tokenizer.pad_token_id, [5])
+    ckpt, _ = train_lora(
+        peft_model,
+        ragged_examples(16, seed=30),
+        TrainSpec(lr=1e-3, effective_batch=8, micro_batch=4),
+        plan_steps(0, 2, 10, 0.0),
+        tokenizer.pad_token_id,
+        [5],
+    )
     save_adapter(peft_model, root / "adapter")
     save_optimizer_state(ckpt, root / "optimizer.safetensors", {"checkpoint": "test"})
-    return {"model": base_dir, "adapter": str(root / "adapter"), "optimizer": str(root / "optimizer.safetensors"), "pad_id": tokenizer.pad_token_id}
+    return {
+        "model": base_dir,
+        "adapter": str(root / "adapter"),
+        "optimizer": str(root / "optimizer.safetensors"),
+        "pad_id": tokenizer.pad_token_id,
+    }
 
 
 def test_bfloat16_through_the_real_load_path_keeps_features_close_to_float32(checkpoint, monkeypatch):
@@ -157,7 +174,9 @@ def test_bfloat16_through_the_real_load_path_keeps_features_close_to_float32(che
     features = {}
     for dtype in ("float32", "bfloat16"):
         params = grads.GradParams(projector="sjlt", proj_dim=1024, base_dtype=dtype, max_batch_size=8)
-        featurizer, meta = grads.make_featurizer(checkpoint["model"], checkpoint["adapter"], checkpoint["optimizer"], "test", "adam", params)
+        featurizer, meta = grads.make_featurizer(
+            checkpoint["model"], checkpoint["adapter"], checkpoint["optimizer"], "test", "adam", params
+        )
         weights = [p for n, p in featurizer.grads.model.named_parameters() if "lora_" not in n]
         assert {p.dtype for p in weights} == {getattr(torch, dtype)} and {p.device.type for p in weights} == {DEVICE.type}
         assert {p.dtype for p in featurizer.grads.model.parameters() if p.requires_grad} == {torch.float32}
@@ -178,7 +197,9 @@ def test_gradient_checkpointing_changes_neither_features_nor_training():
     dim = PerSampleLoraGradients(models[0]).dim
     state = random_adam_state(dim)
     features = [
-        GradientFeaturizer(m, 0, SJLTProjector(dim, 256, seed=1), AdamPreconditioner(state), device=DEVICE, max_batch_size=4).featurize(examples).features
+        GradientFeaturizer(m, 0, SJLTProjector(dim, 256, seed=1), AdamPreconditioner(state), device=DEVICE, max_batch_size=4)
+        .featurize(examples)
+        .features
         for m in models
     ]
     assert rel_rows(features[1], features[0]) < 1e-5
@@ -197,7 +218,9 @@ def test_batch_one_with_512_token_sequences_repeats_bit_for_bit():
     dim = PerSampleLoraGradients(model).dim
     state = random_adam_state(dim)
     runs = [
-        GradientFeaturizer(model, 0, SJLTProjector(dim, 512, seed=2), AdamPreconditioner(state), device=DEVICE, max_batch_size=1).featurize(examples)
+        GradientFeaturizer(model, 0, SJLTProjector(dim, 512, seed=2), AdamPreconditioner(state), device=DEVICE, max_batch_size=1).featurize(
+            examples
+        )
         for _ in range(2)
     ]
     assert not runs[0].failures and torch.equal(runs[0].features, runs[1].features) and torch.equal(runs[0].losses, runs[1].losses)
@@ -250,11 +273,25 @@ def test_bfloat16_evaluation_unmerged_is_the_trained_model_merged_is_not(tmp_pat
 
     base_dir = saved_tiny_llama(tmp_path / "base", hidden=128)
     model, tokenizer = load_base_model(base_dir, torch.bfloat16)
-    peft_model = attach_lora(model.to(DEVICE), LoraSpec(r=8, alpha=16, dropout=0.1, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=0))
+    peft_model = attach_lora(
+        model.to(DEVICE), LoraSpec(r=8, alpha=16, dropout=0.1, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=0)
+    )
     examples = [{"input_ids": tokenizer(t)["input_ids"], "labels": tokenizer(t)["input_ids"]} for t in TEXTS] * 2
-    train_lora(peft_model, examples, TrainSpec(lr=2e-5, effective_batch=4, micro_batch=2, warmup_ratio=0.0), plan_steps(0, 3, 3, 0.0), tokenizer.pad_token_id, [1], device=DEVICE)
+    train_lora(
+        peft_model,
+        examples,
+        TrainSpec(lr=2e-5, effective_batch=4, micro_batch=2, warmup_ratio=0.0),
+        plan_steps(0, 3, 3, 0.0),
+        tokenizer.pad_token_id,
+        [1],
+        device=DEVICE,
+    )
     save_adapter(peft_model, tmp_path / "adapter")
-    triples = [("What is 12 plus 30?", "", "It is 42."), ("How many trees?", "The grove", " has 15 trees."), ("Add", "def add(a, b):", "\n    return a + b")]
+    triples = [
+        ("What is 12 plus 30?", "", "It is 42."),
+        ("How many trees?", "The grove", " has 15 trees."),
+        ("Add", "def add(a, b):", "\n    return a + b"),
+    ]
 
     def target_loss(model, tokenizer) -> float:
         return LanguageModel(model.eval(), tokenizer, ChatFormat("tulu", tokenizer), DEVICE).completion_nll(triples, 64)["target_loss"]
@@ -264,7 +301,9 @@ def test_bfloat16_evaluation_unmerged_is_the_trained_model_merged_is_not(tmp_pat
     base, base_tokenizer = load_base_model(base_dir, torch.bfloat16)
     merged = target_loss(load_lora(base.to(DEVICE), tmp_path / "adapter", trainable=False).merge_and_unload(), base_tokenizer)
     untrained = target_loss(load_base_model(base_dir, torch.bfloat16)[0].to(DEVICE), base_tokenizer)
-    print(f"bf16 target loss on {DEVICE.type}: trained {trained:.6f} evaluated {evaluated:.6f} merged {merged:.6f} untrained {untrained:.6f}")
+    print(
+        f"bf16 target loss on {DEVICE.type}: trained {trained:.6f} evaluated {evaluated:.6f} merged {merged:.6f} untrained {untrained:.6f}"
+    )
     assert evaluated == pytest.approx(trained, rel=1e-6, abs=0)
     assert abs(merged - trained) > 0.2 * abs(untrained - trained)
 
@@ -292,7 +331,9 @@ def test_kmeans_keops_against_torch_at_d8192():
     pytest.importorskip("pykeops", reason="pykeops is not importable here: KeOps against torch not measured")
     g = torch.Generator().manual_seed(7)
     centers = torch.nn.functional.normalize(torch.randn(64, 8192, generator=g), dim=1)
-    x = torch.nn.functional.normalize(centers[torch.randint(0, 64, (8000,), generator=g)] + 0.6 * torch.randn(8000, 8192, generator=g) / 8192**0.5 * 8, dim=1)
+    x = torch.nn.functional.normalize(
+        centers[torch.randint(0, 64, (8000,), generator=g)] + 0.6 * torch.randn(8000, 8192, generator=g) / 8192**0.5 * 8, dim=1
+    )
     x = x.to(DEVICE)
     timings, results = {}, {}
     for backend in ("torch", "pykeops"):
@@ -305,7 +346,9 @@ def test_kmeans_keops_against_torch_at_d8192():
             torch.cuda.synchronize()
         timings[backend] = (time.perf_counter() - start) / max(1, results[backend].n_iter)
     agree = float((results["torch"].labels == results["pykeops"].labels).float().mean())
-    print(f"k-means d=8192 N=8000 K=64 on {DEVICE.type}: torch {timings['torch']:.4f} s/iter, pykeops {timings['pykeops']:.4f} s/iter, label agreement {agree:.5f}")
+    print(
+        f"k-means d=8192 N=8000 K=64 on {DEVICE.type}: torch {timings['torch']:.4f} s/iter, pykeops {timings['pykeops']:.4f} s/iter, label agreement {agree:.5f}"
+    )
     assert agree > 0.999
     assert torch.allclose(results["torch"].centroids, results["pykeops"].centroids, atol=1e-3)
 
@@ -323,8 +366,16 @@ def test_oom_back_off_forced_with_a_memory_fraction(caplog):
 
     def big_vocab_model():
         torch.manual_seed(0)  # the logits (tokens x 32k vocabulary) dominate the activations
-        config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0)
+        config = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            pad_token_id=0,
+        )
         model = attach_lora(LlamaForCausalLM(config), LoraSpec(r=4, alpha=8, dropout=0.1, target_modules=("q_proj", "v_proj"), seed=0))
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -338,7 +389,9 @@ def test_oom_back_off_forced_with_a_memory_fraction(caplog):
     state = random_adam_state(dim)
 
     def featurizer(m):
-        return GradientFeaturizer(m, 0, SJLTProjector(dim, 256, seed=1), AdamPreconditioner(state), device="cuda", max_batch_size=16, max_batch_tokens=16 * 256)
+        return GradientFeaturizer(
+            m, 0, SJLTProjector(dim, 256, seed=1), AdamPreconditioner(state), device="cuda", max_batch_size=16, max_batch_tokens=16 * 256
+        )
 
     def peak(fn) -> int:
         torch.cuda.synchronize()
@@ -380,7 +433,9 @@ def test_host_syncs_per_gradient_batch_do_not_grow_with_the_batch():
     counts = {}
     for n in (2, 12):
         examples = ragged_examples(n, seed=36)
-        featurizer = GradientFeaturizer(model, 0, SJLTProjector(dim, 256, seed=1), AdamPreconditioner(state), device="cuda", max_batch_size=16)
+        featurizer = GradientFeaturizer(
+            model, 0, SJLTProjector(dim, 256, seed=1), AdamPreconditioner(state), device="cuda", max_batch_size=16
+        )
         featurizer.featurize(examples)  # warm-up (projector cache, Adam state on the device)
         torch.cuda.set_sync_debug_mode("warn")
         try:

@@ -19,7 +19,9 @@ def make_wheel(directory, payload: bytes):
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr("demo_models/model.gguf", payload)
         archive.writestr("demo_models-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: demo-models\nVersion: 1.0\n")
-        archive.writestr("demo_models-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(
+            "demo_models-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         archive.writestr("demo_models-1.0.dist-info/RECORD", "")
     return wheel
 
@@ -70,9 +72,17 @@ def write_llama_gguf(model, tokenizer, path) -> None:
     writer.add_eos_token_id(tokenizer.eos_token_id)
     writer.add_pad_token_id(tokenizer.pad_token_id)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
-    layer_names = [("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
-                   ("self_attn.o_proj", "attn_output"), ("post_attention_layernorm", "ffn_norm"), ("mlp.gate_proj", "ffn_gate"),
-                   ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")]
+    layer_names = [
+        ("input_layernorm", "attn_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("post_attention_layernorm", "ffn_norm"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+    ]
     for i in range(cfg.num_hidden_layers):
         names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{gg}.weight" for hf, gg in layer_names})
     for name, tensor in model.state_dict().items():
@@ -91,7 +101,9 @@ def write_llama_gguf(model, tokenizer, path) -> None:
 def test_gguf_model_converts_once_into_the_same_model_and_tokenizer(tmp_path):
     texts = ["The grove has 15 trees. Workers plant more trees today.", "def add(a, b):\n    return a + b"] * 20
     tokenizer = train_tokenizer(texts, 300)
-    spec = TinyLlamaSpec(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+    spec = TinyLlamaSpec(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=64
+    )
     model = build_tiny_llama(spec, tokenizer, seed=0).eval()
     write_llama_gguf(model, tokenizer, tmp_path / "tiny.gguf")
 
@@ -114,7 +126,10 @@ def test_hub_ids_are_parsed_and_local_paths_are_not(tmp_path, monkeypatch):
     from clusterucb.models.hub import hub_model_dir, parse_hub_id
 
     assert parse_hub_id("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
-    assert parse_hub_id("meta-llama/Llama-2-7b-hf@01c7f73d771dfac7d292323805ebc428287df4f9") == ("meta-llama/Llama-2-7b-hf", "01c7f73d771dfac7d292323805ebc428287df4f9")
+    assert parse_hub_id("meta-llama/Llama-2-7b-hf@01c7f73d771dfac7d292323805ebc428287df4f9") == (
+        "meta-llama/Llama-2-7b-hf",
+        "01c7f73d771dfac7d292323805ebc428287df4f9",
+    )
     assert parse_hub_id("Qwen/Qwen2.5-3B@v1.0") == ("Qwen/Qwen2.5-3B", "v1.0")
     for not_an_id in ("builtin", "models/x.gguf", "./org/name", "/abs/org/name", "a/b/c", "org/", "org/name@"):
         assert parse_hub_id(not_an_id) is None, not_an_id

@@ -14,8 +14,21 @@ from conftest import REPO
 def test_gpu_check_quick_on_cpu(datasets, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick", "--datasets", str(datasets), "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--quick",
+            "--datasets",
+            str(datasets),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     last = proc.stdout.strip().splitlines()[-1]
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -29,7 +42,11 @@ def test_gpu_check_quick_on_cpu(datasets, tmp_path):
         assert bench["rc"] == 0 and bench["samples_per_s"]["c"] > 0 and bench["cosine_min"] > 0.9999
     assert report["bf16_vs_fp32_feature_cosine"]["c"]["min"] > 0.99
     staged = tmp_path / "staged"
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--stage", str(staged), "--datasets", str(datasets)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--stage", str(staged), "--datasets", str(datasets)],
+        check=True,
+        capture_output=True,
+    )
     assert (staged / "datasets" / "gsm8k" / "train.jsonl.gz").exists()
 
 

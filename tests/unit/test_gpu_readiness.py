@@ -9,11 +9,11 @@ import weakref
 
 import pytest
 import torch
-from tinymodels import random_adam_state, ragged_examples, tiny_lora_llama
+from tinymodels import ragged_examples, random_adam_state, tiny_lora_llama
 
-from clusterucb.training.dropout import ExampleSeededDropout, example_keys, install_example_dropout, keep_mask
 from clusterucb.features.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients
 from clusterucb.features.projection import SJLTProjector
+from clusterucb.training.dropout import ExampleSeededDropout, example_keys, install_example_dropout, keep_mask
 from clusterucb.training.schedule import plan_steps
 from clusterucb.training.trainer import TrainSpec, train_lora
 
@@ -42,7 +42,14 @@ class OutOfMemoryAbove:
 
 def _featurizer(model, max_batch_size: int = 8):
     dim = PerSampleLoraGradients(model).dim
-    return GradientFeaturizer(model, 0, SJLTProjector(dim, 128, seed=3), AdamPreconditioner(random_adam_state(dim)), max_batch_size=max_batch_size, max_batch_tokens=10**6)
+    return GradientFeaturizer(
+        model,
+        0,
+        SJLTProjector(dim, 128, seed=3),
+        AdamPreconditioner(random_adam_state(dim)),
+        max_batch_size=max_batch_size,
+        max_batch_tokens=10**6,
+    )
 
 
 def test_gradient_oom_backs_off_outside_the_handler_and_drops_nothing():
@@ -203,9 +210,20 @@ def test_bfloat16_evaluation_is_the_trained_adapter_unmerged(tmp_path):
     peft_model = attach_lora(model, LoraSpec(r=4, alpha=8, dropout=0.1, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=0))
     assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
     examples = [{"input_ids": tokenizer(t)["input_ids"], "labels": tokenizer(t)["input_ids"]} for t in TEXTS] * 2
-    train_lora(peft_model, examples, TrainSpec(lr=2e-5, effective_batch=4, micro_batch=2, warmup_ratio=0.0), plan_steps(0, 3, 3, 0.0), tokenizer.pad_token_id, [1])
+    train_lora(
+        peft_model,
+        examples,
+        TrainSpec(lr=2e-5, effective_batch=4, micro_batch=2, warmup_ratio=0.0),
+        plan_steps(0, 3, 3, 0.0),
+        tokenizer.pad_token_id,
+        [1],
+    )
     save_adapter(peft_model, tmp_path / "adapter")
-    triples = [("What is 12 plus 30?", "", "It is 42."), ("How many trees?", "The grove", " has 15 trees."), ("Add", "def add(a, b):", "\n    return a + b")]
+    triples = [
+        ("What is 12 plus 30?", "", "It is 42."),
+        ("How many trees?", "The grove", " has 15 trees."),
+        ("Add", "def add(a, b):", "\n    return a + b"),
+    ]
 
     def target_loss(model, tokenizer) -> float:
         return LanguageModel(model.eval(), tokenizer, ChatFormat("tulu", tokenizer)).completion_nll(triples, 64)["target_loss"]

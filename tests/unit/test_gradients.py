@@ -6,12 +6,18 @@ import math
 
 import pytest
 import torch
+from tinymodels import loop_gradients, ragged_examples, tiny_lora_llama
 
 from clusterucb.data.tokenize import IGNORE_INDEX
-from clusterucb.features.gradients import AdamPreconditioner, AdamState, GradientFeaturizer, PerSampleLoraGradients, length_batches, pad_batch
+from clusterucb.features.gradients import (
+    AdamPreconditioner,
+    AdamState,
+    GradientFeaturizer,
+    PerSampleLoraGradients,
+    length_batches,
+    pad_batch,
+)
 from clusterucb.features.projection import RademacherProjector
-
-from tinymodels import loop_gradients, ragged_examples, tiny_lora_llama
 
 
 def test_batched_per_sample_gradients_equal_batch1_loop():
@@ -184,7 +190,9 @@ def test_a_throughput_knob_changes_neither_features_nor_the_selection():
     sgd = GradientFeaturizer(model, 0, RademacherProjector(dim, 64, seed=5), max_batch_size=8).featurize(val).features
     subtask = torch.zeros(len(val), dtype=torch.long)
     features = [
-        GradientFeaturizer(model, 0, RademacherProjector(dim, 64, seed=5), max_batch_size=batch, max_batch_tokens=tokens).featurize(pool).features
+        GradientFeaturizer(model, 0, RademacherProjector(dim, 64, seed=5), max_batch_size=batch, max_batch_tokens=tokens)
+        .featurize(pool)
+        .features
         for batch, tokens in ((1, 10_000), (8, 10_000), (16, 256))
     ]
     for other in features[1:]:

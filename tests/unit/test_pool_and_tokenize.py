@@ -11,8 +11,6 @@ import pytest
 
 from clusterucb.data.pool import Decontaminator, build_pool, example_id, pool_table
 from clusterucb.data.sources import DataError
-from clusterucb.infra.io import write_parquet
-from clusterucb.data.tokens import TokenTable, count_rows, tokens_schema, write_tokens
 from clusterucb.data.tokenize import (
     IGNORE_INDEX,
     EncodeStats,
@@ -21,6 +19,8 @@ from clusterucb.data.tokenize import (
     encode_prompt_completion,
     encode_rows,
 )
+from clusterucb.data.tokens import TokenTable, count_rows, tokens_schema, write_tokens
+from clusterucb.infra.io import write_parquet
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,9 @@ def _alpaca(n: int, tag: str) -> list[dict]:
 def pool_dir(tmp_path: Path) -> Path:
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "big.json").write_text(json.dumps(_alpaca(40, "big")))
-    (tmp_path / "small.jsonl").write_text("".join(json.dumps({"prompt": f"small prompt {i}", "completion": f"c{i}"}) + "\n" for i in range(6)))
+    (tmp_path / "small.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"small prompt {i}", "completion": f"c{i}"}) + "\n" for i in range(6))
+    )
     # 10 distinct rows, then 3 exact copies of rows 0, 1 and 1 again.
     dup = _alpaca(10, "dup")
     (tmp_path / "dup.json").write_text(json.dumps(dup + [dup[0], dup[1], dup[1]]))
@@ -275,7 +277,7 @@ def test_encode_messages_multi_turn(tok):
     spans = _trained_spans(input_ids, labels)
     assert [tok.decode(s) for s in spans] == ["It is 7.</s>\n", "Cats are nice animals.</s>\n"]
     # Exactly the user turns and their "<|assistant|>\n" markers (plus BOS) are masked.
-    masked = [t for t, l in zip(input_ids, labels) if l == IGNORE_INDEX]
+    masked = [t for t, label in zip(input_ids, labels) if label == IGNORE_INDEX]
     assert tok.decode(masked, skip_special_tokens=False) == (
         "<s><|user|>\nWhat is 3 plus 4?\n<|assistant|>\n<|user|>\nTell me a story about cats.\n<|assistant|>\n"
     )
@@ -336,7 +338,7 @@ def test_encode_rows_overlong_modes(tok):
     assert stats.as_dict() == {"total": 2, "kept": 2, "truncated": 1, "skipped_overlong": 0, "skipped_no_target": 0}
     assert out[1]["truncated"] and not out[0]["truncated"]
     assert out[1]["n_tokens"] == len(out[1]["input_ids"]) <= max_length
-    assert out[0]["n_target_tokens"] == sum(l != IGNORE_INDEX for l in out[0]["labels"]) > 0
+    assert out[0]["n_target_tokens"] == sum(label != IGNORE_INDEX for label in out[0]["labels"]) > 0
 
     stats = EncodeStats()
     out = encode_rows([short, long_], encode, max_length, overlong="skip", stats=stats)
@@ -380,7 +382,16 @@ def test_encode_rows_unusable(tok):
 
 
 def _pool_parquet(path: Path, n: int) -> None:
-    rows = [{"example_id": f"ex-{i:05d}", "messages": [{"role": "user", "content": f"What is {i} plus {i + 1}?"}, {"role": "assistant", "content": f"It is {2 * i + 1}."}]} for i in range(n)]
+    rows = [
+        {
+            "example_id": f"ex-{i:05d}",
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i + 1}?"},
+                {"role": "assistant", "content": f"It is {2 * i + 1}."},
+            ],
+        }
+        for i in range(n)
+    ]
     write_parquet(pool_table_like(rows), path)
 
 
@@ -402,7 +413,17 @@ def test_tokenize_pool_same_file_for_any_worker_count(tok, tmp_path, monkeypatch
     outputs = {}
     for workers in (1, 2):
         out = tmp_path / f"tokens-{workers}.arrow"
-        data.tokenize_pool(str(pool), str(model_dir), str(out), 64, "tulu", "truncate", "skip", workers=workers, scratch=str(tmp_path / f"scratch-{workers}"))
+        data.tokenize_pool(
+            str(pool),
+            str(model_dir),
+            str(out),
+            64,
+            "tulu",
+            "truncate",
+            "skip",
+            workers=workers,
+            scratch=str(tmp_path / f"scratch-{workers}"),
+        )
         outputs[workers] = out.read_bytes()
         assert not (tmp_path / f"scratch-{workers}").exists()
     assert outputs[1] == outputs[2]
@@ -415,7 +436,9 @@ def test_tokenize_pool_same_file_for_any_worker_count(tok, tmp_path, monkeypatch
     for i in (0, 9, len(table) - 1):
         row = table[i]
         messages = [{"role": "user", "content": f"What is {int(row['example_id'][3:])} plus {int(row['example_id'][3:]) + 1}?"}]
-        ids, labels, _ = encode_messages(messages + [{"role": "assistant", "content": f"It is {2 * int(row['example_id'][3:]) + 1}."}], tok, 64)
+        ids, labels, _ = encode_messages(
+            messages + [{"role": "assistant", "content": f"It is {2 * int(row['example_id'][3:]) + 1}."}], tok, 64
+        )
         assert row["input_ids"].tolist() == ids and row["labels"].tolist() == labels and row["n_tokens"] == len(ids)
     assert table.ids() == sorted(table.ids())
 
@@ -425,7 +448,17 @@ def test_token_table_rows_slices_and_lookup(tmp_path):
     import pyarrow as pa
 
     schema = tokens_schema(metadata={"max_length": 4})
-    records = [{"example_id": f"e{i}", "input_ids": list(range(i + 1)), "labels": [-100] + list(range(1, i + 1)), "n_tokens": i + 1, "n_target_tokens": i, "truncated": False} for i in range(10)]
+    records = [
+        {
+            "example_id": f"e{i}",
+            "input_ids": list(range(i + 1)),
+            "labels": [-100] + list(range(1, i + 1)),
+            "n_tokens": i + 1,
+            "n_target_tokens": i,
+            "truncated": False,
+        }
+        for i in range(10)
+    ]
     # two record batches, so row lookup crosses a batch boundary
     path = tmp_path / "t.arrow"
     write_tokens([pa.Table.from_pylist(records[:6], schema=schema), pa.Table.from_pylist(records[6:], schema=schema)], schema, path)

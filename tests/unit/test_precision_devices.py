@@ -9,15 +9,14 @@ import textwrap
 
 import pytest
 import torch
+from tinymodels import ragged_examples, random_adam_state, tiny_lora_llama
 
-from clusterucb.infra import devices
 from clusterucb.features.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients, pad_batch
-from clusterucb.models.modeling import enable_gradient_checkpointing
 from clusterucb.features.projection import SJLTProjector
+from clusterucb.infra import devices
+from clusterucb.models.modeling import enable_gradient_checkpointing
 from clusterucb.training.schedule import plan_steps
 from clusterucb.training.trainer import TrainSpec, train_lora
-
-from tinymodels import random_adam_state, ragged_examples, tiny_lora_llama
 
 
 def _count_calls(module: torch.nn.Module) -> list[int]:
@@ -43,7 +42,9 @@ def test_checkpointing_keeps_per_sample_features_exact():
     dim = PerSampleLoraGradients(plain).dim
     state = random_adam_state(dim)
     features = [
-        GradientFeaturizer(model, 0, SJLTProjector(dim, 256, seed=3), AdamPreconditioner(state), max_batch_size=4).featurize(examples).features
+        GradientFeaturizer(model, 0, SJLTProjector(dim, 256, seed=3), AdamPreconditioner(state), max_batch_size=4)
+        .featurize(examples)
+        .features
         for model in (plain, checkpointed)
     ]
     assert float(((features[0] - features[1]).norm(dim=1) / features[0].norm(dim=1)).max()) < 1e-5
@@ -210,8 +211,17 @@ def _gpu_config(**precision):
 def test_gpu_memory_estimate_per_job_and_the_warning_before_a_sure_oom():
     from clusterucb.infra.resources import ModelShape, activations_mb, format_gpu_plan, gpu_plan, kv_cache_mb
 
-    llama7b = ModelShape.from_hf_config({"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                                         "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096})
+    llama7b = ModelShape.from_hf_config(
+        {
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "max_position_embeddings": 4096,
+        }
+    )
     assert llama7b.kv == 4096 and llama7b.context == 4096
     plans = {p.job.split(" ")[0]: p for p in gpu_plan(_gpu_config(), llama7b, 270_000, 512, 20)}
     assert set(plans) == {"training", "pool", "validation", "evaluation", "k-means"}

@@ -33,7 +33,14 @@ def test_prior_order_draws_each_clusters_best_prior_first():
     members, _ = clusters_from_labels(labels)
     prior = noisy_prior(scores, 0.01)
     rng = np.random.default_rng(0)
-    bandit = ClusterUCB(members, make_policy("ucb_beta", len(members), rng), lambda idx: scores[idx], rng, prior=prior, guidance=PriorGuidance(order="prior"))
+    bandit = ClusterUCB(
+        members,
+        make_policy("ucb_beta", len(members), rng),
+        lambda idx: scores[idx],
+        rng,
+        prior=prior,
+        guidance=PriorGuidance(order="prior"),
+    )
     result = bandit.run(plan_budget([len(m) for m in members], len(labels), 0.2, 0.05))
     for arm, cluster in enumerate(members):
         drawn = [d.index for d in result.draws if d.cluster == arm]
@@ -88,7 +95,9 @@ def test_prior_rerank_spends_the_budget_on_the_prior_best_and_keeps_the_top_k_of
         return scores[idx]
 
     prior = noisy_prior(scores, 0.2)
-    result, selected = budgeted_selection(BudgetedSpec(method="prior_rerank", budget=0.2), labels, 0.05, reward, np.random.default_rng(0), prior=prior)
+    result, selected = budgeted_selection(
+        BudgetedSpec(method="prior_rerank", budget=0.2), labels, 0.05, reward, np.random.default_rng(0), prior=prior
+    )
     drawn = np.array([d.index for d in result.draws])
     candidates = np.flatnonzero(labels >= 0)
     assert set(drawn) == set(candidates[np.argsort(-prior[candidates], kind="stable")][: int(0.2 * len(labels))])
@@ -107,8 +116,19 @@ def test_static_recall_is_the_earlier_top_k_against_the_current_one():
 
 def test_runs_name_the_new_methods_and_keep_the_paper_runs_parameters():
     defaults = defaults_from_config({**SELECTION}, 50, 42)
-    runs = expand_runs(["clusterucb", "static", "prior_rerank"], [{"method": "clusterucb", "order": ["uniform", "prior"], "exhaust": [True]}], defaults)
-    assert runs["clusterucb"].params == {"policy": "ucb_beta", "budget": 0.2, "csp": 0.05, "beta": 1.0, "draw_batch": 1, "tie_break": "random", "k": 50, "seed": 42}
+    runs = expand_runs(
+        ["clusterucb", "static", "prior_rerank"], [{"method": "clusterucb", "order": ["uniform", "prior"], "exhaust": [True]}], defaults
+    )
+    assert runs["clusterucb"].params == {
+        "policy": "ucb_beta",
+        "budget": 0.2,
+        "csp": 0.05,
+        "beta": 1.0,
+        "draw_batch": 1,
+        "tie_break": "random",
+        "k": 50,
+        "seed": 42,
+    }
     assert runs["static"].params == {} and runs["prior_rerank"].params == {"budget": 0.2}
     assert runs["clusterucb__exhaust-true__order-prior"].params["order"] == "prior"
     assert "order" not in runs["clusterucb__exhaust-true"].params and runs["clusterucb__exhaust-true"].params["exhaust"] is True
@@ -121,7 +141,14 @@ def test_runs_name_the_new_methods_and_keep_the_paper_runs_parameters():
 
 
 def test_the_grid_sweeps_guidance_for_clusterucb_only():
-    grid = {"method": ["clusterucb", "random_draw", "prior_rerank"], "policy": ["ucb_beta"], "budget": [0.2], "seed": [0, 1], "order": ["uniform", "prior"], "exhaust": [False, True]}
+    grid = {
+        "method": ["clusterucb", "random_draw", "prior_rerank"],
+        "policy": ["ucb_beta"],
+        "budget": [0.2],
+        "seed": [0, 1],
+        "order": ["uniform", "prior"],
+        "exhaust": [False, True],
+    }
     points = expand_grid(grid, [10])
     by_method = {}
     for spec, _ in points:

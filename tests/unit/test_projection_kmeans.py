@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from clusterucb.selection.kmeans import RowBlocks, kmeans_plusplus, resolve_backend, spherical_kmeans
 from clusterucb.features.projection import RademacherProjector, SJLTProjector, make_projector, rademacher_block, sjlt_block
+from clusterucb.selection.kmeans import RowBlocks, kmeans_plusplus, resolve_backend, spherical_kmeans
 
 
 def test_projector_is_deterministic_across_calls_instances_blocks_and_batches():

@@ -60,7 +60,14 @@ def test_simulation_is_deterministic_and_budget_monotone():
 
 
 def test_expand_grid_deduplicates_parameters_random_draw_ignores():
-    grid = {"method": ["clusterucb", "random_draw"], "policy": ["ucb_beta", "ucb1"], "budget": [0.1, 0.2], "beta": [0.5, 1.0], "k": [], "seed": [0, 1]}
+    grid = {
+        "method": ["clusterucb", "random_draw"],
+        "policy": ["ucb_beta", "ucb1"],
+        "budget": [0.1, 0.2],
+        "beta": [0.5, 1.0],
+        "k": [],
+        "seed": [0, 1],
+    }
     points = expand_grid(grid, ks=[50])
     clustered = [p for p in points if p[0].method == "clusterucb"]
     uniform = [p for p in points if p[0].method == "random_draw"]
@@ -72,7 +79,9 @@ def test_expand_grid_deduplicates_parameters_random_draw_ignores():
 
 
 DEFAULTS = defaults_from_config(
-    {"policy": "ucb_beta", "budget": 0.2, "csp": 0.05, "beta": 1.0, "ucb_p": 0.25, "draw_batch": 1, "tie_break": "random"}, cluster_k=50, seed=42
+    {"policy": "ucb_beta", "budget": 0.2, "csp": 0.05, "beta": 1.0, "ucb_p": 0.25, "draw_batch": 1, "tie_break": "random"},
+    cluster_k=50,
+    seed=42,
 )
 
 
@@ -83,8 +92,17 @@ def test_runs_are_named_by_what_they_change():
         DEFAULTS,
     )
     assert sorted(runs) == sorted(
-        ["clusterucb", "random", "dynamic", "clusterucb__budget-0.1", "clusterucb__budget-0.3", "random_draw",
-         "random_draw__budget-0.1", "random_draw__budget-0.3", "clusterucb__policy-ucb1"]
+        [
+            "clusterucb",
+            "random",
+            "dynamic",
+            "clusterucb__budget-0.1",
+            "clusterucb__budget-0.3",
+            "random_draw",
+            "random_draw__budget-0.1",
+            "random_draw__budget-0.3",
+            "clusterucb__policy-ucb1",
+        ]
     )
     run = runs["clusterucb__budget-0.1"]
     assert run.params["budget"] == 0.1 and run.params["policy"] == "ucb_beta" and run.params["k"] == 50

@@ -141,7 +141,15 @@ def test_the_workflow_fetches_what_datasets_dir_lacks_and_nothing_it_holds(mirro
     target = empty / PLAIN
 
     def snakemake(*targets, dry=False, datasets_dir=empty):
-        cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--configfile", str(REPO / "configs" / "demo.yaml")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--configfile",
+            str(REPO / "configs" / "demo.yaml"),
+        ]
         cmd += ["--directory", str(tmp_path), "--cores", "1", *(["-n"] if dry else [])]
         cmd += ["--config", f"datasets_dir={datasets_dir}", f"datasets_url={mirror.url}", "--", *targets]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300)

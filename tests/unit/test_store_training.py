@@ -13,8 +13,18 @@ from clusterucb.models.lora import adam_state_for, load_optimizer_state, save_op
 from clusterucb.training.schedule import linear_schedule, plan_steps, steps_per_epoch
 from clusterucb.training.trainer import TrainSpec, train_lora
 
-META = {"model": "m", "checkpoint": "warmup", "grad_type": "adam", "projector": "rademacher", "proj_dim": 8, "proj_seed": 0,
-        "grad_dim": 100, "eps_inside_sqrt": True, "max_length": 64, "dtype": "float32"}
+META = {
+    "model": "m",
+    "checkpoint": "warmup",
+    "grad_type": "adam",
+    "projector": "rademacher",
+    "proj_dim": 8,
+    "proj_seed": 0,
+    "grad_dim": 100,
+    "eps_inside_sqrt": True,
+    "max_length": 64,
+    "dtype": "float32",
+}
 
 
 def write_two_shards(tmp_path, meta2=None):
@@ -26,8 +36,16 @@ def write_two_shards(tmp_path, meta2=None):
         if failures:
             feats[1] = float("nan")
         tensors, index = tmp_path / f"shard-{shard}.safetensors", tmp_path / f"shard-{shard}.parquet"
-        write_shard(tensors, index, shard, ids, feats, torch.arange(len(ids), dtype=torch.float32), failures,
-                    meta2 if (meta2 and shard == 1) else META)
+        write_shard(
+            tensors,
+            index,
+            shard,
+            ids,
+            feats,
+            torch.arange(len(ids), dtype=torch.float32),
+            failures,
+            meta2 if (meta2 and shard == 1) else META,
+        )
         paths.append((tensors, index, feats))
     return paths
 
@@ -83,7 +101,9 @@ def test_linear_schedule_and_steps():
 
 def _train(model, examples, n_steps, scratch=None, resume=None, start=0):
     spec = TrainSpec(lr=1e-2, effective_batch=4, micro_batch=2)
-    return train_lora(model, examples, spec, plan_steps(start, n_steps, 8, 0.1), 0, [1, 2], resume_from=resume, scratch_dir=scratch, save_every=1)
+    return train_lora(
+        model, examples, spec, plan_steps(start, n_steps, 8, 0.1), 0, [1, 2], resume_from=resume, scratch_dir=scratch, save_every=1
+    )
 
 
 def test_optimizer_state_round_trips_by_name_in_gradient_order(tmp_path):
@@ -201,11 +221,15 @@ def test_less_weights_come_from_the_schedule_even_when_the_log_lost_rows(tmp_pat
 
     lr, per_epoch, epochs, ratio = 2e-5, 5, 4, 0.03
     total, warmup = per_epoch * epochs, plan_steps(0, per_epoch, per_epoch * epochs, ratio).warmup_steps
-    rows = [{"epoch": s // per_epoch + 1, "global_step": s + 1, "lr": lr * linear_schedule(s, total, warmup), "loss": 1.0} for s in range(total)]
+    rows = [
+        {"epoch": s // per_epoch + 1, "global_step": s + 1, "lr": lr * linear_schedule(s, total, warmup), "loss": 1.0} for s in range(total)
+    ]
     means = mean_lr_per_epoch(lr, per_epoch, epochs, ratio)
     assert np.allclose(means, [np.mean([r["lr"] for r in rows if r["epoch"] == e]) for e in range(1, epochs + 1)])
     meta = {"epochs": epochs, "schedule": {"lr": lr, "steps_per_epoch": per_epoch, "warmup_ratio": ratio}}
-    schema = pa.schema([pa.field("epoch", pa.int32()), pa.field("global_step", pa.int32()), pa.field("lr", pa.float64()), pa.field("loss", pa.float32())])
+    schema = pa.schema(
+        [pa.field("epoch", pa.int32()), pa.field("global_step", pa.int32()), pa.field("lr", pa.float64()), pa.field("loss", pa.float32())]
+    )
     write_parquet(pa.Table.from_pylist(rows, schema=schema), tmp_path / "full.parquet", meta)
     write_parquet(pa.Table.from_pylist(rows[3:], schema=schema), tmp_path / "cut.parquet", meta)  # a log that lost its first steps
     assert np.allclose(less_weights(str(tmp_path / "full.parquet")), means / means.sum())

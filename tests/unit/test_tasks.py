@@ -78,7 +78,15 @@ def settings(name, **overrides):
 
 
 # Another value for each setting, as a task's evaluation might change it.
-OTHER_VALUES = {"n_val": 2, "max_per_subtask": 1, "n_shot": 1, "max_new_tokens": 7, "max_context_tokens": 32, "sampling": "greedy", "timeout_s": 1.0}
+OTHER_VALUES = {
+    "n_val": 2,
+    "max_per_subtask": 1,
+    "n_shot": 1,
+    "max_new_tokens": 7,
+    "max_context_tokens": 32,
+    "sampling": "greedy",
+    "timeout_s": 1.0,
+}
 
 
 @pytest.mark.parametrize("name", task_names())
@@ -94,7 +102,9 @@ def test_validation_and_test_sets_read_only_their_declared_settings(staged, name
     ):
         reference = build(base)
         for key in sorted(task.settings_used - declared):
-            changed = resolve_settings(task, {**{k: v for k, v in base.as_dict().items() if k in task.settings_used}, key: OTHER_VALUES[key]})
+            changed = resolve_settings(
+                task, {**{k: v for k, v in base.as_dict().items() if k in task.settings_used}, key: OTHER_VALUES[key]}
+            )
             assert build(changed) == reference, f"{name}: the {which} set depends on {key!r}, which it does not declare"
 
 
@@ -211,7 +221,9 @@ def test_gsm8k_read_errors_name_file_and_row(tmp_path):
     from clusterucb.tasks.gsm8k import gold_answer, is_correct, read_gsm8k
 
     path = tmp_path / "g.jsonl"
-    path.write_text(json.dumps({"question": "q?", "answer": "#### 1,234"}) + "\n" + json.dumps({"question": "q2", "answer": "no marker"}) + "\n")
+    path.write_text(
+        json.dumps({"question": "q?", "answer": "#### 1,234"}) + "\n" + json.dumps({"question": "q2", "answer": "no marker"}) + "\n"
+    )
     with pytest.raises(DataError, match=rf"{re.escape(str(path))}: row 2"):
         read_gsm8k(path)
     path.write_text("")
@@ -383,7 +395,12 @@ def test_humaneval_golden_canonical_solutions_pass_and_broken_ones_fail(staged):
     subset = examples[:30]
     assert task.evaluate(broken, subset, shared, settings("humaneval", sampling="greedy"))[0]["pass@1"] == 0.0
     # Sampled passes: n samples per problem, pass@k per pass.
-    sampled = task.evaluate(ScriptedLM(canonical.answer), subset[:5], shared, settings("humaneval", sampling=[{"n": 3, "temperature": 0.2, "k": [1]}, {"n": 3, "temperature": 0.8, "k": [2]}]))[0]
+    sampled = task.evaluate(
+        ScriptedLM(canonical.answer),
+        subset[:5],
+        shared,
+        settings("humaneval", sampling=[{"n": 3, "temperature": 0.2, "k": [1]}, {"n": 3, "temperature": 0.8, "k": [2]}]),
+    )[0]
     assert sampled["pass@1"] == 1.0 and sampled["pass@2"] == 1.0 and sampled["programs_run"] == 30
 
 
@@ -402,7 +419,13 @@ def test_tydiqa_validation_is_less_one_shot_format(staged):
     prompt = ChatFormat("tulu", None).prompt(english["user"], english["assistant_prefix"])
     # LESS: no separator between the instruction and "Passage:", one newline before <|assistant|>.
     assert prompt == (
-        "<|user|>\n" + TEMPLATES["english"][0] + "Passage: " + example["context"] + "\nQuestion: " + example["question"] + "\n<|assistant|>\nAnswer:"
+        "<|user|>\n"
+        + TEMPLATES["english"][0]
+        + "Passage: "
+        + example["context"]
+        + "\nQuestion: "
+        + example["question"]
+        + "\n<|assistant|>\nAnswer:"
     )
     assert english["completion"] == " " + example["answers"][0]["text"]
 

@@ -11,19 +11,24 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from clusterucb.infra.config_layers import layer_files, layered_config, merge_layers
 from clusterucb.data.pool import build_pool, pool_table
 from clusterucb.data.sources import DataError
+from clusterucb.infra.config_layers import layer_files, layered_config, merge_layers
 from clusterucb.infra.io import write_parquet
+from clusterucb.infra.plan import markdown, parse_dry_run
 from clusterucb.pipeline.export import export_selections
 from clusterucb.pipeline.tables import write_selection
-from clusterucb.infra.plan import markdown, parse_dry_run
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _row(i: int, **extra) -> dict:
-    return {"dataset": "mine", "id": f"mine_{i}", "messages": [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": f"{2 * i}."}], **extra}
+    return {
+        "dataset": "mine",
+        "id": f"mine_{i}",
+        "messages": [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": f"{2 * i}."}],
+        **extra,
+    }
 
 
 def _jsonl(path: Path, rows: list) -> Path:
@@ -60,7 +65,13 @@ def test_the_demo_is_a_layer_only_when_no_config_file_is_given(tmp_path):
     user = layered_config(REPO, [mine])
     assert list(user["data"]["sources"]) == ["mine"] and user["model"] == "org/name"
     # Nothing of the demo's tiny-model settings: the paper's values.
-    assert (user["lora"]["r"], user["lora"]["alpha"], user["train"]["lr"], user["gradients"]["proj_dim"], user["cluster"]["k"]) == (128, 512, 2.0e-5, 8192, 150)
+    assert (user["lora"]["r"], user["lora"]["alpha"], user["train"]["lr"], user["gradients"]["proj_dim"], user["cluster"]["k"]) == (
+        128,
+        512,
+        2.0e-5,
+        8192,
+        150,
+    )
     assert user["target"]["settings"] == {} and "model_builtin" not in user
 
 
@@ -105,7 +116,9 @@ def test_the_pool_keeps_the_rows_own_id_and_dataset(tmp_path):
 def test_a_repeated_id_is_an_error_naming_both_rows_or_a_counted_skip(tmp_path):
     path = _jsonl(tmp_path / "mine.jsonl", [_row(0), _row(1), _row(2, id="mine_0")])
     spec = {"mine": {"format": "messages", "files": [str(path)], "max_examples": None}}
-    with pytest.raises(DataError, match=rf"data.sources.mine: id 'mine_0' is used twice: {re.escape(str(path))} row 1 and {re.escape(str(path))} row 3"):
+    with pytest.raises(
+        DataError, match=rf"data.sources.mine: id 'mine_0' is used twice: {re.escape(str(path))} row 1 and {re.escape(str(path))} row 3"
+    ):
         build_pool(spec, tmp_path, [], seed=0)
     pool, (report,) = build_pool(spec, tmp_path, [], seed=0, on_malformed="skip")
     assert [r["id"] for r in pool] == ["mine_0", "mine_1"] and report.duplicate_ids == 1 and report.kept == 2
@@ -115,7 +128,9 @@ def test_a_repeated_conversation_keeps_its_first_copy_in_file_order(tmp_path):
     same = _row(3)["messages"]
     _jsonl(tmp_path / "mine.jsonl", [_row(0), {"id": "first", "messages": same}, _row(1), {"id": "second", "messages": same}])
     for seed in range(6):
-        pool, (report,) = build_pool({"mine": {"format": "messages", "files": ["mine.jsonl"], "max_examples": None}}, tmp_path, [], seed=seed)
+        pool, (report,) = build_pool(
+            {"mine": {"format": "messages", "files": ["mine.jsonl"], "max_examples": None}}, tmp_path, [], seed=seed
+        )
         assert [r["id"] for r in pool] == ["mine_0", "first", "mine_1"] and report.duplicates == 1
 
 
@@ -124,7 +139,10 @@ def test_a_repeated_conversation_keeps_its_first_copy_in_file_order(tmp_path):
     [
         ([json.dumps(_row(0)), json.dumps({"id": "x", "messages": [{"role": "user", "content": "Hi"}]})], r"row 2: no assistant message"),
         ([json.dumps({"id": "x", "messages": [{"role": "bot", "content": "Hi"}]})], r"row 1: message 1: unknown role 'bot'"),
-        ([json.dumps({"id": "x", "messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]})], r"row 1: message 1: 'content' is int"),
+        (
+            [json.dumps({"id": "x", "messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]})],
+            r"row 1: message 1: 'content' is int",
+        ),
         ([json.dumps(_row(0)), json.dumps({"id": "x", "messages": {"role": "user"}})], r"row 2: field 'messages' is dict, expected a list"),
         (["{not json"], r"row 1: not valid JSON"),
     ],
@@ -141,7 +159,9 @@ def test_a_malformed_user_row_names_file_and_row_or_is_counted(tmp_path, lines, 
 
 def test_missing_empty_and_unmatched_files_are_named(tmp_path):
     def build(files, on_malformed="error"):
-        return build_pool({"mine": {"format": "messages", "files": files, "max_examples": None}}, tmp_path, [], seed=0, on_malformed=on_malformed)
+        return build_pool(
+            {"mine": {"format": "messages", "files": files, "max_examples": None}}, tmp_path, [], seed=0, on_malformed=on_malformed
+        )
 
     with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path / 'nowhere.jsonl'))}: file not found"):
         build(["nowhere.jsonl"])

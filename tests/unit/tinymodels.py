@@ -15,8 +15,15 @@ def tiny_lora_llama(seed: int = 0, r: int = 4):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     peft_model = attach_lora(model, LoraSpec(r=r, alpha=8, dropout=0.1, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=seed))
@@ -74,7 +81,15 @@ def saved_tiny_llama(directory, seed: int = 0, hidden: int = 64, layers: int = 2
     from clusterucb.models.modeling import TinyLlamaSpec, build_tiny_llama, train_tokenizer
 
     tokenizer = train_tokenizer(TEXTS * 10, vocab)
-    spec = TinyLlamaSpec(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers, num_heads=4, num_kv_heads=2, max_position_embeddings=1024)
+    spec = TinyLlamaSpec(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_layers=layers,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=1024,
+    )
     model = build_tiny_llama(spec, tokenizer, seed)
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))

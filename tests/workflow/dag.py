@@ -17,8 +17,20 @@ CORES = ("--cores", "2", "--max-threads", "1")
 def snakemake_cmd(workdir: Path, datasets: Path, *args: str, config: tuple[str, ...] = (), targets: tuple[str, ...] = ()) -> list[str]:
     # Targets go first: --configfile and --config take every value that follows them.
     return [
-        sys.executable, "-m", "snakemake", *targets, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(TINY), "--config", f"datasets_dir={datasets}", *config, *args,
+        sys.executable,
+        "-m",
+        "snakemake",
+        *targets,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(TINY),
+        "--config",
+        f"datasets_dir={datasets}",
+        *config,
+        *args,
     ]
 
 
@@ -37,8 +49,12 @@ def rule_blocks() -> dict[str, str]:
 RUN_TIMEOUT_S = 2400
 
 
-def run(workdir: Path, datasets: Path, *args: str, config: tuple[str, ...] = (), targets: tuple[str, ...] = (), check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(snakemake_cmd(workdir, datasets, *args, config=config, targets=targets), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+def run(
+    workdir: Path, datasets: Path, *args: str, config: tuple[str, ...] = (), targets: tuple[str, ...] = (), check: bool = True
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        snakemake_cmd(workdir, datasets, *args, config=config, targets=targets), capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -7,6 +7,7 @@ Needs root and Debian's slurm-wlm, slurmdbd, munge and mariadb-server (``.ci/run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -132,12 +133,25 @@ LogFile={r}/slurmdbd.log
         self._run("mariadb-install-db", "--user=root", f"--datadir={r}/db", "--auth-root-authentication-method=normal", timeout=120)
         self.procs.append(
             subprocess.Popen(
-                ["mariadbd", "--user=root", f"--datadir={r}/db", f"--socket={r}/mysql.sock", f"--port={self.ports['mysql']}",
-                 "--bind-address=127.0.0.1", f"--pid-file={r}/mysql.pid", "--skip-grant-tables", f"--log-error={r}/mysql.err"],
-                env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    "mariadbd",
+                    "--user=root",
+                    f"--datadir={r}/db",
+                    f"--socket={r}/mysql.sock",
+                    f"--port={self.ports['mysql']}",
+                    "--bind-address=127.0.0.1",
+                    f"--pid-file={r}/mysql.pid",
+                    "--skip-grant-tables",
+                    f"--log-error={r}/mysql.err",
+                ],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
         )
-        self._wait("MariaDB", lambda: self._ok("mariadb", "-h", "127.0.0.1", "-P", str(self.ports["mysql"]), "-u", "root", "-e", "select 1"))
+        self._wait(
+            "MariaDB", lambda: self._ok("mariadb", "-h", "127.0.0.1", "-P", str(self.ports["mysql"]), "-u", "root", "-e", "select 1")
+        )
         self._run("/usr/sbin/slurmdbd")
         self._wait("slurmdbd", lambda: self._ok("sacctmgr", "-n", "list", "cluster"))
         self._run("sacctmgr", "-i", "add", "cluster", "ci")
@@ -153,10 +167,8 @@ LogFile={r}/slurmdbd.log
         for name in ("slurmd", "slurmctld", "slurmdbd"):
             pid_file = self.root / f"{name}.pid"
             if pid_file.exists():
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
-                except (ProcessLookupError, ValueError):
-                    pass
         for proc in self.procs:
             proc.terminate()
             try:

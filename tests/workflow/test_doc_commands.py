@@ -65,7 +65,7 @@ def command_segment(line: str) -> str | None:
     match = COMMAND.search(line)
     if not match:
         return None
-    text = line[match.start():]
+    text = line[match.start() :]
     out, depth, quote = [], 0, None
     i = 0
     while i < len(text):
@@ -78,9 +78,7 @@ def command_segment(line: str) -> str | None:
             depth += 1
         elif ch == ")" and depth:
             depth -= 1
-        elif depth == 0 and (ch in ";|" or text.startswith("&&", i)):
-            break
-        elif depth == 0 and ch == "#" and (i == 0 or text[i - 1].isspace()):
+        elif depth == 0 and (ch in ";|" or text.startswith("&&", i)) or depth == 0 and ch == "#" and (i == 0 or text[i - 1].isspace()):
             break
         out.append(ch)
         i += 1
@@ -137,9 +135,9 @@ def shell_script(command: DocCommand, mirror: Path) -> str:
     python = shlex.quote(sys.executable)
     snakefile = shlex.quote(str(REPO / "Snakefile"))
     functions = (
-        f"snakemake() {{ {python} -m snakemake -n --snakefile {snakefile} \"$@\"; }}\n"
-        f"clusterucb-plan() {{ {python} -m clusterucb.infra.plan \"$@\"; }}\n"
-        f"python() {{ {python} \"$@\"; }}\n"
+        f'snakemake() {{ {python} -m snakemake -n --snakefile {snakefile} "$@"; }}\n'
+        f'clusterucb-plan() {{ {python} -m clusterucb.infra.plan "$@"; }}\n'
+        f'python() {{ {python} "$@"; }}\n'
     )
     return "set -eo pipefail\n" + functions + text + "\n"
 
@@ -154,7 +152,13 @@ def dry_run(command: DocCommand, mirror: Path, workdir: Path) -> subprocess.Comp
 def test_the_documentation_shows_the_commands_a_user_needs():
     commands = [c.command for c in doc_commands()]
     assert len(commands) >= 15, commands
-    for wanted in ("--configfile mine.yaml", "--workflow-profile profiles/slurm", "--resources gpu=", "--rerun-incomplete", "configs/sweep.yaml"):
+    for wanted in (
+        "--configfile mine.yaml",
+        "--workflow-profile profiles/slurm",
+        "--resources gpu=",
+        "--rerun-incomplete",
+        "configs/sweep.yaml",
+    ):
         assert any(wanted in c for c in commands), f"no documented command uses {wanted}"
 
 

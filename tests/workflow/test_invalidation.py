@@ -42,7 +42,22 @@ SUMMARY = {"compare_methods", "all"}
 SUMMARIES = {"compare_methods", "quality_table", "plot_cluster_influence", "plot_cumulative_reward", "all"}
 NOTHING: set[str] = set()
 # Everything downstream of the tokenized pool (the warmup, every gradient, every run).
-AFTER_TOKENS = {"tokenize_pool"} | WARMUP | LESS | POOL_GRADS | CLUSTERS | SCORES | SELECT | TRAIN | EVAL | ORACLE | QUALITY | REPORT | EXPORT | POOL_REPORT
+AFTER_TOKENS = (
+    {"tokenize_pool"}
+    | WARMUP
+    | LESS
+    | POOL_GRADS
+    | CLUSTERS
+    | SCORES
+    | SELECT
+    | TRAIN
+    | EVAL
+    | ORACLE
+    | QUALITY
+    | REPORT
+    | EXPORT
+    | POOL_REPORT
+)
 EVERYTHING = DATA_SOURCES | {"build_base_model", "tokenize_target"} | AFTER_TOKENS
 # A new feature space: every gradient and what reads it, not the warmup.
 GRADIENT_SPACE = POOL_GRADS | CLUSTERS | SCORES | SELECT_TARGETED | TRAIN | EVAL | ORACLE | QUALITY | REPORT | EXPORT
@@ -51,8 +66,9 @@ GRADIENT_SPACE = POOL_GRADS | CLUSTERS | SCORES | SELECT_TARGETED | TRAIN | EVAL
 RUN_GRADIENTS = POOL_GRADS | SCORES | SELECT_TARGETED | TRAIN | EVAL | ORACLE | QUALITY | REPORT | EXPORT
 # ClusterUCB / random_draw from epoch 2 on, and what reads their draws.
 BUDGETED_RUNS = {"select_budgeted"} | TRAIN | EVAL | ORACLE | REPORT | EXPORT
-LESS_CHAIN = {"less_warmup", "grads_pool_shard", "grads_manifest", "grads_val", "full_scores", "select_less"} | TRAIN | EVAL | SUMMARY | EXPORT
-
+LESS_CHAIN = (
+    {"less_warmup", "grads_pool_shard", "grads_manifest", "grads_val", "full_scores", "select_less"} | TRAIN | EVAL | SUMMARY | EXPORT
+)
 
 
 def sources_change(source: str, **change) -> str:
@@ -127,7 +143,10 @@ MATRIX: dict[str, tuple[str, set[str]]] = {
     "lora.r": ("lora={{r: 8}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
     "lora.alpha": ("lora={{alpha: 8}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
     "lora.dropout": ("lora={{dropout: 0.0}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
-    "lora.target_modules": ("lora={{target_modules: [q_proj, k_proj, v_proj]}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
+    "lora.target_modules": (
+        "lora={{target_modules: [q_proj, k_proj, v_proj]}}",
+        AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"},
+    ),
     "train.lr": ("train={{lr: 0.002}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
     "train.warmup_ratio": ("train={{warmup_ratio: 0.1}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
     "train.effective_batch": ("train={{effective_batch: 8}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),

@@ -64,7 +64,9 @@ class Faults(threading.Thread):
         while not self.stop.is_set() and not (self.cancelled and self.resumed):
             jobs = self.squeue()
             if not self.drained and any(state == "RUNNING" for _, state, _ in jobs):
-                subprocess.run(["scontrol", "update", f"nodename={host}", "state=drain", "reason=ci-drain"], env=self.cluster.env, check=True)
+                subprocess.run(
+                    ["scontrol", "update", f"nodename={host}", "state=drain", "reason=ci-drain"], env=self.cluster.env, check=True
+                )
                 self.drained = True
                 time.sleep(5)
                 subprocess.run(["scontrol", "update", f"nodename={host}", "state=resume"], env=self.cluster.env, check=True)
@@ -89,10 +91,22 @@ def test_the_tiny_dag_runs_on_slurm_with_a_cancelled_job_and_a_drained_node(slur
     started = time.monotonic()
     proc = subprocess.run(
         command(
-            tmp_path, datasets, "--workflow-profile", str(REPO / "profiles/slurm"), "--jobs", "4",
-            "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2", "--verbose",
+            tmp_path,
+            datasets,
+            "--workflow-profile",
+            str(REPO / "profiles/slurm"),
+            "--jobs",
+            "4",
+            "--slurm-init-seconds-before-status-checks",
+            "1",
+            "--seconds-between-status-checks",
+            "2",
+            "--verbose",
         ),
-        env=slurm.env, capture_output=True, text=True, timeout=900,
+        env=slurm.env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     faults.stop.set()
     faults.join(timeout=10)
@@ -129,7 +143,9 @@ def test_the_tiny_dag_runs_on_slurm_with_a_cancelled_job_and_a_drained_node(slur
         local = pq.read_table(tiny_run / target, columns=["example_id"]).column("example_id").to_pylist()
         assert ours == local, target
     # Evidence for the README and the closing note.
-    sbatch = sorted({re.sub(r"--output \S+|--job-name \S+|/tmp/\S+", "", line).strip() for line in log.splitlines() if "sbatch call:" in line})
+    sbatch = sorted(
+        {re.sub(r"--output \S+|--job-name \S+|/tmp/\S+", "", line).strip() for line in log.splitlines() if "sbatch call:" in line}
+    )
     evidence = {"wall_s": round(wall, 1), "jobs": len(records), "sacct": records, "sbatch": sbatch, "cancelled": faults.cancelled}
     (tmp_path / "slurm_evidence.json").write_text(json.dumps(evidence, indent=1))
     print(json.dumps({k: v for k, v in evidence.items() if k != "sacct"}, indent=1))

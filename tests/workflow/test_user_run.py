@@ -47,7 +47,15 @@ def save_small_model(directory: Path, texts: list[str]) -> None:
     from clusterucb.models.modeling import TinyLlamaSpec, build_tiny_llama, train_tokenizer
 
     tokenizer = train_tokenizer(texts, 600)
-    spec = TinyLlamaSpec(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, max_position_embeddings=4096)
+    spec = TinyLlamaSpec(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        max_position_embeddings=4096,
+    )
     model = build_tiny_llama(spec, tokenizer, seed=0)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -57,13 +65,20 @@ def test_an_overlay_with_one_source_builds_a_pool_of_only_that_source(datasets, 
     """The issue's overlay, as a user wrote it (no model yet): the pool is their rows, with their ids."""
     rows = write_user_pool(tmp_path / "mine.jsonl", datasets, 60)
     overlay = tmp_path / "mine.yaml"
-    overlay.write_text(f"data:\n  sources:\n    mine: {{format: messages, files: [{tmp_path / 'mine.jsonl'}], max_examples: null}}\ntarget:\n  tasks: [mmlu]\n")
-    proc = snakemake(tmp_path, "--cores", "2", "--configfile", str(overlay), "--config", f"datasets_dir={datasets}", "--", "results/data/pool.parquet")
+    overlay.write_text(
+        f"data:\n  sources:\n    mine: {{format: messages, files: [{tmp_path / 'mine.jsonl'}], max_examples: null}}\ntarget:\n  tasks: [mmlu]\n"
+    )
+    proc = snakemake(
+        tmp_path, "--cores", "2", "--configfile", str(overlay), "--config", f"datasets_dir={datasets}", "--", "results/data/pool.parquet"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     pool = pq.read_table(tmp_path / "results/data/pool.parquet").to_pylist()
     assert {r["source"] for r in pool} == {"mine"}
     assert [(r["id"], r["dataset"], r["messages"]) for r in pool] == [(r["id"], r["dataset"], r["messages"]) for r in rows]
-    assert "source mine: 60 rows read, 0 malformed, 0 repeated ids, 0 duplicates, 0 decontaminated" in (tmp_path / "logs/build_pool.log").read_text()
+    assert (
+        "source mine: 60 rows read, 0 malformed, 0 repeated ids, 0 duplicates, 0 decontaminated"
+        in (tmp_path / "logs/build_pool.log").read_text()
+    )
     # Jobs that load a model say the model is missing, by its key.
     plan = snakemake(tmp_path, "-n", "--configfile", str(overlay), "--config", f"datasets_dir={datasets}")
     assert plan.returncode != 0 and "config key 'model' is not set" in plan.stdout + plan.stderr
@@ -134,10 +149,36 @@ def test_the_paper_config_plans_its_cluster_requests(datasets, tmp_path):
     # The hub model's config.json (Llama-2-7B's shape), so that memory requests are computed, not provisional.
     hub = tmp_path / "resources/models/hub/meta-llama--Llama-2-7b-hf@main"
     hub.mkdir(parents=True)
-    hub.joinpath("config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32}))
+    hub.joinpath("config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 32000,
+                "hidden_size": 4096,
+                "intermediate_size": 11008,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 32,
+            }
+        )
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "clusterucb.infra.plan", "--heavy", "--workflow-profile", str(REPO / "profiles/slurm"), "--configfile", str(REPO / "configs/paper.yaml"), "--config", f"datasets_dir={mirror}"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "clusterucb.infra.plan",
+            "--heavy",
+            "--workflow-profile",
+            str(REPO / "profiles/slurm"),
+            "--configfile",
+            str(REPO / "configs/paper.yaml"),
+            "--config",
+            f"datasets_dir={mirror}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in proc.stdout.splitlines()[2:]}
