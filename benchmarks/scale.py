@@ -78,7 +78,11 @@ def job(name: str, kwargs: dict) -> None:
     elif name == "select_top":
         from clusterucb.pipeline.select import select_top_scores as fn
     elif name == "select_budgeted":
+        from clusterucb.pipeline.files import Checkpoint, Pool, Selecting, Validation
         from clusterucb.pipeline.reselect import select_budgeted as fn
+
+        grouped = {"at": Checkpoint, "validation": Validation, "pool": Pool, "selecting": Selecting}
+        kwargs = {key: grouped[key](**value) if key in grouped else value for key, value in kwargs.items()}
     elif name == "warmup":
         from clusterucb.pipeline.train import warmup as fn
     else:
@@ -358,6 +362,7 @@ def main() -> None:
             t,
             scores_path=str(scores),
             pool_tokens=str(tokens),
+            pool_table=str(d / "pool.parquet"),
             selection_out=str(d / "full_matching.parquet"),
             top_p=a.top_p,
             task="scale",
@@ -383,19 +388,18 @@ def main() -> None:
             "select_budgeted",
             logs / f"{n}-select-budgeted.log",
             t,
-            **checkpoint,
-            optimizer_path=str(optimizer),
-            pool_tokens=str(tokens),
-            **val,
+            model_dir=checkpoint["model_dir"],
+            at={"adapter_dir": checkpoint["adapter_dir"], "optimizer": str(optimizer), "name": checkpoint["checkpoint"]},
+            validation={"tensors": val["val_tensors"], "index": val["val_index"], "tokens": val["val_tokens"]},
+            pool={"tokens": str(tokens), "table": str(d / "pool.parquet")},
             arms=str(assignments),
+            prior=None,
+            selecting={"task": "scale", "run": "clusterucb", "epoch": 2},
+            run_params=run_params,
+            grad_params=GRADS,
+            top_p=a.top_p,
             selection_out=str(d / "clusterucb.parquet"),
             draws_out=str(draws),
-            grad_params=GRADS,
-            run_params=run_params,
-            top_p=a.top_p,
-            task="scale",
-            run="clusterucb",
-            epoch=2,
             scratch=None,
         )
         import pyarrow.parquet as pq

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def cluster(
+    *,
     manifest: str,
     assignments_out: str,
     centroids_out: str,

@@ -28,7 +28,7 @@ def _files(files: dict[str, list[str]]) -> dict[str, list[Path]]:
     return {role: sorted(Path(p) for p in paths) for role, paths in files.items()}
 
 
-def prepare_validation(task: str, files: dict[str, list[str]], out: str, settings: dict, seed: int) -> None:
+def prepare_validation(*, task: str, files: dict[str, list[str]], out: str, settings: dict, seed: int) -> None:
     """A task's validation examples (the gradient targets), subtask-contiguous; ``settings`` may hold only the
     task's ``validation_settings`` (the others keep their defaults and are not read)."""
     target = get_task(task)
@@ -40,7 +40,7 @@ def prepare_validation(task: str, files: dict[str, list[str]], out: str, setting
     log.info("%s validation set: %d examples in %d subtasks", task, len(rows), len({r["subtask"] for r in rows}))
 
 
-def prepare_test(task: str, files: dict[str, list[str]], out: str, settings: dict, seed: int) -> None:
+def prepare_test(*, task: str, files: dict[str, list[str]], out: str, settings: dict, seed: int) -> None:
     """A task's evaluated test examples; what their evaluation needs besides them goes in the metadata ('shared')."""
     target = get_task(task)
     resolved = resolve_settings(target, settings)
@@ -52,7 +52,7 @@ def prepare_test(task: str, files: dict[str, list[str]], out: str, settings: dic
     log.info("%s test set: %d examples in %d subtasks", task, len(rows), len({r["subtask"] for r in rows}))
 
 
-def target_decontamination(task: str, files: dict[str, list[str]], out: str) -> None:
+def target_decontamination(*, task: str, files: dict[str, list[str]], out: str) -> None:
     """Every text of a task's validation source and full test split: no pool example may contain one."""
     texts = get_task(task).decontamination_texts(_files(files))
     schema = pa.schema([pa.field("text", pa.string(), nullable=False)])
@@ -71,7 +71,7 @@ def _check_contiguous(rows: list[dict], out: str) -> None:
             previous = row["subtask"]
 
 
-def build_pool_table(sources: dict, datasets_dir: str, decontamination_files: list[str], out: str, seed: int, on_malformed: str) -> None:
+def build_pool_table(*, sources: dict, datasets_dir: str, decontamination_files: list[str], out: str, seed: int, on_malformed: str) -> None:
     """The pool, decontaminated against every text of every listed target task (validation sources and full test splits)."""
     texts = []
     for path in decontamination_files:
@@ -164,6 +164,7 @@ def _read_batches(path: Path) -> Iterator[pa.RecordBatch]:
 
 
 def tokenize_pool(
+    *,
     pool_path: str,
     model_dir: str,
     out: str,
@@ -216,7 +217,7 @@ def tokenize_pool(
     )
 
 
-def tokenize_target(val_path: str, model_dir: str, out: str, max_length: int, chat_template: str) -> None:
+def tokenize_target(*, val_path: str, model_dir: str, out: str, max_length: int, chat_template: str) -> None:
     """Validation prompts + answers in the pool's chat template; an unusable validation example is an error (it would bias the target)."""
     from transformers import AutoTokenizer
 

@@ -32,6 +32,7 @@ def load_for_evaluation(model_dir: str, adapter_dir: str | None, dtype: str, dev
 
 
 def evaluate(
+    *,
     task: str,
     model_dir: str,
     adapter_dir: str | None,

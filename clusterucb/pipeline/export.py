@@ -71,7 +71,7 @@ def write_lines(lines: list[str], out: str) -> None:
         tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def export_selections(selections: list[str], pool_table: str, epoch_outs: list[str], final_out: str, task: str, run: str) -> None:
+def export_selections(*, selections: list[str], pool_table: str, epoch_outs: list[str], final_out: str, task: str, run: str) -> None:
     """Every epoch's selection of one run for one task as JSONL (``selections[e-1]`` -> ``epoch_outs[e-1]``),
     and the last one again as ``final_out``."""
     if len(selections) != len(epoch_outs):

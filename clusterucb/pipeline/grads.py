@@ -93,6 +93,7 @@ def shard_bounds(n: int, shard: int, n_shards: int) -> tuple[int, int]:
 
 
 def grads_pool_shard(
+    *,
     model_dir: str,
     adapter_dir: str,
     optimizer_path: str,
@@ -125,7 +126,9 @@ def grads_pool_shard(
     log.info("shard %d: %d examples (rows %d-%d), %d failed", shard, len(examples), start, stop, len(result.failures))
 
 
-def grads_val(model_dir: str, adapter_dir: str, checkpoint: str, val_tokens: str, tensors_out: str, index_out: str, params: dict) -> None:
+def grads_val(
+    *, model_dir: str, adapter_dir: str, checkpoint: str, val_tokens: str, tensors_out: str, index_out: str, params: dict
+) -> None:
     """Plain (SGD) gradient features of the validation set; any failure is an error."""
     grad_params = GradParams.from_dict(params)
     examples = read_tokens(val_tokens)
@@ -144,5 +147,5 @@ def _max_length(tokens_path: str) -> str:
     return str(token_meta(tokens_path)["max_length"])
 
 
-def grads_manifest(tensor_paths: list[str], index_paths: list[str], out: str) -> None:
+def grads_manifest(*, tensor_paths: list[str], index_paths: list[str], out: str) -> None:
     merge_manifest(list(zip(tensor_paths, index_paths)), out)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 
 
-def build_builtin_model(pool_path: str, out_dir: str, sizes: dict, pretrain_params: dict, seed: int) -> None:
+def build_builtin_model(*, pool_path: str, out_dir: str, sizes: dict, pretrain_params: dict, seed: int) -> None:
     """Train a BPE tokenizer on the tulu-formatted pool, build the tiny Llama and pretrain it briefly on the pool."""
     rows = pq.read_table(pool_path, columns=["messages"]).column("messages").to_pylist()
     texts = [concat_messages(messages, "</s>") for messages in rows]
@@ -50,7 +50,7 @@ def build_builtin_model(pool_path: str, out_dir: str, sizes: dict, pretrain_para
     log.info("pretraining loss %.3f -> %.3f", losses[0], losses[-1])
 
 
-def convert_gguf(gguf_path: str, out_dir: str) -> None:
+def convert_gguf(*, gguf_path: str, out_dir: str) -> None:
     """Dequantise a GGUF model once into a Hugging Face directory (fp32 safetensors)."""
     model, tokenizer = load_base_model(gguf_path)
     drop_gguf_quantizer(model)

@@ -27,7 +27,7 @@ from clusterucb.selection.select import n_selected, top_k
 log = logging.getLogger(__name__)
 
 
-def recall(selection: str, draws: str, scores_path: str, assignments: str, recall_out: str, arms_out: str, top_p: float) -> None:
+def recall(*, selection: str, draws: str, scores_path: str, assignments: str, recall_out: str, arms_out: str, top_p: float) -> None:
     """Oracle: recall of a budgeted selection against the full top-p at the same checkpoint, and per-cluster pulls."""
     ids, scores, meta = read_scores(scores_path)
     position = {eid: i for i, eid in enumerate(ids)}
@@ -81,6 +81,7 @@ def aligned_scores(path: str, ids: list[str]) -> np.ndarray:
 
 
 def quality_sweep(
+    *,
     scores_path: str,
     assignment_paths: list[str],
     grid: dict,

@@ -45,7 +45,7 @@ def headline_metrics(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in items)
 
 
-def compare(metrics_paths: list[str], params: dict, table_out: str, markdown_out: str, config_out: str, config: dict) -> None:
+def compare(*, metrics_paths: list[str], params: dict, table_out: str, markdown_out: str, config_out: str, config: dict) -> None:
     """One row per target task and run (and the base model): the task's metric, target loss, gradients computed,
     and oracle recall if measured. The resolved configuration is written beside the table, so every number traces back to it.
     """
@@ -82,7 +82,7 @@ def compare(metrics_paths: list[str], params: dict, table_out: str, markdown_out
     log.info("comparison (pool %s):\n%s", pool, frame.to_string(index=False))
 
 
-def quality_table(sweep_paths: list[str], cluster_paths: list[str], table_out: str, markdown_out: str, figure_out: str) -> None:
+def quality_table(*, sweep_paths: list[str], cluster_paths: list[str], table_out: str, markdown_out: str, figure_out: str) -> None:
     """Recall per target task, checkpoint, method, policy and budget: mean and std over seeds; and the recall-vs-budget figure.
 
     The markdown also has, per task, checkpoint and K, the cluster sizes and the
@@ -192,7 +192,7 @@ def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
     _save(fig, out)
 
 
-def cluster_influence_figure(scores_paths: list[str], assignments_path: str, out: str) -> None:
+def cluster_influence_figure(*, scores_paths: list[str], assignments_path: str, out: str) -> None:
     """Influence distribution per cluster at the warmup checkpoint, clusters sorted by mean influence; a panel per target task."""
     plt = _pyplot()
     clusters = pq.read_table(assignments_path, columns=["example_id", "cluster"]).to_pandas()
@@ -213,7 +213,7 @@ def cluster_influence_figure(scores_paths: list[str], assignments_path: str, out
     _save(fig, out)
 
 
-def cumulative_reward_figure(draw_paths: list[str], out: str) -> None:
+def cumulative_reward_figure(*, draw_paths: list[str], out: str) -> None:
     """Cumulative influence of the drawn samples, per budgeted run: a row per target task, a column per re-selection epoch."""
     plt = _pyplot()
     frames = []
@@ -238,7 +238,7 @@ def cumulative_reward_figure(draw_paths: list[str], out: str) -> None:
     _save(fig, out)
 
 
-def arm_pulls_figure(arms_paths: list[str], task: str, out: str) -> None:
+def arm_pulls_figure(*, arms_paths: list[str], task: str, out: str) -> None:
     """Pulls per cluster against the cluster's true mean influence (oracle): a row per budgeted run, a column per epoch."""
     plt = _pyplot()
     panels: dict[str, list[str]] = {}
@@ -262,7 +262,7 @@ def arm_pulls_figure(arms_paths: list[str], task: str, out: str) -> None:
 POOL_COUNTS = ("rows_read", "malformed", "empty_files", "duplicate_ids", "duplicates", "contaminated", "left_by_cap", "kept")
 
 
-def pool_report(pool_table: str, pool_tokens: str, markdown_out: str) -> None:
+def pool_report(*, pool_table: str, pool_tokens: str, markdown_out: str) -> None:
     """What each source gave the pool (from the pool's metadata) and what tokenization kept of it."""
     from clusterucb.data.tokens import token_meta
 

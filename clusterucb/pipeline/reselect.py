@@ -15,6 +15,7 @@ from clusterucb.features.matching import influence_scores
 from clusterucb.infra.io import config_hash, file_sha256, write_parquet
 from clusterucb.infra.throughput import THROUGHPUT
 from clusterucb.pipeline.data import read_tokens
+from clusterucb.pipeline.files import Checkpoint, Pool, Selecting, Validation
 from clusterucb.pipeline.grads import GradParams, make_featurizer
 from clusterucb.pipeline.quality import aligned_scores
 from clusterucb.pipeline.scores import val_features
@@ -26,28 +27,23 @@ log = logging.getLogger(__name__)
 
 
 def select_budgeted(
+    *,
     model_dir: str,
-    adapter_dir: str,
-    optimizer_path: str,
-    checkpoint: str,
-    pool_tokens: str,
-    val_tensors: str,
-    val_index: str,
-    val_tokens: str,
+    at: Checkpoint,
+    validation: Validation,
+    pool: Pool,
     arms: str,
+    prior: str | None,
+    selecting: Selecting,
+    run_params: dict,
+    grad_params: dict,
+    top_p: float,
     selection_out: str,
     draws_out: str,
-    grad_params: dict,
-    run_params: dict,
-    top_p: float,
-    task: str,
-    run: str,
-    epoch: int,
-    pool_table: str,
-    prior: str | None = None,
     scratch: str | None = None,
 ) -> None:
-    """ClusterUCB (or random_draw) at the previous epoch's checkpoint: gradients only for the drawn samples (spec §6).
+    """ClusterUCB (or random_draw, prior_rerank) at the checkpoint ``at``, the run's previous epoch's:
+    gradients only for the drawn samples.
 
     ``arms``: for ClusterUCB the k-means assignments; for random_draw, whose one
     arm is every clusterable sample, the warmup gradient manifest (a sample is
@@ -61,9 +57,10 @@ def select_budgeted(
     With ``scratch``, every computed reward is logged there (:class:`RewardLog`):
     a killed job resumes without recomputing them and ends with the same selection.
     """
+    task, run, epoch, checkpoint = selecting.task, selecting.run, selecting.epoch, at.name
     spec = BudgetedSpec(**{k: v for k, v in run_params.items() if k in BudgetedSpec.__dataclass_fields__})
-    pool = read_tokens(pool_tokens)  # memory-mapped: only the drawn rows are read
-    pool_ids = pool.ids()
+    tokens = read_tokens(pool.tokens)  # memory-mapped: only the drawn rows are read
+    pool_ids = tokens.ids()
     if spec.method == "clusterucb":
         labels = read_assignments(arms)
         pool_label = np.array([labels.get(example_id, -1) for example_id in pool_ids], dtype=np.int64)
@@ -73,11 +70,11 @@ def select_budgeted(
     if (pool_label < 0).any():
         log.warning("%d pool samples are not in any cluster (no warmup gradient) and cannot be drawn", int((pool_label < 0).sum()))
 
-    featurizer, _ = make_featurizer(model_dir, adapter_dir, optimizer_path, checkpoint, "adam", GradParams.from_dict(grad_params))
-    val, subtask, _ = val_features(val_tensors, val_index, val_tokens)
+    featurizer, _ = make_featurizer(model_dir, at.adapter_dir, at.optimizer, checkpoint, "adam", GradParams.from_dict(grad_params))
+    val, subtask, _ = val_features(validation.tensors, validation.index, validation.tokens)
 
     def reward_fn(indices: np.ndarray) -> np.ndarray:
-        result = featurizer.featurize(pool.take(indices), desc="draws")
+        result = featurizer.featurize(tokens.take(indices), desc="draws")
         return influence_scores(result.features, val, subtask).numpy()
 
     rewards = None
@@ -91,7 +88,7 @@ def select_budgeted(
                 "epoch": epoch,
                 "pool": pool_ids,
                 "labels": pool_label.tolist(),
-                "val": file_sha256(val_tensors),
+                "val": file_sha256(validation.tensors),
             }
         )
         rewards = RewardLog(scratch, key)
@@ -140,11 +137,11 @@ def select_budgeted(
         **run_meta,
         "rule": spec.method if spec.method != "clusterucb" else f"clusterucb/{spec.policy}",
         "retired_arms": result.retired,
-        "n_pool": len(pool),
+        "n_pool": len(tokens),
         "n_gradients": len(draws),
         "n_failed": int((~np.isfinite(draw_scores)).sum()),
         "top_p": top_p,
     }
-    write_selection([draw_ids[i] for i in order], draw_scores[order], [draw_clusters[i] for i in order], selection_out, meta, pool_table)
+    write_selection([draw_ids[i] for i in order], draw_scores[order], [draw_clusters[i] for i in order], selection_out, meta, pool.table)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -32,7 +32,7 @@ def val_features(tensors: str, index: str, val_tokens: str) -> tuple[torch.Tenso
     return load_file(tensors)["features"].float()[rows], subtask, names
 
 
-def full_scores(manifest: str, val_tensors: str, val_index: str, val_tokens: str, out: str) -> None:
+def full_scores(*, manifest: str, val_tensors: str, val_index: str, val_tokens: str, out: str) -> None:
     """Influence of every pool sample at one checkpoint (spec §4), streamed shard by shard; failed samples as NaN."""
     store = GradientStore(manifest)
     val, subtask, names = val_features(val_tensors, val_index, val_tokens)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def select_top_scores(
-    scores_path: str, pool_tokens: str, pool_table: str, selection_out: str, top_p: float, task: str, run: str, epoch: int
+    *, scores_path: str, pool_tokens: str, pool_table: str, selection_out: str, top_p: float, task: str, run: str, epoch: int
 ) -> None:
     """Full matching: the top ``top_p`` of the pool by influence at one checkpoint (epoch 1 of the Dynamic
     family, every epoch of Dynamic). Clusters are not read: they do not change the selection, so ``cluster.k``
@@ -41,7 +41,7 @@ def select_top_scores(
     write_selection([ids[i] for i in order], scores[order], None, selection_out, info, pool_table)
 
 
-def select_static(epoch1_selection: str, pool_table: str, selection_out: str, task: str, run: str, epoch: int) -> None:
+def select_static(*, epoch1_selection: str, pool_table: str, selection_out: str, task: str, run: str, epoch: int) -> None:
     """Static: epoch 1's full-matching selection again at a later epoch (what keeping it costs: no gradient)."""
     table = pq.read_table(epoch1_selection, columns=["example_id", "score"])
     first = read_parquet_metadata(epoch1_selection)
@@ -60,7 +60,9 @@ def select_static(epoch1_selection: str, pool_table: str, selection_out: str, ta
     write_selection(table.column("example_id").to_pylist(), scores, None, selection_out, meta, pool_table)
 
 
-def select_random(pool_tokens: str, pool_table: str, selection_out: str, top_p: float, seed: int, task: str, run: str, epoch: int) -> None:
+def select_random(
+    *, pool_tokens: str, pool_table: str, selection_out: str, top_p: float, seed: int, task: str, run: str, epoch: int
+) -> None:
     """A uniform random subset of the selection size; the same subset every epoch (the paper's Random baseline)."""
     ids = pool_ids(pool_tokens)
     chosen = random_subset(len(ids), n_selected(len(ids), top_p), seed)
@@ -99,6 +101,7 @@ def less_weights(train_log: str) -> np.ndarray:
 
 
 def select_less(
+    *,
     scores_paths: list[str],
     train_log: str,
     pool_tokens: str,

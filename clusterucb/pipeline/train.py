@@ -13,6 +13,7 @@ from clusterucb.infra.io import write_parquet
 from clusterucb.models.lora import LoraSpec, attach_lora, load_lora, load_optimizer_state, save_adapter, save_optimizer_state
 from clusterucb.models.modeling import enable_gradient_checkpointing, load_base_model
 from clusterucb.pipeline.data import read_tokens
+from clusterucb.pipeline.files import Checkpoint, TrainingOutputs
 from clusterucb.selection.select import n_selected
 from clusterucb.training.schedule import plan_steps, steps_per_epoch
 from clusterucb.training.trainer import TrainSpec, train_lora
@@ -37,6 +38,7 @@ def _write_log(steps: list[dict], out: str, meta: dict) -> None:
 
 
 def warmup(
+    *,
     model_dir: str,
     pool_tokens: str,
     adapter_dir: str,
@@ -71,6 +73,7 @@ def warmup(
 
 
 def less_warmup(
+    *,
     model_dir: str,
     pool_tokens: str,
     adapter_dirs: list[str],
@@ -118,24 +121,22 @@ def less_warmup(
 
 
 def train_epoch(
+    *,
     model_dir: str,
     pool_tokens: str,
     selection: str,
-    prev_adapter_dir: str | None,
-    prev_optimizer: str | None,
-    adapter_dir: str,
-    optimizer_out: str,
-    log_out: str,
+    previous: Checkpoint | None,
+    out: TrainingOutputs,
     lora: dict,
     train: dict,
     epoch: int,
-    epochs: int,
     top_p: float,
     seed: int,
     scratch: str,
 ) -> None:
-    """One epoch on the epoch's selection; epoch 1 starts a fresh LoRA on the base model (spec §7),
-    later epochs resume the previous epoch's adapter and AdamW state and continue the LR schedule."""
+    """One epoch on the epoch's selection; epoch 1 starts a fresh LoRA on the base model, later epochs resume
+    the ``previous`` epoch's adapter and AdamW state and continue the LR schedule of ``train['epochs']``."""
+    epochs = int(train["epochs"])
     pool = read_tokens(pool_tokens)  # memory-mapped: only the selected rows are read
     selected_ids = pq.read_table(selection, columns=["example_id"]).column("example_id").to_pylist()
     rows = pool.indices_of(selected_ids)
@@ -155,11 +156,11 @@ def train_epoch(
         peft_model = attach_lora(model, LoraSpec.from_dict({**lora, "seed": seed}))
         resume = None
     else:
-        peft_model = load_lora(model, prev_adapter_dir, trainable=True, device=dev)
-        resume = load_optimizer_state(prev_optimizer)
+        peft_model = load_lora(model, previous.adapter_dir, trainable=True, device=dev)
+        resume = load_optimizer_state(previous.optimizer)
         if int(resume.hyper.get("global_step", -1)) != plan.start_step:
             raise ValueError(
-                f"{prev_optimizer} ends at global step {resume.hyper.get('global_step')}, epoch {epoch} starts at {plan.start_step}"
+                f"{previous.optimizer} ends at global step {resume.hyper.get('global_step')}, epoch {epoch} starts at {plan.start_step}"
             )
     log.info(
         "epoch %d/%d: %d examples, steps %d-%d of %d",
@@ -173,8 +174,8 @@ def train_epoch(
     ckpt, records = train_lora(
         peft_model, examples, spec, plan, tokenizer.pad_token_id, [seed, epoch], resume_from=resume, device=dev, scratch_dir=scratch
     )
-    meta = {"model": model_dir, "checkpoint": adapter_dir, "epoch": epoch, "selection": selection}
-    save_optimizer_state(ckpt, optimizer_out, meta)
-    _write_log([{**r, "epoch": epoch} for r in records], log_out, meta)
-    save_adapter(peft_model, adapter_dir)
+    meta = {"model": model_dir, "checkpoint": out.adapter_dir, "epoch": epoch, "selection": selection}
+    save_optimizer_state(ckpt, out.optimizer, meta)
+    _write_log([{**r, "epoch": epoch} for r in records], out.log, meta)
+    save_adapter(peft_model, out.adapter_dir)
     log.info("epoch %d done: mean loss %.4f", epoch, sum(r["loss"] for r in records) / max(1, len(records)))

@@ -107,7 +107,7 @@ def test_gguf_model_converts_once_into_the_same_model_and_tokenizer(tmp_path):
     model = build_tiny_llama(spec, tokenizer, seed=0).eval()
     write_llama_gguf(model, tokenizer, tmp_path / "tiny.gguf")
 
-    convert_gguf(str(tmp_path / "tiny.gguf"), str(tmp_path / "converted"))
+    convert_gguf(gguf_path=str(tmp_path / "tiny.gguf"), out_dir=str(tmp_path / "converted"))
     assert (tmp_path / "converted" / "model.safetensors").exists()
     config = json.loads((tmp_path / "converted" / "config.json").read_text())
     assert "quantization_config" not in config  # else reloading would look for the GGUF again
@@ -118,7 +118,7 @@ def test_gguf_model_converts_once_into_the_same_model_and_tokenizer(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, converted(ids).logits, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
-        convert_gguf(str(tmp_path / "missing.gguf"), str(tmp_path / "other"))
+        convert_gguf(gguf_path=str(tmp_path / "missing.gguf"), out_dir=str(tmp_path / "other"))
     assert not (tmp_path / "other").exists()
 
 

@@ -414,13 +414,13 @@ def test_tokenize_pool_same_file_for_any_worker_count(tok, tmp_path, monkeypatch
     for workers in (1, 2):
         out = tmp_path / f"tokens-{workers}.arrow"
         data.tokenize_pool(
-            str(pool),
-            str(model_dir),
-            str(out),
-            64,
-            "tulu",
-            "truncate",
-            "skip",
+            pool_path=str(pool),
+            model_dir=str(model_dir),
+            out=str(out),
+            max_length=64,
+            chat_template="tulu",
+            overlong="truncate",
+            on_unusable="skip",
             workers=workers,
             scratch=str(tmp_path / f"scratch-{workers}"),
         )
