@@ -110,7 +110,7 @@ def test_tiny_dag_writes_the_comparison_table(tiny_run):
     # Selection quality sweep and figures.
     quality = pq.read_table(tiny_run / "results/report/quality.parquet").to_pandas()
     assert set(quality.task) == set(TASKS)
-    assert set(quality.method) == {"clusterucb", "random_draw", "random", "full"}
+    assert set(quality.method) == {"clusterucb", "random_draw", "random", "full", "static"}
     assert set(quality.policy.dropna()) == {"ucb_beta", "ucb1", "ucb_threshhard", "ucb_threshnormal", "random_cluster"}
     assert set(quality.checkpoint) == {"results/warmup"} | {f"results/runs/{t}/full_matching/epoch-1" for t in TASKS}
     assert (quality[quality.method == "full"].Rs == 1.0).all()
@@ -422,6 +422,7 @@ OVERLAY_LAYERS = {
     "smollm2.yaml": ["demo.yaml", "smollm2.yaml"],
     "smollm2-targets.yaml": ["demo.yaml", "smollm2.yaml", "smollm2-targets.yaml"],
     "smollm2-quality.yaml": ["demo.yaml", "smollm2.yaml", "smollm2-targets.yaml", "smollm2-quality.yaml"],
+    "smollm2-replay.yaml": ["demo.yaml", "smollm2.yaml", "smollm2-targets.yaml", "smollm2-quality.yaml", "smollm2-replay.yaml"],
 }
 
 
