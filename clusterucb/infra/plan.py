@@ -4,7 +4,8 @@
 
 runs ``snakemake -n`` in the current directory with those options and prints, per rule, the number of
 jobs and the largest ``gpu``, ``cpus_per_gpu`` (set by a profile), ``mem_mb`` (host memory) and
-``runtime`` (minutes) any of its jobs requests (``--heavy``: only rules asking for a GPU or > 4 GB). ``mem_mb`` is computed from the model's config.json when the model is there (a hub model
+``runtime`` (minutes) any of its jobs requests (``--heavy``: only rules asking for a GPU or > 4 GB); then, for a
+config that runs on GPUs, the workflow's GPU memory estimate per job and its warnings (``precision.gpu_memory_gb``). ``mem_mb`` is computed from the model's config.json when the model is there (a hub model
 not fetched yet is sized at a provisional 16 GB: fetch it first, or copy its config.json, for the
 real figure); every request grows with the attempt on a retry.
 """
@@ -47,7 +48,7 @@ def parse_dry_run(output: str) -> list[RulePlan]:
 
 def markdown(plans: list[RulePlan], heavy_only: bool = False) -> str:
     """The plan as a markdown table (``heavy_only``: rules that ask for a GPU or more than 4 GB)."""
-    rows = [p for p in plans if not heavy_only or p.requests.get("gpu") or p.requests.get("mem_mb", 0) > 4000]
+    rows = sorted((p for p in plans if not heavy_only or p.requests.get("gpu") or p.requests.get("mem_mb", 0) > 4000), key=lambda p: p.rule)
     lines = ["| rule | jobs | gpu | cpus_per_gpu | mem_mb | runtime (min) |", "|---|---:|---:|---:|---:|---:|"]
     for p in rows:
         cells = [str(p.requests.get(k, "–")) for k in REQUESTS]
@@ -56,6 +57,22 @@ def markdown(plans: list[RulePlan], heavy_only: bool = False) -> str:
     gpu_jobs = sum(p.jobs for p in plans if p.requests.get("gpu"))
     lines.append(f"| **all rules** | {total} | {gpu_jobs} GPU jobs | | | |")
     return "\n".join(lines) + "\n"
+
+
+def gpu_memory_lines(stderr: str) -> list[str]:
+    """The workflow's GPU memory estimate and the warnings right after it, as it prints them at start (when the
+    config runs on GPUs: ``precision.activations_on_gpu`` or ``precision.gpu_memory_gb``)."""
+    lines, state = [], "before"
+    for line in stderr.splitlines():
+        if state == "before" and line.startswith("GPU memory estimate per job"):
+            state = "table"
+        elif state == "table" and not line.startswith("  "):
+            state = "warnings"
+        if state == "warnings" and not line.startswith("WARNING: "):
+            break
+        if state != "before":
+            lines.append(line)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         print("Nothing to be done: every output is up to date.")
         return 0
     print(markdown(plans, heavy_only), end="")
+    gpu = gpu_memory_lines(proc.stderr)
+    if gpu:
+        print("\n" + "\n".join(gpu))
     return 0
 
 

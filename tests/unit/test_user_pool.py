@@ -15,7 +15,7 @@ from clusterucb.data.pool import build_pool, pool_table
 from clusterucb.data.sources import DataError
 from clusterucb.infra.config_layers import layer_files, layered_config, merge_layers
 from clusterucb.infra.io import write_parquet
-from clusterucb.infra.plan import markdown, parse_dry_run
+from clusterucb.infra.plan import gpu_memory_lines, markdown, parse_dry_run
 from clusterucb.pipeline.export import export_selections
 from clusterucb.pipeline.tables import write_selection
 
@@ -260,3 +260,16 @@ def test_the_plan_table_counts_jobs_and_keeps_each_rules_largest_request():
     table = markdown(plans, heavy_only=True)
     assert "| grads_pool_shard | 2 | 1 | 8 | 30000 | 120 |" in table and "export_selections" not in table
     assert "| **all rules** | 3 | 2 GPU jobs |" in table
+
+
+def test_the_plan_passes_on_the_gpu_memory_estimate_and_its_warnings():
+    stderr = (
+        "Using workflow specific profile profiles/default\n"
+        "GPU memory estimate per job, GB (card: 24 GB):\n  job   weights\n  training   12.55\n"
+        "WARNING: training: sure to run out of GPU memory: even one example needs ~30.0 GB\n"
+        "WARNING: evaluation: its configured batch (~26.6 GB) does not fit 24 GB\n"
+        "Building DAG of jobs...\nWARNING: something else\n"
+    )
+    lines = gpu_memory_lines(stderr)
+    assert lines[0].startswith("GPU memory estimate") and len(lines) == 5 and lines[-1].startswith("WARNING: evaluation")
+    assert gpu_memory_lines("Building DAG of jobs...\n") == []

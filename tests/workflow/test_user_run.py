@@ -181,8 +181,12 @@ def test_the_paper_config_plans_its_cluster_requests(datasets, tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in proc.stdout.splitlines()[2:]}
+    printed = proc.stdout.split("\n\n", 1)[0].strip()
+    # README.md shows this table: it must be what the plan prints.
+    readme = (REPO / "README.md").read_text().split("<!-- paper-plan -->\n", 1)[1].split("\n\n", 1)[0].strip()
+    assert readme == printed, "README.md's paper plan differs from clusterucb-plan's:\n" + printed
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in printed.splitlines()[2:]}
     # 4 epochs x 4 targets: 16 budgeted re-selections per budgeted run after epoch 1 (3 each), a 7B model's memory.
     assert table["grads_pool_shard"][1:3] == ["1", "8"] and table["select_budgeted"][0] == str(2 * 3 * 4)
     assert table["train_epoch"][0] == "60" and int(table["warmup_lora"][3]) > 16_000
-    assert "GPU jobs" in proc.stdout
+    assert "GPU jobs" in proc.stdout and "GPU memory estimate per job" in proc.stdout
