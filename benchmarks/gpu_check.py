@@ -324,6 +324,39 @@ def benchmark(run: Run, device: str, datasets: Path, dtype: str, model: str) -> 
     return result
 
 
+def dropout_cost(device: str, quick: bool) -> dict:
+    """The per-example dropout masks (clusterucb/training/dropout.py: an int64 hash per element, so that
+    micro_batch changes no mask) against torch's own generator-drawn mask, for one LoRA input of a 7B model
+    (2 examples x 2048 tokens x 4096 features; --quick: 2 x 256 x 256), ms per module: what keyed dropout adds
+    to a training step is this difference times the LoRA modules (128 for a 7B on q, k, v, o)."""
+    import torch
+
+    from clusterucb.training.dropout import keep_mask
+
+    shape = (2, 256, 256) if quick else (2, 2048, 4096)
+    dev = torch.device(device)
+
+    def timed(fn) -> float:
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(5):
+            fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / 5 * 1000
+
+    hashed = timed(lambda: keep_mask([1, 2], 7, shape, 0.1, dev))
+    drawn = timed(lambda: torch.rand(shape, device=dev) >= 0.1)
+    return {
+        "shape": list(shape),
+        "keyed_ms": round(hashed, 3),
+        "generator_ms": round(drawn, 3),
+        "ratio": round(hashed / max(drawn, 1e-9), 2),
+    }
+
+
 def memory_estimate(dtype: str, tokens: int, grad_dim: int) -> float:
     """clusterucb/infra/resources.py's estimate of the gradient pass (its "pool gradients" row) for the 1B model at the
     benchmark's largest batch, MB, without the CUDA context (torch.cuda.max_memory_allocated does not see it)."""
@@ -346,7 +379,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="where results go (default $OUT, else benchmarks/out/gpu_check)")
     parser.add_argument("--budget-s", type=float, default=None, help="time for everything (default 450 on cuda, 240 on cpu)")
     parser.add_argument("--samples", type=int, default=96, help="pool samples per benchmark row on the GPU")
-    parser.add_argument("--skip", default="", help="parts to leave out, comma-separated: tests, bench")
+    parser.add_argument("--skip", default="", help="parts to leave out, comma-separated: tests, bench, dropout")
     parser.add_argument("--wheels", type=Path, default=None, help="install these carried wheels first (pip --no-index --no-deps)")
     parser.add_argument(
         "--stage", type=Path, default=None, help="only copy the dataset files the check reads into STAGE/datasets, then exit"
@@ -381,6 +414,8 @@ def main() -> None:
             for dtype in ("bfloat16", "float32"):
                 benches[dtype] = benchmark(run, args.device, datasets, dtype, model)
             report["parts"]["bench"] = {d: {k: v for k, v in b.items() if k != "features"} for d, b in benches.items()}
+    if "dropout" not in skip:
+        report["parts"]["dropout"] = dropout_cost(args.device, args.quick)
     agreement = None
     if all("features" in benches.get(d, {}) for d in ("bfloat16", "float32")):
         cos = {
@@ -437,6 +472,9 @@ def main() -> None:
             parts.append(f"bench_{short}=rc {bench.get('rc')}")
     if agreement and "c" in agreement:
         parts.append(f"bf16~fp32 cos min={agreement['c']['min']:.4f}")
+    dropout = report["parts"].get("dropout")
+    if dropout:
+        parts.append(f"dropout_mask={dropout['keyed_ms']:.2f}ms (torch {dropout['generator_ms']:.2f}ms)")
     parts.append(f"{report['seconds']:.0f}s out={run.out}")
     print(" ".join(parts), flush=True)
     sys.exit(0 if ok else 1)

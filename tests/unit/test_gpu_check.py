@@ -41,6 +41,7 @@ def test_gpu_check_quick_on_cpu(datasets, tmp_path):
         bench = report["parts"]["bench"][dtype]
         assert bench["rc"] == 0 and bench["samples_per_s"]["c"] > 0 and bench["cosine_min"] > 0.9999
     assert report["bf16_vs_fp32_feature_cosine"]["c"]["min"] > 0.99
+    assert report["parts"]["dropout"]["keyed_ms"] > 0 and "dropout_mask=" in last
     staged = tmp_path / "staged"
     subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--stage", str(staged), "--datasets", str(datasets)],
