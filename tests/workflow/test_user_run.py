@@ -88,7 +88,7 @@ def test_a_plain_run_is_the_embedded_demo_and_an_empty_pool_is_refused(datasets,
     demo = snakemake(tmp_path, "-n", "--config", f"datasets_dir={datasets}")
     assert demo.returncode == 0, demo.stderr[-2000:]
     jobs = planned_jobs(demo.stdout)
-    assert jobs["build_base_model"] == 1 and jobs["select_budgeted"] == 4  # the demo: built-in model, 3 epochs, 2 budgeted runs
+    assert jobs["build_base_model"] == 1 and jobs["select_budgeted"] == 2  # the demo: built-in model, 2 epochs, 2 budgeted runs
     nothing = tmp_path / "nothing.yaml"
     nothing.write_text("model: builtin-tiny\n")
     refused = snakemake(tmp_path, "-n", "--configfile", str(nothing), "--config", f"datasets_dir={datasets}")
