@@ -417,6 +417,7 @@ def test_pyproject_declares_every_package_the_code_imports():
 # Each overlay with the layers its header names (the demo first where it builds on it).
 OVERLAY_LAYERS = {
     "demo.yaml": ["demo.yaml"],
+    "demo-replay.yaml": ["demo.yaml", "demo-replay.yaml"],
     "sweep.yaml": ["demo.yaml", "sweep.yaml"],
     "all-targets.yaml": ["demo.yaml", "all-targets.yaml"],
     "smollm2.yaml": ["demo.yaml", "smollm2.yaml"],
