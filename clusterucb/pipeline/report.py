@@ -109,9 +109,9 @@ def quality_table(*, sweep_paths: list[str], cluster_paths: list[str], table_out
         )
         .reset_index()
     )
-    agg = agg.sort_values(["task", "checkpoint", "method", "variant", "policy", "budget"], kind="stable").astype(
-        {"k": "Int64", "n_gradients": "Int64"}
-    )
+    # n_gradients: the mean over seeds (early exhaustion can stop a seed's re-selection before the budget).
+    agg = agg.sort_values(["task", "checkpoint", "method", "variant", "policy", "budget"], kind="stable")
+    agg = agg.astype({"k": "Int64"}).round({"n_gradients": 1})
     clusters = pd.concat([pq.read_table(p).to_pandas() for p in cluster_paths], ignore_index=True)
     appendix = (
         "\nClusters: sizes, and the share of the influence scores' variance they explain (eta2) "
