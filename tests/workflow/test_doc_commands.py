@@ -122,7 +122,7 @@ def user_files(workdir: Path) -> None:
     for line in pool.read_text().splitlines():
         json.loads(line)
     (workdir / "mine.yaml").write_text(readme_block("user-overlay").replace("/abs/path/mine.jsonl", str(pool)))
-    for name in ("configs", "profiles"):
+    for name in ("configs", "profiles", "tests"):
         (workdir / name).symlink_to(REPO / name, target_is_directory=True)
 
 
