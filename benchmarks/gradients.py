@@ -334,16 +334,31 @@ def scores(train: torch.Tensor, val: torch.Tensor) -> np.ndarray:
 
 
 def exact_scores(
-    model, examples, pad_id: int, batch_size: int, device: torch.device, targets: dict, chunk_rows: int
+    model, examples, pad_id: int, batch_size: int, device: torch.device, targets: dict, chunk_rows: int, projected: tuple | None = None
 ) -> dict[str, np.ndarray]:
     """Influence scores of exact per-sample gradients under each named ``(transform, validation features)``,
     ``chunk_rows`` samples at a time: the N x p gradients of a large LoRA (96 x 14.7M floats for SmolLM2
-    r=128, 5.7 GB, times the copies the transforms make) need not fit in memory; scores are per row."""
+    r=128, 5.7 GB, times the copies the transforms make) need not fit in memory; scores are per row.
+
+    ``projected``: ``(projector, {name: transform}, projected validation features)``: those targets are also
+    put through ``projector``, all in one call a chunk (an uncached dense matrix is generated once, not once
+    per target)."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in targets}
+    if projected is not None:
+        parts.update({name: [] for name in projected[1]})
     for start in range(0, len(examples), chunk_rows):
         grads = per_sample(model, examples[start : start + chunk_rows], pad_id, batch_size, device, lambda g: g)
         for name, (transform, val) in targets.items():
             parts[name].append(scores(transform(grads), val))
+        if projected is not None:
+            projector, transforms, val = projected
+            stacked = torch.empty(len(transforms) * len(grads), grads.shape[1], device=device)  # no second copy
+            for i, transform in enumerate(transforms.values()):
+                stacked[i * len(grads) : (i + 1) * len(grads)] = transform(grads)
+            rows = projector.project(stacked)
+            del stacked
+            for name, block in zip(transforms, rows.float().cpu().split(len(grads))):
+                parts[name].append(scores(block, val))
         del grads
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
@@ -746,7 +761,6 @@ def main() -> None:
     features: dict[str, torch.Tensor] = {}
     val_features: dict[str, torch.Tensor] = {}
     exactness: list[tuple[str, float]] = []
-    extra_lines: dict[str, str] = {}  # row -> its fixed cost line
 
     def report(row: str, what: str, seconds: list[float]) -> None:
         timed[row] = (what, seconds)
@@ -843,15 +857,18 @@ def main() -> None:
                 val_features[name] = result["val"]
             report(name, f"{result['what']}, d={result['dim']}", result["seconds"])
             first = (
-                f", first batch {result['first_batch_s']:.2f} s (projection matrices built)"
+                f", warm-up batch {result['first_batch_s']:.2f} s (its one-off setup: projection matrices or mask indices)"
                 if not math.isnan(result["first_batch_s"])
                 else ""
             )
-            extra_lines[name] = (
-                f"fixed {result['fixed_s']:.2f} s + {result['per_token_s'] * 1e3:.3f} ms per padded token a batch "
-                f"({result['batches']} batches a run){first}"
-            )
-            print(f"    {extra_lines[name]}", flush=True)
+            if math.isnan(result["fixed_s"]):
+                fit = f"fixed cost per batch not determined ({result['batches']} batch(es) of one token count a run)"
+            else:
+                fit = (
+                    f"fixed {result['fixed_s']:.2f} s + {result['per_token_s'] * 1e3:.3f} ms per padded token a batch "
+                    f"(least squares over {result['batches']} batches x {len(result['seconds'])} runs)"
+                )
+            print(f"    {fit}{first}", flush=True)
             if result["exact_cosine"] is not None:
                 exactness.append(
                     (f"({name}) dattri-llm vs exact batch-1 gradients through its own map and projection", result["exact_cosine"])
@@ -882,14 +899,13 @@ def main() -> None:
         if any(t == "adamw" for t in own_target.values()):
             targets["adamw"] = (lambda g: to_adamw(g.to(device)).cpu(), val_grads)
         peer_targets = [t for t in ("v", "adamw") if t in targets]
+        projected = None
         if peer_targets:  # is a peer's lower agreement its projection's doing, or its target's? our dense projector on it
             reference = dense or RademacherProjector(grad_dim, args.proj_dim, seed=0, device=device)
             val_reference = reference.project(val_grads.to(device)).float().cpu()
-            for t in peer_targets:
-                transform = targets[t][0]
-                targets["ref " + t] = (lambda g, f=transform: reference.project(f(g).to(device)).float().cpu(), val_reference)
+            projected = (reference, {"ref " + t: targets[t][0] for t in peer_targets}, val_reference)
         chunk_rows = max(args.batch_size, (1 << 31) // (4 * grad_dim))  # ~2 GiB of float32 gradients at a time
-        exact_by = exact_scores(model, examples, pad_id, args.batch_size, device, targets, chunk_rows)
+        exact_by = exact_scores(model, examples, pad_id, args.batch_size, device, targets, chunk_rows, projected)
         names = {"less": "LESS Adam", "v": "bergson v-only", "adamw": "dattri AdamW"}
         print(
             f"agreement with exact unprojected scores ({n} samples, {len(val_examples)} GSM8K validation examples, "
@@ -1001,6 +1017,10 @@ def main() -> None:
             "samples_per_s_median": rate_median,
             "seconds": {row: seconds for row, (_, seconds) in timed.items()},
             "agreement": measured,
+            "peer_batches": {
+                row: {k: result[k] for k in ("fixed_s", "per_token_s", "first_batch_s", "batches", "dim")}
+                for row, result in peer_rows.items()
+            },
             "cosine_min": cosine_min,
             "exactness": exactness,
             "peak_mb": peak_mb,
