@@ -1,4 +1,4 @@
-"""Row (d) of benchmarks/gradients.py: EleutherAI bergson's per-sample gradient collection, with its own projection.
+"""Rows (d) of benchmarks/gradients.py: EleutherAI bergson's gradient collection, run as ``bergson build`` runs it.
 
 Runs in bergson's own virtual environment: it imports neither ``clusterucb`` nor anything from this repository.
 
@@ -7,39 +7,41 @@ Runs in bergson's own virtual environment: it imports neither ``clusterucb`` nor
     pip install bergson==2.5.1 torch==2.13.0 transformers peft safetensors numpy
     pip uninstall -y torchvision torchaudio         # bergson requires them but never imports them; their PyPI
                                                     # builds need CUDA torch, and transformers then fails to import
-    python benchmarks/bergson_row.py --model DIR --adapter DIR --examples FILE.json \
-        --proj-dim 8192 --batch-size 16 --threads 2 --out FILE.npz
+    python benchmarks/bergson_row.py --adapter DIR --examples FILE.json --optimizer-state optimizer.pt \
+        --configs global:tokens,per_module:tokens,global:8 --proj-dim 8192 --repeats 3 --threads 2 --out-dir DIR
 
-``--model``: a Hugging Face model directory; ``--adapter``: a PEFT LoRA adapter directory (``save_pretrained``);
-``--examples``: a JSON list of ``{"input_ids": [...], "labels": [...]}`` (labels -100 on prompt tokens, aligned
-with input_ids, unshifted). ``--out`` gets ``features`` (N, d) float32 in the order of the examples, ``seconds``
-(wall time of the timed collection over all N examples; model load and one untimed warm-up batch excluded),
-``samples``, ``losses`` (each example's mean token loss) and the settings. ``--val-examples`` (same format,
-optional): after the timed pass, untimed, their features with the same projection and without Adam (validation
-gradients are plain, as in LESS) go to ``val_features`` (M, d).
+``--adapter``: a PEFT LoRA adapter directory whose ``adapter_config.json`` names the base model directory (as
+``bergson build --model`` takes it); ``--examples``: a JSON list of ``{"input_ids": [...], "labels": [...]}``
+(labels -100 on prompt tokens, aligned with input_ids, unshifted): a pre-tokenized dataset, which bergson's
+data pipeline passes through untokenized (it only adds a ``length`` column: bergson/utils/worker_utils.py:426-443,
+done here the same way); ``--optimizer-state``: a ``torch.save``-d ``optimizer.state_dict()`` of AdamW over the
+LoRA weights (bergson's ``IndexConfig.optimizer_state``, read by its ``load_from_optimizer`` into one
+``AdamNormalizer`` per LoRA module; ``none``: no normaliser).
 
-What runs is bergson's own code: its model setup (``setup_model_and_peft``, copied because it wants the base-model
-path inside the adapter config: fp32, every weight frozen, only the input embeddings require grad so that the
-backward reaches its hooks), ``IndexConfig`` / ``GradientProcessor``, ``InMemoryCollector`` (its forward/backward
-hooks on the LoRA ``lora_A`` / ``lora_B`` linear modules, per-sample gradients from activations x output
-gradients) and ``CollectorComputer`` (its forward, loss and backward). Only the batching is ours: length-sorted
-chunks of ``--batch-size`` (as our ``length_batches``), where ``bergson build`` bin-packs by a token budget.
+Each configuration ``TARGET:BATCHING`` is bergson's own build path (bergson/build.py:84-117):
+``setup_model_and_peft`` (fp32), ``create_processor`` (the normalisers from the optimizer state),
+``allocate_batches`` (its bin-packing under a token budget, bergson/data.py:191-361) and ``collect_gradients``
+(its ``GradientCollector`` hooks, bergson/collection.py:26-45), which writes its on-disk index; the index is read
+back with ``load_gradients``. TARGET is ``projection_target``: ``per_module`` (bergson's default,
+bergson/config/config.py:643: per module a double-sided projection L G R^T, p^2 features per module, p =
+round(sqrt(proj_dim / modules)), so d = modules * p^2 is only close to ``--proj-dim``) or ``global`` (each
+module's flattened gradient times its own block of one [proj_dim, n] matrix, summed: one dense JL projection to
+``--proj-dim``). BATCHING is ``tokens`` (bergson's default, ``token_batch_size`` 2048: bergson/config/config.py:652,
+or ``--token-batch-size``) or a batch size b (``max_batch_size`` b with a token budget of b * the longest example,
+so that every batch but the last holds b examples). Loss: ``loss_reduction="mean"`` (each example's summed token
+cross-entropy over its label tokens divided by their count), ours; bergson's default is "sum" (config.py:674).
 
-Projection (``--target``):
-  global      bergson's ``projection_target="global"``: each LoRA module's flattened per-sample gradient times its
-              own [proj_dim, O*I] Rademacher block / sqrt(proj_dim), summed over modules: one dense JL projection
-              of the whole LoRA gradient to ``--proj-dim``, as LESS does. The blocks are regenerated (Philox, on the
-              CPU in numpy) on every batch, never cached.
-  per_module  bergson's default: per module a double-sided projection L G R^T with L [p, O], R [p, I], applied
-              to g and a before their outer product (G is never formed): p^2 features per module. p is chosen
-              as round(sqrt(proj_dim / modules)), so d = modules * p^2 is only close to ``--proj-dim``.
-Loss: bergson's ``loss_reduction="mean"`` (each example's summed token cross-entropy over its own label tokens
-divided by their count), which is ours; bergson's default is "sum".
-Adam (``--adam-v``): bergson's ``AdamNormalizer`` divides each gradient entry by sqrt(v) + 1e-8 with a fixed v
-(an optimizer's exp_avg_sq); it has no first moment and does not update v with the sample's gradient (LESS and
-ours do: m'/sqrt(v'+eps)). ``synthetic`` makes a random v for timing; a .safetensors file gives v per LoRA weight
-(keys: PeftModel parameter names, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``).
-With Adam, bergson forms every per-sample [O, I] gradient before projecting it.
+Timed, per repeat: the ``collect_gradients`` call alone (build.py:117), index writing included; a fresh processor
+per repeat, as a new ``bergson build`` would have, so per_module's projection matrices, which bergson caches
+per processor (bergson/collector/collector.py:360-376), are generated inside each timed run, and global's,
+which it never caches, inside every batch (collector.py:393-399 -> 1018-1020 -> 988-994). One untimed warm-up
+batch runs first. Each batch's wall time is recorded (the time between its collector's ``process_batch`` calls,
+collector.py:829), with its padded token count, for the fixed cost per batch.
+
+``--out-dir`` gets one ``TARGET_BATCHING.npz`` per configuration: ``features`` (N, d) float32 in the order of the
+examples, ``seconds`` (R,), ``batch_seconds`` (R, B), ``batch_sizes`` and ``batch_tokens`` (B,) in the order they
+ran, ``losses`` (each example's loss as bergson computed it), ``val_features`` with ``--val-examples`` (the same
+projection without a normaliser: validation gradients are plain, as in LESS; untimed) and the settings.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -59,154 +62,162 @@ import numpy as np
 import torch
 
 
-def load_model(model_dir: str, adapter_dir: str, device: str):
-    """bergson.utils.worker_utils.setup_model_and_peft for precision fp32 and a pretrained adapter."""
-    from bergson.utils.worker_utils import extract_peft_target_modules
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map=device)
-    model = PeftModel.from_pretrained(model, adapter_dir, device_map=device, autocast_adapter_dtype=False)
-    target_modules = extract_peft_target_modules(model)
-    model.requires_grad_(False)
-    model.get_input_embeddings().requires_grad_(True)
-    return model, target_modules
-
-
-def adam_normalizers(model, target_modules: set[str], spec: str) -> dict:
-    """bergson AdamNormalizers keyed by the collector's module names (relative to ``model.base_model``)."""
-    from bergson.gradients import AdamNormalizer
-
-    if spec == "none":
-        return {}
-    stored = None
-    if spec != "synthetic":
-        from safetensors.torch import load_file
-
-        stored = load_file(spec)
-    generator = torch.Generator().manual_seed(0)
-    normalizers = {}
-    for name, param in model.named_parameters():
-        module = name.removeprefix("base_model.").removesuffix(".weight")
-        if module not in target_modules:
-            continue
-        if stored is None:  # a plausible late-training scale of squared LoRA gradients
-            v = torch.rand(param.shape, generator=generator) * 1e-6 + 1e-9
-        else:
-            v = stored[name] if name in stored else stored[module]
-        normalizers[module] = AdamNormalizer(weight_avg_sq=v.to(param.device, torch.float32).reshape(param.shape))
-    return normalizers
-
-
-def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices sorted longest first, in chunks of ``batch_size``."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def parse_configs(text: str) -> list[tuple[str, str]]:
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        target, _, batching = item.partition(":")
+        if target not in ("global", "per_module") or not (batching == "tokens" or batching.isdigit()):
+            raise SystemExit(f"--configs: {item!r} is not global|per_module:tokens|N")
+        out.append((target, batching))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--adapter", required=True, help="PEFT adapter directory; its config names the base model")
     parser.add_argument("--examples", required=True, type=Path)
-    parser.add_argument("--val-examples", type=Path, help="optional: featurized after the timed pass (untimed, no Adam) into val_features")
+    parser.add_argument("--val-examples", type=Path, help="optional: featurized after the timed runs (untimed, no normaliser)")
+    parser.add_argument("--optimizer-state", default="none", help="optimizer.pt (AdamW state_dict over the LoRA weights) or none")
+    parser.add_argument("--configs", default="global:tokens,per_module:tokens")
     parser.add_argument("--proj-dim", type=int, default=8192)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--target", choices=["global", "per_module"], default="global")
+    parser.add_argument("--token-batch-size", type=int, default=2048, help="bergson's token_batch_size for 'tokens' batching")
     parser.add_argument("--projection", choices=["rademacher", "normal"], default="rademacher")
-    parser.add_argument("--loss-reduction", choices=["mean", "sum"], default="mean")
-    parser.add_argument("--adam-v", default="none", help="none | synthetic | FILE.safetensors of exp_avg_sq per LoRA weight")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out-dir", required=True, type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    configs = parse_configs(args.configs)
 
     import bergson
-    from bergson import GradientProcessor, IndexConfig, InMemoryCollector
-    from bergson.collector.collector import CollectorComputer
-    from datasets import Dataset
+    from bergson import IndexConfig, PreprocessConfig, collect_gradients, load_gradients
+    from bergson.collector.gradient_collectors import GradientCollector
+    from bergson.data import allocate_batches
+    from bergson.utils.worker_utils import create_processor, setup_model_and_peft
+    from datasets import Dataset, load_from_disk
 
-    logging.getLogger("CollectorComputer").addFilter(lambda record: record.levelno >= logging.WARNING)  # per-run module lists
+    logging.getLogger("CollectorComputer").addFilter(lambda record: record.levelno >= logging.WARNING)
 
-    def dataset(path: Path) -> tuple[list[dict], Dataset, list[list[int]]]:
+    def dataset(path: Path) -> Dataset:
         rows = json.loads(path.read_text())
-        data = Dataset.from_dict({"input_ids": [e["input_ids"] for e in rows], "labels": [e["labels"] for e in rows]})
-        return rows, data, length_batches([len(e["input_ids"]) for e in rows], args.batch_size)
+        ids = [e["input_ids"] for e in rows]
+        return Dataset.from_dict({"input_ids": ids, "labels": [e["labels"] for e in rows], "length": [len(i) for i in ids]})
 
-    examples, data, batches = dataset(args.examples)
+    data = dataset(args.examples)
+    val = dataset(args.val_examples) if args.val_examples else None
+    longest = max(data["length"])
 
-    model, target_modules = load_model(args.model, args.adapter, args.device)
-    modules = len(target_modules)
-    if args.target == "global":
-        projection_dim, feature_dim = args.proj_dim, args.proj_dim
-    else:
-        projection_dim = max(1, round(math.sqrt(args.proj_dim / modules)))
-        feature_dim = modules * projection_dim**2
+    stamps: list[tuple[float, int]] = []
+    process_batch = GradientCollector.process_batch
 
-    with tempfile.TemporaryDirectory() as tmp:  # CollectorComputer saves a token count under the run path
-        cfg = IndexConfig(
-            run_path=str(Path(tmp) / "run"),
-            projection_dim=projection_dim,
+    def timed_process_batch(self, indices, **kwargs):  # each batch's end, after its forward and backward
+        process_batch(self, indices, **kwargs)
+        stamps.append((time.perf_counter(), len(indices)))
+
+    GradientCollector.process_batch = timed_process_batch
+
+    work = Path(tempfile.mkdtemp(prefix="bergson-row-"))
+    runs = iter(range(1 << 30))
+    model = target_modules = None
+
+    def index_config(target: str, batching: str, optimizer_state: str) -> IndexConfig:
+        if batching == "tokens":
+            budget, cap = args.token_batch_size, None
+        else:
+            budget, cap = int(batching) * longest, int(batching)
+        return IndexConfig(
+            run_path=str(work / f"run{next(runs)}"),
+            model=args.adapter,
+            precision="fp32",
+            projection_dim=projection_dims[target],
             projection_type=args.projection,
-            projection_target=args.target,
-            loss_reduction=args.loss_reduction,
+            projection_target=target,
+            loss_reduction="mean",
+            token_batch_size=budget,
+            max_batch_size=cap,
+            optimizer_state="" if optimizer_state == "none" else optimizer_state,
         )
+
+    def build(cfg: IndexConfig, ds: Dataset) -> tuple[np.ndarray, np.ndarray, float, list[list[int]], float]:
+        """bergson/build.py's build_worker minus its process launch: features, losses, seconds, batches, start."""
         cfg.partial_run_path.mkdir(parents=True)
-
-        def make_processor(normalizers: dict):
-            return GradientProcessor(
-                normalizers, projection_dim=projection_dim, projection_type=args.projection, projection_target=args.target
-            )
-
-        processor = make_processor(adam_normalizers(model, target_modules, args.adam_v))
-
-        def collect(batch_list, data=data, processor=processor):
-            collector = InMemoryCollector(model=model.base_model, cfg=cfg, processor=processor, target_modules=target_modules, data=data)
-            computer = CollectorComputer(model=model, data=data, collector=collector, batches=batch_list, cfg=cfg)
-            computer.run_with_collector_hooks(desc="bergson")
-            return collector
-
-        collect(batches[:1])  # warm-up: caches per-module projection matrices (global ones are never cached)
-        if args.device.startswith("cuda"):
+        processor = create_processor(model, cfg, target_modules)
+        batches = allocate_batches(ds["length"][:], cfg.token_batch_size, max_batch_size=cfg.max_batch_size)
+        stamps.clear()
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        collector = collect(batches)
-        if args.device.startswith("cuda"):
+        collect_gradients(
+            model=model,
+            data=ds,
+            processor=processor,
+            cfg=cfg,
+            batches=batches,
+            target_modules=target_modules,
+            attention_cfgs={},
+            preprocess_cfg=PreprocessConfig(),
+        )
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        extra = {}
-        if args.val_examples is not None:  # untimed; the projection matrices depend only on module names and seed
-            val_rows, val_data, val_batches = dataset(args.val_examples)
-            val = collect(val_batches, val_data, make_processor({}))
-            extra["val_features"] = torch.cat([val.gradients[name].float() for name in val.shapes()], dim=1).numpy().astype(np.float32)
-            assert extra["val_features"].shape == (len(val_rows), feature_dim), (extra["val_features"].shape, feature_dim)
+        features = np.asarray(load_gradients(cfg.partial_run_path), dtype=np.float32).copy()
+        losses = np.asarray(load_from_disk(str(cfg.partial_run_path / "data.hf"))["loss"], dtype=np.float32)
+        shutil.rmtree(cfg.partial_run_path)
+        return features, losses, seconds, [*batches], start
 
-    features = torch.cat([collector.gradients[name].float() for name in collector.shapes()], dim=1).numpy()
-    assert features.shape == (len(examples), feature_dim), (features.shape, feature_dim)
-    losses = collector.per_doc_losses.float().cpu().numpy()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        args.out,
-        features=features.astype(np.float32),
-        seconds=np.float64(seconds),
-        samples=np.int64(len(examples)),
-        losses=losses,
-        threads=np.int64(args.threads),
-        batch_size=np.int64(args.batch_size),
-        target=args.target,
-        projection=args.projection,
-        projection_dim=np.int64(projection_dim),
-        modules=np.int64(modules),
-        adam=args.adam_v if args.adam_v in ("none", "synthetic") else "file",
-        bergson_version=bergson.__version__,
-        **extra,
-    )
-    print(
-        f"bergson {bergson.__version__} {args.target} d={feature_dim} ({modules} LoRA modules) adam={args.adam_v if args.adam_v in ('none', 'synthetic') else 'v from file'}: "
-        f"{len(examples)} samples in {seconds:.2f}s = {len(examples) / seconds:.2f} samples/s "
-        f"(batch {args.batch_size}, {args.threads} threads, {args.device})"
-    )
+    # the number of LoRA modules fixes per_module's p; found from the model bergson loads
+    projection_dims = {"global": args.proj_dim, "per_module": 1}
+    model, target_modules = setup_model_and_peft(index_config(*configs[0], "none"))
+    modules = len(target_modules)
+    projection_dims["per_module"] = max(1, round(math.sqrt(args.proj_dim / modules)))
+    feature_dims = {"global": args.proj_dim, "per_module": modules * projection_dims["per_module"] ** 2}
+
+    warm = index_config("per_module", "tokens", args.optimizer_state)  # kernels and allocator, untimed
+    build(warm, data.select([int(np.argmax(data["length"]))]))
+
+    val_features = {}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for target, batching in configs:
+        seconds, batch_seconds = [], []
+        for _ in range(args.repeats):
+            cfg = index_config(target, batching, args.optimizer_state)
+            features, losses, took, batches, start = build(cfg, data)
+            ends = [t for t, _ in stamps]
+            assert len(ends) == len(batches), (len(ends), len(batches))
+            seconds.append(took)
+            batch_seconds.append(np.diff([start, *ends]))
+        if val is not None and target not in val_features:
+            val_features[target] = build(index_config(target, batching, "none"), val)[0]
+        assert features.shape == (len(data), feature_dims[target]), (features.shape, feature_dims[target])
+        lengths = data["length"]
+        name = f"{target}_{batching}"
+        np.savez(
+            args.out_dir / f"{name}.npz",
+            features=features,
+            seconds=np.array(seconds),
+            batch_seconds=np.array(batch_seconds),
+            batch_sizes=np.array([len(b) for b in batches]),
+            batch_tokens=np.array([len(b) * max(lengths[i] for i in b) for b in batches]),
+            losses=losses,
+            samples=np.int64(len(data)),
+            target=target,
+            batching=batching,
+            token_batch_size=np.int64(cfg.token_batch_size),
+            projection=args.projection,
+            projection_dim=np.int64(projection_dims[target]),
+            modules=np.int64(modules),
+            threads=np.int64(args.threads),
+            adam="none" if args.optimizer_state == "none" else "optimizer_state",
+            bergson_version=bergson.__version__,
+            **({"val_features": val_features[target]} if target in val_features else {}),
+        )
+        print(
+            f"bergson {bergson.__version__} {target} d={feature_dims[target]} ({modules} LoRA modules) batching={batching} "
+            f"({len(batches)} batches): {len(data)} samples in min {min(seconds):.2f} s, median {float(np.median(seconds)):.2f} s "
+            f"over {len(seconds)} runs ({args.threads} threads)",
+            flush=True,
+        )
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

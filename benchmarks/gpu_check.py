@@ -269,6 +269,8 @@ def benchmark(run: Run, device: str, datasets: Path, dtype: str, model: str) -> 
         "0",
         "--save-features",
         str(saved),
+        "--repeats",  # one timed run a row, as before gradients.py repeated them: the check's time limits
+        "1",
     ]
     if run.args.quick:
         sizes = [

@@ -1,15 +1,16 @@
-"""Per-sample gradient features six ways, on the same model and the same real pool samples.
+"""Per-sample gradient features, ours and the peers', on the same model and the same real pool samples.
 
     python benchmarks/gradients.py                                    # tiny default model (random init), 128 samples
-    python benchmarks/gradients.py --samples 32 --quality no          # a quick check
-    python benchmarks/gradients.py --model smollm2 --rank 128 --samples 16 --bergson-max-seconds 3000  # every row: 73 min on 2 CPU cores
-    python benchmarks/gradients.py --model smollm2 --rank 128 --samples 96 --rows c,c-dense --agreement yes --val 8  # agreement, a subset
+    python benchmarks/gradients.py --samples 16 --rows a-sjlt,b,c --quality no --agreement no   # a quick check
+    python benchmarks/gradients.py --model smollm2 --rank 128 --samples 16 --rows b,c,c-dense,d,e \\
+        --bergson-configs global:16,per_module:tokens,per_module:4,per_module:8,per_module:16 --bergson-max-seconds 20000
     python benchmarks/gradients.py --device cuda --batch-size 32 --model DIR --random-init   # a GPU; DIR: config + tokenizer only
-    python benchmarks/gradients.py --device cuda --model DIR --random-init --base-dtype bfloat16 --rows a,a-sjlt,b,c,c-dense \
-        --less-projector ours --save-features out.pt                 # what benchmarks/gpu_check.py runs (nothing off the machine)
+    python benchmarks/gradients.py --device cuda --model DIR --random-init --base-dtype bfloat16 --rows a,a-sjlt,b,c,c-dense \\
+        --less-projector ours --save-features out.pt --repeats 1     # what benchmarks/gpu_check.py runs (nothing off the machine)
 
-Every row runs on the same ``--samples`` pool samples (default 128: at the tiny model's ~3.5 samples/s (a)
-takes well under a minute on 2 cores), each with one untimed warm-up, and its clock covers only its own work:
+Every row runs on the same ``--samples`` pool samples, each timed ``--repeats`` times (default 3; min and
+median reported, ratios from the fastest run), ours after one untimed warm-up, and its clock covers only its
+own work:
 
 (a)       the LESS way (LESS's collect_grads): batch size 1, ``loss.backward()``, flatten every LoRA
           gradient, Adam transform, dense Rademacher projection to ``--proj-dim`` every ``--less-interval``
@@ -23,16 +24,24 @@ takes well under a minute on 2 cores), each with one untimed warm-up, and its cl
 (c-dense) the same featurizer with our dense ``RademacherProjector``, as the workflow's ``projector:
           rademacher`` (its 2 GiB cache holds the whole matrix of a small LoRA, filled in the warm-up; a
           larger one is regenerated every batch, e.g. SmolLM2 r=128: 14.7M x 8192, 1-3.5 min a batch on 2 cores);
-(d)       EleutherAI bergson 2.5.1 (``benchmarks/bergson_row.py``, run by ``--bergson-python``, default
-          .venv-bergson/bin/python, made as that file says; missing, it is an error): its hooks and its global dense Rademacher projection to
-          ``--proj-dim``, with its Adam, which divides by sqrt(v) + 1e-8 of the same AdamW state (no first
-          moment, no update by the sample's gradient: not the LESS transform). The benchmark writes the base
-          model, the adapter and the examples for it. Skipped, with the reason and speedup_vs_bergson=nan, when
-          the run fails, or when on the CPU its projection, regenerated every batch (about
-          870 s per batch for SmolLM2 r=128 at d=8192), is estimated over ``--bergson-max-seconds``.
-``--rows`` picks rows (default all). On SmolLM2 r=128 on the CPU, (a) and (c-dense) generate the dense
-14.7M x 8192 matrix N/16 and N/8 times (trak's BasicProjector: 23-35 min each time on 2 cores; ours: 1-3.5 min),
-and (d), ~870 s a batch, is skipped unless ``--bergson-max-seconds`` allows it.
+(d) TARGET/BATCHING: EleutherAI bergson 2.5.1 as ``bergson build`` runs it (``benchmarks/bergson_row.py``, in
+          its own venv, ``--bergson-python``, default .venv-bergson/bin/python, made as that file says; missing,
+          it is an error), one row per ``--bergson-configs`` item: its ``global`` or ``per_module`` (its
+          default) projection, its token-budget batching (``tokens``, 2048: its default) or a fixed batch size,
+          its Adam normaliser loaded from our AdamW ``state_dict()`` (g / (sqrt(v) + 1e-8): no first moment,
+          no update by the sample's gradient; not the LESS transform). On the CPU a ``global`` configuration
+          is skipped, with the reason, when its projection matrix, regenerated in every batch (~870 s a batch
+          for SmolLM2 r=128 at d = 8192), is estimated to take longer than ``--bergson-max-seconds`` in all;
+(e) STYLE/BATCH: dattri-llm 0.1.0's optimizer-aware capture (``benchmarks/dattri_row.py``, its own venv,
+          ``--dattri-python``): ``HookManager(optimizer=AdamW with our state)`` on the LoRA linears, ``dense``
+          (materialize, precondition, project per layer with dattri's random_project) or ``mask`` (keep random
+          coordinates), one row per ``--dattri-configs`` item. Its map is AdamW's update direction, bias-
+          corrected, m_hat / (sqrt(v_hat) + eps): LESS's with eps outside the square root.
+``--rows`` picks rows (default all; ``d`` and ``e`` stand for all their configurations). The benchmark writes
+the base model, the adapter, the examples and ``optimizer.pt`` for the peers (``--peer-dir`` keeps them).
+Each peer row also gets its fixed cost per batch: the intercept of a least-squares line of its batches'
+seconds against their padded tokens (``peers.fixed_cost``).
+
 On a GPU a line (c') gives (c) without PyTorch's deterministic algorithms (atomic sjlt bucket sums and
 attention backward; run-to-run varying): the price of bit-repeatable features. ``--base-dtype bfloat16`` loads
 the frozen base in bfloat16 (LoRA, AdamW state and the per-sample sums stay float32, as the workflow's
@@ -42,21 +51,30 @@ device's peak memory (torch.save), for comparisons across runs (bf16 against fp3
 Exactness (min cosine over the samples): (c) against an unfused reference with the same SJLTProjector
 (``PerSampleLoraGradients``, then Adam, then ``project``) and against (a-sjlt) (batch-1 backward, same
 projector); (c-dense) against (a) (the same dense matrix when (a) uses ours; with trak, (a)'s own
-batch-1 Adam gradients are also put through (c-dense)'s projector, untimed).
+batch-1 Adam gradients are also put through (c-dense)'s projector, untimed). For LoRAs of <= 2M parameters
+also each peer row against exact batch-1 gradients through the peer's own normaliser and projection
+(``benchmarks/_bergson_check.py``; ``dattri_row.py --check``).
 
 Agreement (``--agreement``, auto when the LoRA has <= 2M parameters): influence scores as the workflow's
 ``influence_scores`` (mean cosine of unit features with the ``--val`` GSM8K validation features, plain
 gradients, no Adam), top-5 % overlap and Spearman against the exact unprojected scores of the same
-gradients: the LESS Adam transform for (a), (c), (c-dense); for (d) both against its own target (the
-v-only transform, so its projection's loss alone) and against the LESS target; a "ref" line puts d's
-exact target through our dense projector (what any dense projection to d loses on that target), and an
-"exact" line compares the v-only target's exact scores with the LESS target's (its Adam, before any
-projection).
+gradients under each row's own transform (the projection's loss alone: the LESS Adam transform for (a),
+(a-sjlt), (c), (c-dense); bergson's v-only one for (d); dattri's AdamW direction for (e)) and against the
+LESS target. The like-for-like headlines compare agreement with the own target.
 
 Projector quality (``--quality``, auto when <= 2M LoRA parameters; untimed): exact gradients of the
 first ``--quality-samples`` pool samples (a larger set) through fresh rademacher and sjlt projectors at
-d = 8192 and 1024. The last line is
-``speedup_vs_less=<c/a> speedup_vs_bergson=<c/d> floor_fraction=<c/b> cosine_min=<smallest exactness cosine>``.
+d = 8192 and 1024.
+
+Headlines (rates from each row's fastest run): ``speedup_vs_bergson`` is (c) over the fastest (d)
+configuration whose Spearman is within 0.02 of (c)'s (or better; ``peers.pick_reference``: without agreement
+the fastest of all, a lower bound); ``speedup_vs_bergson_default`` (c) over (d) per_module/tokens;
+``dense_vs_dense`` (c-dense) over the fastest qualifying (d) global configuration; ``sparse_vs_sparse`` is
+nan: bergson has no sparse projection; ``speedup_vs_dattri`` and ``dense_vs_dattri_dense`` likewise against
+(e). The last line is
+``speedup_vs_less=<c/a> speedup_vs_bergson=<c/d*> floor_fraction=<c/b> cosine_min=<smallest exactness cosine>
+speedup_vs_bergson_default=<c/d per_module/tokens> dense_vs_dense=<c-dense/d global*> sparse_vs_sparse=nan
+speedup_vs_dattri=<c/e*> dense_vs_dattri_dense=<c-dense/e dense*>``.
 """
 
 from __future__ import annotations
@@ -71,6 +89,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import peers
 import torch
 import torch.nn.functional as F
 
@@ -101,11 +120,17 @@ SOURCES = [
     ("alpaca", "gpteacher/codegen-instruct.json.gz"),
     ("flan_cot", "flan_v2_cot/ecqa_train.tsv.gz"),
 ]
-ROWS = ("a", "a-sjlt", "b", "c", "c-dense", "d")
+ROWS = ("a", "a-sjlt", "b", "c", "c-dense", "d", "e")
+OURS = ("a", "a-sjlt", "b", "c", "c'", "c-dense")
+BERGSON_TARGETS = ("global", "per_module")
+DATTRI_STYLES = ("dense", "mask")
+BERGSON_CONFIGS = "global:tokens,global:4,global:8,global:16,per_module:tokens,per_module:4,per_module:8,per_module:16"
+DATTRI_CONFIGS = "dense:4,dense:8,dense:16,mask:8"
 # Entries of its dense global projection bergson generates per second on 2 CPU cores: ~870 s per batch
 # for SmolLM2-135M r=128 (14.7M LoRA parameters) at d = 8192, measured with benchmarks/bergson_row.py.
 BERGSON_CPU_ENTRIES_PER_S = 14.7e6 * 8192 / 870
-BERGSON_EPS = 1e-8  # bergson's AdamNormalizer: g / (sqrt(v) + 1e-8)
+BERGSON_EPS = 1e-8  # bergson's AdamNormalizer: g / (sqrt(v) + 1e-8), bergson/gradients.py:496-499
+SMALL_LORA = 2_000_000  # parameters: agreement, quality and the peers' exactness checks run by default up to here
 
 
 def pool_conversations(datasets: Path, n: int, seed: int) -> list[list[dict]]:
@@ -158,12 +183,13 @@ class Clock:
         self.seconds += time.perf_counter() - self._since
 
 
-def adam_state_after_steps(model, examples, pad_id: int, device, steps: int = 2) -> AdamState:
-    """Real AdamW moments: a couple of steps on the pool, then the state in gradient order."""
+def adam_state_after_steps(model, examples, pad_id: int, device, steps: int = 2) -> tuple[AdamState, dict]:
+    """Real AdamW moments: a couple of steps on the pool, then the state in gradient order, and the optimizer's
+    ``state_dict()`` (what a user hands bergson as ``optimizer_state`` and dattri-llm as its optimizer)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     for step in range(steps):
-        batch = examples[step * 4 : step * 4 + 4]
+        batch = [examples[(step * 4 + i) % len(examples)] for i in range(min(4, len(examples)))]  # the same as before for >= 8
         model(**dict(zip(("input_ids", "attention_mask", "labels"), pad_batch(batch, pad_id, device)))).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -171,13 +197,14 @@ def adam_state_after_steps(model, examples, pad_id: int, device, steps: int = 2)
     by_name = dict(model.named_parameters())
     state = optimizer.state
     group = optimizer.param_groups[0]
-    return AdamState(
+    adam = AdamState(
         torch.cat([state[by_name[n]]["exp_avg"].flatten() for n in names]),
         torch.cat([state[by_name[n]]["exp_avg_sq"].flatten() for n in names]),
         group["betas"][0],
         group["betas"][1],
         group["eps"],
     )
+    return adam, optimizer.state_dict()
 
 
 class LessProjector:
@@ -307,16 +334,31 @@ def scores(train: torch.Tensor, val: torch.Tensor) -> np.ndarray:
 
 
 def exact_scores(
-    model, examples, pad_id: int, batch_size: int, device: torch.device, targets: dict, chunk_rows: int
+    model, examples, pad_id: int, batch_size: int, device: torch.device, targets: dict, chunk_rows: int, projected: tuple | None = None
 ) -> dict[str, np.ndarray]:
     """Influence scores of exact per-sample gradients under each named ``(transform, validation features)``,
     ``chunk_rows`` samples at a time: the N x p gradients of a large LoRA (96 x 14.7M floats for SmolLM2
-    r=128, 5.7 GB, times the copies the transforms make) need not fit in memory; scores are per row."""
+    r=128, 5.7 GB, times the copies the transforms make) need not fit in memory; scores are per row.
+
+    ``projected``: ``(projector, {name: transform}, projected validation features)``: those targets are also
+    put through ``projector``, all in one call a chunk (an uncached dense matrix is generated once, not once
+    per target)."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in targets}
+    if projected is not None:
+        parts.update({name: [] for name in projected[1]})
     for start in range(0, len(examples), chunk_rows):
         grads = per_sample(model, examples[start : start + chunk_rows], pad_id, batch_size, device, lambda g: g)
         for name, (transform, val) in targets.items():
             parts[name].append(scores(transform(grads), val))
+        if projected is not None:
+            projector, transforms, val = projected
+            stacked = torch.empty(len(transforms) * len(grads), grads.shape[1], device=device)  # no second copy
+            for i, transform in enumerate(transforms.values()):
+                stacked[i * len(grads) : (i + 1) * len(grads)] = transform(grads)
+            rows = projector.project(stacked)
+            del stacked
+            for name, block in zip(transforms, rows.float().cpu().split(len(grads))):
+                parts[name].append(scores(block, val))
         del grads
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
@@ -333,81 +375,233 @@ def min_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(F.cosine_similarity(x.double(), y.double(), dim=1).min())
 
 
-def bergson_row(
-    args, work: Path, base_dir: Path | None, model, examples, val_examples, adam: AdamPreconditioner, grad_dim: int, device
-) -> dict:
-    """(d): benchmarks/bergson_row.py in bergson's venv on files written here; ``reason`` when it cannot run."""
-    python = Path(args.bergson_python)
-    if base_dir is None:
-        return {"reason": "the base model could not be saved for it"}
-    if not (python.is_file() and os.access(python, os.X_OK)):
-        # A named reference that is not installed is refused, never skipped (only a model it cannot run on is).
-        raise SystemExit(
-            f"row (d): no bergson python at {python}; create its venv as benchmarks/bergson_row.py says "
-            "(or pass --bergson-python, or leave d out of --rows)"
-        )
-    batches = math.ceil(len(examples) / args.batch_size) + 1 + (math.ceil(len(val_examples) / args.batch_size) if val_examples else 0)
-    estimate = batches * grad_dim * args.proj_dim / BERGSON_CPU_ENTRIES_PER_S
-    if device.type == "cpu" and estimate > args.bergson_max_seconds:
-        return {
-            "reason": f"its dense global projection ({grad_dim:,} x {args.proj_dim}, regenerated for each of {batches} batches) "
-            f"would take ~{estimate:.0f} s on the CPU > --bergson-max-seconds {args.bergson_max_seconds:g}"
-        }
+def dattri_direction(state: AdamState, step: int):
+    """dattri-llm's AdamW map of a per-sample gradient (dattri_llm/gradient/ops/optimizer.py:81-96): the moments
+    advanced by the sample, bias-corrected for update ``step``, m_hat / (sqrt(v_hat) + eps)."""
+    b1, b2 = state.beta1, state.beta2
+
+    def transform(g: torch.Tensor) -> torch.Tensor:
+        m = b1 * state.exp_avg.to(g.device) + (1 - b1) * g
+        v = b2 * state.exp_avg_sq.to(g.device) + (1 - b2) * g * g
+        return (m / (1 - b1**step)) / (v.sqrt() / math.sqrt(1 - b2**step) + state.eps)
+
+    return transform
+
+
+def on_cpu(value):
+    """An optimizer ``state_dict()`` with every tensor on the CPU (``torch.save`` for the peers)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(on_cpu(v) for v in value)
+    return value
+
+
+def write_peer_inputs(work: Path, base_dir: Path, model, examples, val_examples, optimizer_state: dict) -> dict[str, Path | None]:
+    """What a peer's user would have: the base model (``base_dir``, written already), the adapter whose config
+    names it (as ``bergson build --model ADAPTER`` finds its base), tokenized examples and ``optimizer.pt``."""
     adapter = work / "adapter"
     model.save_pretrained(str(adapter))
-    v_file = "none"
-    if args.bergson_adam == "v":  # our AdamW exp_avg_sq, per LoRA weight under its PeftModel name
-        from safetensors.torch import save_file
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = str(base_dir)
+    config_path.write_text(json.dumps(config, indent=2))
+    paths: dict[str, Path | None] = {"adapter": adapter, "val": None}
+    for name, rows in (("examples", examples), ("val", val_examples)):
+        if rows:
+            paths[name] = work / f"{name}.json"
+            paths[name].write_text(
+                json.dumps([{"input_ids": list(map(int, e["input_ids"])), "labels": list(map(int, e["labels"]))} for e in rows])
+            )
+    paths["optimizer"] = work / "optimizer.pt"
+    torch.save(on_cpu(optimizer_state), paths["optimizer"])
+    return paths
 
-        tensors, offset = {}, 0
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                tensors[name] = adam.state.exp_avg_sq[offset : offset + param.numel()].reshape(param.shape).float().cpu().contiguous()
-                offset += param.numel()
-        v_file = str(work / "exp_avg_sq.safetensors")
-        save_file(tensors, v_file)
-    for name, rows in (("examples", examples), ("val", val_examples or [])):
-        (work / f"{name}.json").write_text(
-            json.dumps([{"input_ids": list(map(int, e["input_ids"])), "labels": list(map(int, e["labels"]))} for e in rows])
-        )
-    out = work / "bergson.npz"
+
+def peer_python(path: str, row: str) -> Path:
+    python = Path(path)
+    if not (python.is_file() and os.access(python, os.X_OK)):
+        # A named reference that is not installed is refused, never skipped (only a model it cannot run on is).
+        script = "bergson_row.py" if row == "d" else "dattri_row.py"
+        raise SystemExit(f"row ({row}): no python at {python}; create its venv as benchmarks/{script} says (or leave {row} out of --rows)")
+    return python
+
+
+def run_peer(command: list[str], device: torch.device, prefix: str) -> str | None:
+    """Run a peer's script in its own venv, echoing its summary lines; the reason when it fails."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env["TQDM_DISABLE"] = "1"
+    if device.type == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith(prefix):
+                print(f"    {line.rstrip()}", flush=True)
+        proc.wait()
+        if proc.returncode != 0:
+            errors.seek(0)
+            tail = " | ".join((errors.read() or "\n".join(lines)).strip().splitlines()[-3:])
+            return f"{Path(command[1]).name} exited {proc.returncode}: {tail}"
+    return None
+
+
+def peer_result(path: Path, samples: int) -> dict:
+    run = np.load(path)
+    tokens = np.tile(run["batch_tokens"], len(run["seconds"])).tolist()
+    fixed, per_token = peers.fixed_cost(tokens, np.asarray(run["batch_seconds"]).ravel().tolist())
+    assert run["features"].shape[0] == samples, (path, run["features"].shape)
+    return {
+        "features": F.normalize(torch.from_numpy(run["features"]).float(), dim=1),
+        "val": torch.from_numpy(run["val_features"]).float() if "val_features" in run.files else None,
+        "seconds": np.asarray(run["seconds"]).tolist(),
+        "batches": len(run["batch_sizes"]),
+        "fixed_s": fixed,
+        "per_token_s": per_token,
+        "first_batch_s": float(run["first_batch_seconds"]) if "first_batch_seconds" in run.files else math.nan,
+        "exact_cosine": float(run["exact_cosine"]) if "exact_cosine" in run.files else None,
+        "dim": int(run["features"].shape[1]),
+    }
+
+
+def bergson_rows(args, work: Path, inputs: dict, grad_dim: int, lengths: list[int], device: torch.device) -> tuple[dict, list]:
+    """Rows (d): benchmarks/bergson_row.py in bergson's venv; global configurations it cannot finish in
+    ``--bergson-max-seconds`` on the CPU are left out with the reason."""
+    python = peer_python(args.bergson_python, "d")
+    configs = peers.parse_configs(args.bergson_configs, BERGSON_TARGETS)
+    runnable, skipped = [], {}
+    val_batches = math.ceil(args.val / 16) if inputs["val"] else 0
+    for config in configs:
+        budget = args.bergson_token_batch_size if config.batch_size is None else config.batch_size * max(lengths)
+        batches = len(peers.token_batches(lengths, budget, config.batch_size))
+        if config.target == "global":
+            estimate = (args.repeats * batches + val_batches) * grad_dim * args.proj_dim / BERGSON_CPU_ENTRIES_PER_S
+            print(f"    (d {config.name}) {batches} batches a run: its projection ~{estimate:.0f} s on 2 CPU cores", flush=True)
+            if device.type == "cpu" and estimate > args.bergson_max_seconds:
+                skipped[config.name] = (
+                    f"its dense global projection ({grad_dim:,} x {args.proj_dim}, regenerated for each of {batches} batches, "
+                    f"{args.repeats} runs) would take ~{estimate:.0f} s on the CPU > --bergson-max-seconds {args.bergson_max_seconds:g}"
+                )
+                continue
+        runnable.append(config)
+    rows = {}
+    if runnable:
+        out = work / "bergson"
+        command = [
+            str(python),
+            str(REPO / "benchmarks" / "bergson_row.py"),
+            "--adapter",
+            str(inputs["adapter"]),
+            "--examples",
+            str(inputs["examples"]),
+            "--optimizer-state",
+            str(inputs["optimizer"]) if args.bergson_adam == "v" else "none",
+            "--configs",
+            ",".join(f"{c.target}:{c.batching}" for c in runnable),
+            "--proj-dim",
+            str(args.proj_dim),
+            "--token-batch-size",
+            str(args.bergson_token_batch_size),
+            "--repeats",
+            str(args.repeats),
+            "--threads",
+            str(args.threads),
+            "--out-dir",
+            str(out),
+        ]
+        if inputs["val"]:
+            command += ["--val-examples", str(inputs["val"])]
+        reason = run_peer(command, device, "bergson ")
+        if reason:
+            skipped.update({c.name: reason for c in runnable})
+        else:
+            for config in runnable:
+                rows[f"d {config.name}"] = peer_result(out / f"{config.target}_{config.batching}.npz", len(lengths))
+                rows[f"d {config.name}"]["what"] = (
+                    f"bergson {config.target} projection, {'token budget ' + str(args.bergson_token_batch_size) if config.batch_size is None else f'batch {config.batch_size}'}, "
+                    f"adam={'v-only' if args.bergson_adam == 'v' else 'none'}"
+                )
+    return rows, [(f"d {name}", reason) for name, reason in skipped.items()]
+
+
+def dattri_rows(args, work: Path, inputs: dict, grad_dim: int, samples: int, device: torch.device) -> tuple[dict, list]:
+    """Rows (e): benchmarks/dattri_row.py in dattri-llm's venv."""
+    python = peer_python(args.dattri_python, "e")
+    configs = peers.parse_configs(args.dattri_configs, DATTRI_STYLES)
+    if any(c.batch_size is None for c in configs):
+        raise SystemExit("--dattri-configs: dattri-llm batches as its caller does: give a batch size, not 'tokens'")
+    out = work / "dattri"
     command = [
         str(python),
-        str(REPO / "benchmarks" / "bergson_row.py"),
-        "--model",
-        str(base_dir),
+        str(REPO / "benchmarks" / "dattri_row.py"),
         "--adapter",
-        str(adapter),
+        str(inputs["adapter"]),
         "--examples",
-        str(work / "examples.json"),
+        str(inputs["examples"]),
+        "--optimizer-state",
+        str(inputs["optimizer"]),
+        "--configs",
+        ",".join(f"{c.target}:{c.batching}" for c in configs),
         "--proj-dim",
         str(args.proj_dim),
-        "--batch-size",
-        str(args.batch_size),
+        "--repeats",
+        str(args.repeats),
         "--threads",
         str(args.threads),
         "--device",
         str(device),
-        "--adam-v",
-        v_file,
-        "--out",
+        "--out-dir",
         str(out),
     ]
-    if val_examples:
-        command += ["--val-examples", str(work / "val.json")]
+    if inputs["val"]:
+        command += ["--val-examples", str(inputs["val"])]
+    if grad_dim <= SMALL_LORA:
+        command.append("--check")
+    reason = run_peer(command, device, "dattri-llm ")
+    if reason:
+        return {}, [(f"e {c.name}", reason) for c in configs]
+    rows = {}
+    for config in configs:
+        rows[f"e {config.name}"] = peer_result(out / f"{config.target}_{config.batching}.npz", samples)
+        what = "dense: materialize, precondition, project per layer" if config.target == "dense" else "mask: random coordinates"
+        rows[f"e {config.name}"]["what"] = f"dattri-llm {what}, batch {config.batch_size}, AdamW direction"
+    return rows, []
+
+
+def bergson_exactness(args, inputs: dict, device: torch.device) -> list[tuple[str, float]]:
+    """benchmarks/_bergson_check.py on the (d) outputs: cosines against exact gradients through bergson's matrices."""
+    python = peer_python(args.bergson_python, "d")
+    command = [
+        str(python),
+        str(REPO / "benchmarks" / "_bergson_check.py"),
+        "--adapter",
+        str(inputs["adapter"]),
+        "--examples",
+        str(inputs["examples"]),
+        "--optimizer-state",
+        str(inputs["optimizer"]) if args.bergson_adam == "v" else "none",
+        "--out-dir",
+        str(inputs["adapter"].parent / "bergson"),
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    if device.type == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     done = subprocess.run(command, capture_output=True, text=True, env={**env, "TQDM_DISABLE": "1"})
     if done.returncode != 0:
-        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        return {"reason": f"bergson_row.py exited {done.returncode}: {tail}"}
-    print(f"    {done.stdout.strip().splitlines()[-1]}")
-    run = np.load(out)
-    return {
-        "features": F.normalize(torch.from_numpy(run["features"]), dim=1),
-        "val": torch.from_numpy(run["val_features"]) if "val_features" in run.files else None,
-        "seconds": float(run["seconds"]),
-        "name": f"bergson {run['bergson_version']} global dense rademacher, adam={'v-only' if args.bergson_adam == 'v' else 'none'}",
-    }
+        print(f"  bergson exactness check failed: {' | '.join(done.stderr.strip().splitlines()[-3:])}")
+        return []
+    checked = json.loads(done.stdout.strip().splitlines()[-1])
+    return [
+        (
+            f"(d {name}) bergson vs exact batch-1 gradients through its own normaliser and matrices (loss max diff {c['loss_max_diff']:.1e})",
+            c["cosine_min"],
+        )
+        for name, c in checked.items()
+    ]
 
 
 def main() -> None:
@@ -416,6 +610,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank on q, k, v, o (alpha = 4 * rank, as the paper)")
     parser.add_argument("--samples", type=int, default=128, help="pool samples, the same for every row")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"rows to run, comma-separated, of {','.join(ROWS)}")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of every row (min and median reported)")
     parser.add_argument("--less-interval", type=int, default=16, help="(a) projects every this many samples (LESS's project_interval)")
     parser.add_argument(
         "--less-projector",
@@ -425,7 +620,7 @@ def main() -> None:
     )
     parser.add_argument("--proj-dim", type=int, default=8192)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8, help="batch size of (b), (c), (c-dense), (d)")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size of (b), (c), (c-dense)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--device", default="auto", help="auto (cuda when visible, else cpu), cpu, cuda")
     parser.add_argument(
@@ -439,13 +634,33 @@ def main() -> None:
         help="python of a venv with bergson (see benchmarks/bergson_row.py)",
     )
     parser.add_argument(
-        "--bergson-adam", choices=("v", "none"), default="v", help="(d) with bergson's v-only Adam on our exp_avg_sq, or without"
+        "--bergson-configs", default=BERGSON_CONFIGS, help="(d) rows: TARGET:BATCHING, TARGET global|per_module, BATCHING tokens|N"
+    )
+    parser.add_argument("--bergson-token-batch-size", type=int, default=2048, help="bergson's token_batch_size for 'tokens' (its default)")
+    parser.add_argument(
+        "--bergson-adam", choices=("v", "none"), default="v", help="(d) with bergson's normaliser from our AdamW state, or without"
     )
     parser.add_argument(
-        "--bergson-max-seconds", type=float, default=1200, help="skip (d) on the CPU when its dense projection is estimated to take longer"
+        "--bergson-max-seconds",
+        type=float,
+        default=1200,
+        help="skip a (d) global configuration on the CPU when its dense projection is estimated to take longer",
     )
+    parser.add_argument(
+        "--dattri-python",
+        default=str(REPO / ".venv-dattri" / "bin" / "python"),
+        help="python of a venv with dattri-llm (see benchmarks/dattri_row.py)",
+    )
+    parser.add_argument("--dattri-configs", default=DATTRI_CONFIGS, help="(e) rows: STYLE:BATCH, STYLE dense|mask")
+    parser.add_argument("--peer-dir", default=None, help="keep the peers' inputs and outputs here (default: a temporary directory)")
     parser.add_argument(
         "--agreement", choices=("auto", "yes", "no"), default="auto", help="score agreement with exact scores (auto: LoRA dims <= 2M)"
+    )
+    parser.add_argument("--save-agreement", default=None, help="write each row's agreement here (JSON), for --agreement-from")
+    parser.add_argument(
+        "--agreement-from",
+        default=None,
+        help="agreement measured by another run (--save-agreement) for rows this run does not score: the like-for-like picks",
     )
     parser.add_argument("--val", type=int, default=16, help="GSM8K validation examples for the agreement")
     parser.add_argument("--quality", choices=("auto", "yes", "no"), default="auto", help="projector quality table (auto: LoRA dims <= 2M)")
@@ -463,6 +678,16 @@ def main() -> None:
     rows = set(args.rows.split(","))
     if not rows <= set(ROWS):
         parser.error(f"--rows: unknown {sorted(rows - set(ROWS))} (known: {', '.join(ROWS)})")
+    if args.repeats < 1:
+        parser.error("--repeats: at least 1")
+    for flag, text, targets in (
+        ("--bergson-configs", args.bergson_configs, BERGSON_TARGETS),
+        ("--dattri-configs", args.dattri_configs, DATTRI_STYLES),
+    ):
+        try:
+            peers.parse_configs(text, targets)
+        except ValueError as err:
+            parser.error(f"{flag}: {err}")
     if args.less_projector == "trak" and "a" in rows:  # fail before anything runs, never fall back silently
         try:
             import trak.projectors  # noqa: F401
@@ -471,12 +696,17 @@ def main() -> None:
                 f'--less-projector trak: trak is not installed ({err}); install it with pip install -e ".[bench]" '
                 "(PyPI package traker), or run with --less-projector ours"
             ) from err
+    if "d" in rows:
+        peer_python(args.bergson_python, "d")
+    if "e" in rows:
+        peer_python(args.dattri_python, "e")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     datasets = Path(args.datasets)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    work_dir = tempfile.TemporaryDirectory(prefix="gradients-bench-")
-    work = Path(work_dir.name)
+    work_dir = None if args.peer_dir else tempfile.TemporaryDirectory(prefix="gradients-bench-")
+    work = Path(args.peer_dir or work_dir.name)
+    work.mkdir(parents=True, exist_ok=True)
 
     # the tiny model's tokenizer is trained on these: the same set whatever --quality says
     conversations = pool_conversations(datasets, max(args.samples, args.quality_samples), seed=0)
@@ -485,7 +715,7 @@ def main() -> None:
     described += f", base weights in {args.base_dtype}"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     base_dir = None
-    if "d" in rows:  # bergson loads the base model and the adapter from disk
+    if rows & {"d", "e"}:  # the peers load the base model and the adapter from disk
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -507,11 +737,13 @@ def main() -> None:
         raise SystemExit(f"only {len(examples)} usable pool samples, fewer than --samples {args.samples}")
     tokens = sum(len(e["input_ids"]) for e in examples)
     grad_dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    adam = AdamPreconditioner(adam_state_after_steps(model, examples, pad_id, device))
+    adam_state, optimizer_state = adam_state_after_steps(model, examples, pad_id, device)
+    adam = AdamPreconditioner(adam_state)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(
         f"model: {described}; LoRA r={args.rank} on {grad_dim:,} parameters; the same {len(examples)} real pool samples in every row, "
-        f"mean {tokens / len(examples):.0f} tokens (max {args.max_length}); proj_dim {args.proj_dim}; {where}",
+        f"mean {tokens / len(examples):.0f} tokens (max {args.max_length}); proj_dim {args.proj_dim}; {where}; "
+        f"{args.repeats} timed runs a row",
         flush=True,
     )
 
@@ -522,17 +754,29 @@ def main() -> None:
             user, prefix, completion = gsm8k.validation_example(row["question"], row["answer"])
             ids, labels, _ = encode_prompt_completion(chat.prompt(user, prefix), completion, tokenizer, args.max_length)
             val_examples.append({"input_ids": ids, "labels": labels})
-    do_agreement = bool(val_examples) and (args.agreement == "yes" or (args.agreement == "auto" and grad_dim <= 2_000_000))
+    do_agreement = bool(val_examples) and (args.agreement == "yes" or (args.agreement == "auto" and grad_dim <= SMALL_LORA))
 
     n = len(examples)
-    timed: dict[str, tuple[str, float]] = {}  # row -> (what, seconds)
+    timed: dict[str, tuple[str, list[float]]] = {}  # row -> (what, seconds of each run)
     features: dict[str, torch.Tensor] = {}
     val_features: dict[str, torch.Tensor] = {}
     exactness: list[tuple[str, float]] = []
 
-    def report(row: str, what: str, seconds: float) -> None:
+    def report(row: str, what: str, seconds: list[float]) -> None:
         timed[row] = (what, seconds)
-        print(f"({row}) {what}: {n / seconds:.3f} samples/s ({n} samples, {seconds:.2f} s)", flush=True)
+        fastest, median = peers.timing(seconds)
+        print(
+            f"({row}) {what}: {n / fastest:.3f} samples/s (fastest of {len(seconds)} runs, {fastest:.2f} s; median {n / median:.3f})",
+            flush=True,
+        )
+
+    def repeated(run) -> tuple[list, list[float]]:
+        """``run()`` -> (*results, seconds), ``--repeats`` times: the last run's results and every run's seconds."""
+        seconds, results = [], []
+        for _ in range(args.repeats):
+            *results, took = run()
+            seconds.append(took)
+        return results, seconds
 
     def val_of(projector) -> torch.Tensor:  # validation features, plain gradients (no Adam), untimed
         return featurizer(model, projector, None, pad_id, args.batch_size, device).featurize(val_examples).features
@@ -540,14 +784,13 @@ def main() -> None:
     sjlt = SJLTProjector(grad_dim, args.proj_dim, seed=0)
     if "b" in rows:
         floor(model, examples[: args.batch_size], pad_id, args.batch_size, device)  # warm-up
-        report(
-            "b", f"floor, batched LoRA forward+backward (batch {args.batch_size})", floor(model, examples, pad_id, args.batch_size, device)
-        )
+        _, seconds = repeated(lambda: (floor(model, examples, pad_id, args.batch_size, device),))
+        report("b", f"floor, batched LoRA forward+backward (batch {args.batch_size})", seconds)
     peak_c_mb = float("nan")  # the device's peak memory during (c) alone: what clusterucb/infra/resources.py estimates
     if "c" in rows:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        features["c"], seconds = ours_with(model, examples, adam, sjlt, pad_id, args.batch_size, device)
+        (features["c"],), seconds = repeated(lambda: ours_with(model, examples, adam, sjlt, pad_id, args.batch_size, device))
         if device.type == "cuda":
             peak_c_mb = torch.cuda.max_memory_allocated(device) / 2**20
         report("c", f"ours, defaults (fused: batched hooks, per-module Adam + sjlt, batch {args.batch_size})", seconds)
@@ -559,25 +802,31 @@ def main() -> None:
             val_features["c"] = val_of(sjlt)
         if device.type == "cuda":  # what deterministic algorithms (fixed-order sums) cost against atomics
             atomic = SJLTProjector(grad_dim, args.proj_dim, seed=0, deterministic=False)
-            features["c'"], seconds = ours_with(model, examples, adam, atomic, pad_id, args.batch_size, device, deterministic=False)
+            (features["c'"],), seconds = repeated(
+                lambda: ours_with(model, examples, adam, atomic, pad_id, args.batch_size, device, deterministic=False)
+            )
             report("c'", "ours without deterministic algorithms (atomic sjlt sums and attention backward; run-to-run varying)", seconds)
     dense = None
     if "c-dense" in rows:
         dense = RademacherProjector(grad_dim, args.proj_dim, seed=0, device=device)
-        features["c-dense"], seconds = ours_with(model, examples, adam, dense, pad_id, args.batch_size, device)
+        (features["c-dense"],), seconds = repeated(lambda: ours_with(model, examples, adam, dense, pad_id, args.batch_size, device))
         cached = "matrix cached in the warm-up" if grad_dim * args.proj_dim * 4 <= dense.cache_bytes else "matrix regenerated per batch"
         report("c-dense", f"ours fused with our dense RademacherProjector ({cached}, batch {args.batch_size})", seconds)
         if do_agreement:
             val_features["c-dense"] = val_of(dense)
     if "a-sjlt" in rows:
-        features["a-sjlt"], _, seconds = less_way(model, examples, adam, sjlt, args.less_interval, device)
+        (features["a-sjlt"], _), seconds = repeated(lambda: less_way(model, examples, adam, sjlt, args.less_interval, device))
         report("a-sjlt", f"LESS way with our sjlt (batch 1, Adam, projected every {args.less_interval})", seconds)
         if "c" in features:
             exactness.append(("(c) vs (a-sjlt): batch-1 backward, same SJLTProjector", min_cosine(features["c"], features["a-sjlt"])))
+        if do_agreement:
+            val_features["a-sjlt"] = val_features["c"] if "c" in val_features else val_of(sjlt)
     if "a" in rows:
         less_projector = LessProjector(args.less_projector, grad_dim, args.proj_dim, 0, device, max_batch_size=args.less_interval)
         also = dense if (less_projector.trak and dense is not None) else None
-        features["a"], via_dense, seconds = less_way(model, examples, adam, less_projector, args.less_interval, device, also=also)
+        (features["a"], via_dense), seconds = repeated(
+            lambda: less_way(model, examples, adam, less_projector, args.less_interval, device, also=also)
+        )
         report("a", f"LESS way, batch 1, Adam, projected every {args.less_interval} with {less_projector.name}", seconds)
         if "c-dense" in features:
             target = via_dense if via_dense is not None else features["a"]
@@ -585,16 +834,47 @@ def main() -> None:
             exactness.append((f"(c-dense) vs {how}", min_cosine(features["c-dense"], target)))
         if do_agreement:
             val_features["a"] = less_way(model, val_examples, None, less_projector, args.less_interval, device)[0]
-    bergson = {"reason": "not in --rows"}
-    if "d" in rows:
-        bergson = bergson_row(args, work, base_dir, model, examples, val_examples if do_agreement else None, adam, grad_dim, device)
-        if "reason" in bergson:
-            print(f"(d) bergson: not run: {bergson['reason']}", flush=True)
-        else:
-            features["d"] = bergson["features"]
-            if bergson["val"] is not None:
-                val_features["d"] = bergson["val"]
-            report("d", f"{bergson['name']} (batch {args.batch_size})", bergson["seconds"])
+
+    peer_rows: dict[str, dict] = {}
+    not_run: list[tuple[str, str]] = []
+    if rows & {"d", "e"}:
+        inputs = write_peer_inputs(work, base_dir, model, examples, val_examples if do_agreement else [], optimizer_state)
+        lengths = [len(e["input_ids"]) for e in examples]
+        for row, run_rows in (("d", bergson_rows), ("e", dattri_rows)):
+            if row not in rows:
+                continue
+            if row == "d":
+                got, missed = run_rows(args, work, inputs, grad_dim, lengths, device)
+                if got and grad_dim <= SMALL_LORA:
+                    exactness += bergson_exactness(args, inputs, device)
+            else:
+                got, missed = run_rows(args, work, inputs, grad_dim, n, device)
+            peer_rows.update(got)
+            not_run += missed
+        for name, result in peer_rows.items():
+            features[name] = result["features"]
+            if result["val"] is not None:
+                val_features[name] = result["val"]
+            report(name, f"{result['what']}, d={result['dim']}", result["seconds"])
+            first = (
+                f", warm-up batch {result['first_batch_s']:.2f} s (its one-off setup: projection matrices or mask indices)"
+                if not math.isnan(result["first_batch_s"])
+                else ""
+            )
+            if math.isnan(result["fixed_s"]):
+                fit = f"fixed cost per batch not determined ({result['batches']} batch(es) of one token count a run)"
+            else:
+                fit = (
+                    f"fixed {result['fixed_s']:.2f} s + {result['per_token_s'] * 1e3:.3f} ms per padded token a batch "
+                    f"(least squares over {result['batches']} batches x {len(result['seconds'])} runs)"
+                )
+            print(f"    {fit}{first}", flush=True)
+            if result["exact_cosine"] is not None:
+                exactness.append(
+                    (f"({name}) dattri-llm vs exact batch-1 gradients through its own map and projection", result["exact_cosine"])
+                )
+        for name, reason in not_run:
+            print(f"({name}): not run: {reason}", flush=True)
 
     print("exactness (min cosine over the samples):")
     for what, cosine in exactness:
@@ -602,44 +882,66 @@ def main() -> None:
     if not exactness:
         print("  none (needs row c; with a-sjlt, or c-dense with a, for the others)")
 
-    if do_agreement:
+    own_target = {name: ("v" if name.startswith("d ") else "adamw" if name.startswith("e ") else "less") for name in features}
+    measured: dict[str, dict] = {}  # row -> {"target", "overlap", "spearman", "overlap_less", "spearman_less"}
+    if do_agreement and val_features:
         val_grads = per_sample(model, val_examples, pad_id, args.batch_size, device, lambda g: g)
         denominator = adam.state.exp_avg_sq.float().cpu().sqrt() + BERGSON_EPS if args.bergson_adam == "v" else None
+        step = 1 + int(next(iter(optimizer_state["state"].values()))["step"])  # the update dattri's map is for
 
         def to_v(g: torch.Tensor) -> torch.Tensor:  # bergson's target: its v-only Adam, or none
             return g / denominator if denominator is not None else g
 
+        to_adamw = dattri_direction(adam.state, step)
         targets = {"less": (lambda g: adam(g.to(device)).cpu(), val_grads)}
-        if "d" in rows:
+        if any(t == "v" for t in own_target.values()):
             targets["v"] = (to_v, val_grads)
-        if "d" in val_features:  # is a low (d) line bergson's doing, or its target's? our dense projector on the same target
-            reference = dense or RademacherProjector(grad_dim, args.proj_dim, seed=0)
-            targets["ref"] = (lambda g: reference.project(to_v(g)), reference.project(val_grads))
+        if any(t == "adamw" for t in own_target.values()):
+            targets["adamw"] = (lambda g: to_adamw(g.to(device)).cpu(), val_grads)
+        peer_targets = [t for t in ("v", "adamw") if t in targets]
+        projected = None
+        if peer_targets:  # is a peer's lower agreement its projection's doing, or its target's? our dense projector on it
+            reference = dense or RademacherProjector(grad_dim, args.proj_dim, seed=0, device=device)
+            val_reference = reference.project(val_grads.to(device)).float().cpu()
+            projected = (reference, {"ref " + t: targets[t][0] for t in peer_targets}, val_reference)
         chunk_rows = max(args.batch_size, (1 << 31) // (4 * grad_dim))  # ~2 GiB of float32 gradients at a time
-        exact_by = exact_scores(model, examples, pad_id, args.batch_size, device, targets, chunk_rows)
-        exact_less, exact_v = exact_by["less"], exact_by.get("v")
-        target_v = "v-only exact" if args.bergson_adam == "v" else "no-Adam exact"
+        exact_by = exact_scores(model, examples, pad_id, args.batch_size, device, targets, chunk_rows, projected)
+        names = {"less": "LESS Adam", "v": "bergson v-only", "adamw": "dattri AdamW"}
         print(
             f"agreement with exact unprojected scores ({n} samples, {len(val_examples)} GSM8K validation examples, "
             f"top 5 % = {max(1, int(0.05 * n))} samples; mean cosine with the validation gradients):"
         )
-        print("  row       target                  top5_overlap  spearman")
-        lines = [(row, "LESS Adam exact", exact_less) for row in ("a", "c", "c-dense") if row in val_features]
-        if "d" in val_features:
-            lines += [("d", target_v, exact_v), ("d", "LESS Adam exact", exact_less)]
-        for row, target, exact in lines:
-            overlap, rank = agreement(scores(features[row], val_features[row]), exact)
-            print(f"  {row:<8}  {target:<22}  {overlap:>12.3f}  {rank:>8.4f}")
-        if "d" in val_features:
-            overlap, rank = agreement(exact_by["ref"], exact_v)
-            print(f"  {'ref':<8}  {target_v:<22}  {overlap:>12.3f}  {rank:>8.4f}   (our dense projector on d's target, for reference)")
-        if "d" in rows:
-            overlap, rank = agreement(exact_v, exact_less)
+        print(f"  {'row':<24}  {'own target':<16}  top5_overlap  spearman   vs LESS: top5  spearman")
+        for row in features:
+            if row not in val_features:
+                continue
+            got = scores(features[row], val_features[row])
+            overlap, rank = agreement(got, exact_by[own_target[row]])
+            overlap_less, rank_less = agreement(got, exact_by["less"])
+            measured[row] = {
+                "target": own_target[row],
+                "overlap": overlap,
+                "spearman": rank,
+                "overlap_less": overlap_less,
+                "spearman_less": rank_less,
+            }
+            print(f"  {row:<24}  {names[own_target[row]]:<16}  {overlap:>12.3f}  {rank:>8.4f}   {overlap_less:>13.3f}  {rank_less:>8.4f}")
+        for target in peer_targets:
+            overlap, rank = agreement(exact_by["ref " + target], exact_by[target])
             print(
-                f"  {'exact':<8}  {target_v + ' vs LESS':<22}  {overlap:>12.3f}  {rank:>8.4f}   (d's target against the LESS target, unprojected)"
+                f"  {'ref ' + target:<24}  {names[target]:<16}  {overlap:>12.3f}  {rank:>8.4f}   (our dense projector on that target, for reference)"
             )
+            overlap, rank = agreement(exact_by[target], exact_by["less"])
+            print(
+                f"  {'exact ' + target:<24}  {names[target]:<16}  {overlap:>12.3f}  {rank:>8.4f}   (that target against LESS's, unprojected)"
+            )
+    if args.save_agreement:
+        by_projection = {}
+        for row, values in measured.items():
+            by_projection.setdefault(row.split("/")[0], values)  # batching does not change a projection's features
+        Path(args.save_agreement).write_text(json.dumps(by_projection, indent=1))
 
-    if args.quality == "yes" or (args.quality == "auto" and grad_dim <= 2_000_000):
+    if args.quality == "yes" or (args.quality == "auto" and grad_dim <= SMALL_LORA):
         quality_examples = encoded[: args.quality_samples]
         gamma = per_sample(model, quality_examples, pad_id, 8, device, adam)
         val = per_sample(model, val_examples, pad_id, 8, device, lambda g: g)
@@ -655,13 +957,55 @@ def main() -> None:
                 overlap, rank = agreement(scores(projector.project(gamma), projector.project(val)), exact)
                 print(f"  {dim:>8}  {kind:<10}  {overlap:>12.3f}  {rank:>8.4f}")
 
-    print(f"rows (samples/s; {n} samples each; {where}):")
-    for row in ROWS[:2] + ("b", "c", "c'", "c-dense", "d"):
-        if row in timed:
-            print(f"  {'(' + row + ')':<10}{n / timed[row][1]:>10.3f}  {timed[row][0]}")
-    rate = {row: n / seconds for row, (_, seconds) in timed.items()}
-    nan = float("nan")
-    ours = rate.get("c", nan)
+    rate = {row: n / min(seconds) for row, (_, seconds) in timed.items()}
+    rate_median = {row: n / peers.timing(seconds)[1] for row, (_, seconds) in timed.items()}
+    print(f"rows (samples/s, fastest and median of {args.repeats} runs; {n} samples each; {where}):")
+    for row in [r for r in OURS if r in timed] + [r for r in timed if r not in OURS]:
+        print(f"  {'(' + row + ')':<26}{rate[row]:>10.3f}{rate_median[row]:>10.3f}  {timed[row][0]}")
+
+    loaded = json.loads(Path(args.agreement_from).read_text()) if args.agreement_from else {}
+
+    def spearman_of(row: str) -> float:
+        if row in measured:
+            return measured[row]["spearman"]
+        return loaded.get(row.split("/")[0], {}).get("spearman", math.nan)
+
+    nan = math.nan
+    headline: dict[str, float] = {}
+
+    def versus(key: str, ours_row: str, prefix: str, label: str) -> None:
+        """``key``: ours_row's rate over the like-for-like reference among the rows starting with ``prefix``."""
+        candidates = {row: rate[row] for row in timed if row.startswith(prefix)}
+        if ours_row not in rate or not candidates:
+            headline[key] = nan
+            return
+        pick, status = peers.pick_reference(candidates, {row: spearman_of(row) for row in candidates}, spearman_of(ours_row))
+        headline[key] = rate[ours_row] / rate[pick]
+        why = {
+            "qualified": f"the fastest within {peers.TOLERANCE} Spearman of ({ours_row})'s {spearman_of(ours_row):.4f} (its {spearman_of(pick):.4f})",
+            "none-qualified": f"none is within {peers.TOLERANCE} Spearman of ({ours_row})'s {spearman_of(ours_row):.4f}: the closest ({spearman_of(pick):.4f})",
+            "unmeasured": "agreement not measured: the fastest of all, so this is a lower bound",
+        }[status]
+        print(f"  {key}={headline[key]:.2f}: ({ours_row}) {rate[ours_row]:.3f} / ({pick}) {rate[pick]:.4f} samples/s; {label}: {why}")
+
+    if rows & {"d", "e"}:
+        print("like-for-like (rates of each row's fastest run):")
+    versus("speedup_vs_bergson", "c", "d ", "bergson")
+    headline["speedup_vs_bergson_default"] = peers.ratio(rate.get("c"), rate.get("d per_module/tokens"))
+    if "d" in rows:
+        print(
+            f"  speedup_vs_bergson_default={headline['speedup_vs_bergson_default']:.2f}: (c) over bergson's defaults "
+            f"(per_module projection, token budget {args.bergson_token_batch_size})"
+        )
+    versus("dense_vs_dense", "c-dense", "d global", "bergson global (dense)")
+    headline["sparse_vs_sparse"] = nan
+    if "d" in rows:
+        print("  sparse_vs_sparse=nan: bergson has no sparse projection (its projection_type is normal or rademacher)")
+    versus("speedup_vs_dattri", "c", "e ", "dattri-llm")
+    versus("dense_vs_dattri_dense", "c-dense", "e dense", "dattri-llm dense")
+    for name, reason in not_run:
+        print(f"  ({name}) left out: {reason}")
+
     cosine_min = min((c for _, c in exactness), default=nan)
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")  # since (c)
     if args.save_features:
@@ -670,6 +1014,13 @@ def main() -> None:
         saved = {
             "features": {row: f.float().cpu() for row, f in features.items()},
             "samples_per_s": rate,
+            "samples_per_s_median": rate_median,
+            "seconds": {row: seconds for row, (_, seconds) in timed.items()},
+            "agreement": measured,
+            "peer_batches": {
+                row: {k: result[k] for k in ("fixed_s", "per_token_s", "first_batch_s", "batches", "dim")}
+                for row, result in peer_rows.items()
+            },
             "cosine_min": cosine_min,
             "exactness": exactness,
             "peak_mb": peak_mb,
@@ -687,11 +1038,24 @@ def main() -> None:
         tmp.replace(args.save_features)
     if device.type == "cuda":
         print(f"peak device memory: {peak_c_mb:.0f} MB during (c), {peak_mb:.0f} MB from (c) on (torch.cuda.max_memory_allocated)")
+    ours = rate.get("c", nan)
     print(
-        f"speedup_vs_less={ours / rate.get('a', nan):.2f} speedup_vs_bergson={ours / rate.get('d', nan):.2f} "
-        f"floor_fraction={ours / rate.get('b', nan):.3f} cosine_min={cosine_min:.6f}"
+        peers.last_line(
+            {
+                "speedup_vs_less": ours / rate.get("a", nan),
+                "speedup_vs_bergson": headline["speedup_vs_bergson"],
+                "floor_fraction": ours / rate.get("b", nan),
+                "cosine_min": cosine_min,
+                "speedup_vs_bergson_default": headline["speedup_vs_bergson_default"],
+                "dense_vs_dense": headline["dense_vs_dense"],
+                "sparse_vs_sparse": headline["sparse_vs_sparse"],
+                "speedup_vs_dattri": headline["speedup_vs_dattri"],
+                "dense_vs_dattri_dense": headline["dense_vs_dattri_dense"],
+            }
+        )
     )
-    work_dir.cleanup()
+    if work_dir is not None:
+        work_dir.cleanup()
 
 
 if __name__ == "__main__":
