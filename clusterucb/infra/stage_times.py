@@ -17,8 +17,8 @@ def read_benchmarks(root: str | Path) -> list[dict]:
     for path in sorted(root.rglob("*.tsv")):
         with open(path, newline="") as handle:
             records = list(csv.DictReader(handle, delimiter="\t"))
-        if not records:
-            continue
+        if not records or "s" not in records[0]:
+            continue  # not a Snakemake benchmark file (e.g. a report table under a wider root)
         record = records[-1]
         relative = path.relative_to(root).with_suffix("")
         rss = record.get("max_rss", "NA")
