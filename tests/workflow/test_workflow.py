@@ -424,6 +424,14 @@ OVERLAY_LAYERS = {
     "smollm2-targets.yaml": ["demo.yaml", "smollm2.yaml", "smollm2-targets.yaml"],
     "smollm2-quality.yaml": ["demo.yaml", "smollm2.yaml", "smollm2-targets.yaml", "smollm2-quality.yaml"],
     "smollm2-replay.yaml": ["demo.yaml", "smollm2.yaml", "smollm2-targets.yaml", "smollm2-quality.yaml", "smollm2-replay.yaml"],
+    "smollm2-replay-small.yaml": [
+        "demo.yaml",
+        "smollm2.yaml",
+        "smollm2-targets.yaml",
+        "smollm2-quality.yaml",
+        "smollm2-replay.yaml",
+        "smollm2-replay-small.yaml",
+    ],
 }
 
 
