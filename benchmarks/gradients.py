@@ -468,6 +468,17 @@ def peer_result(path: Path, samples: int) -> dict:
     }
 
 
+def peer_command(python: Path, script: str, args, inputs: dict, optimizer: str, configs: list, out: Path) -> list[str]:
+    """The arguments both peers' row scripts take: inputs, configurations, d, repeats, threads, outputs."""
+    command = [str(python), str(REPO / "benchmarks" / script), "--adapter", str(inputs["adapter"])]
+    command += ["--examples", str(inputs["examples"]), "--optimizer-state", optimizer]
+    command += ["--configs", ",".join(f"{c.target}:{c.batching}" for c in configs), "--proj-dim", str(args.proj_dim)]
+    command += ["--repeats", str(args.repeats), "--threads", str(args.threads), "--out-dir", str(out)]
+    if inputs["val"]:
+        command += ["--val-examples", str(inputs["val"])]
+    return command
+
+
 def bergson_rows(args, work: Path, inputs: dict, grad_dim: int, lengths: list[int], device: torch.device) -> tuple[dict, list]:
     """Rows (d): benchmarks/bergson_row.py in bergson's venv; global configurations it cannot finish in
     ``--bergson-max-seconds`` on the CPU are left out with the reason."""
@@ -491,30 +502,9 @@ def bergson_rows(args, work: Path, inputs: dict, grad_dim: int, lengths: list[in
     rows = {}
     if runnable:
         out = work / "bergson"
-        command = [
-            str(python),
-            str(REPO / "benchmarks" / "bergson_row.py"),
-            "--adapter",
-            str(inputs["adapter"]),
-            "--examples",
-            str(inputs["examples"]),
-            "--optimizer-state",
-            str(inputs["optimizer"]) if args.bergson_adam == "v" else "none",
-            "--configs",
-            ",".join(f"{c.target}:{c.batching}" for c in runnable),
-            "--proj-dim",
-            str(args.proj_dim),
-            "--token-batch-size",
-            str(args.bergson_token_batch_size),
-            "--repeats",
-            str(args.repeats),
-            "--threads",
-            str(args.threads),
-            "--out-dir",
-            str(out),
-        ]
-        if inputs["val"]:
-            command += ["--val-examples", str(inputs["val"])]
+        optimizer = str(inputs["optimizer"]) if args.bergson_adam == "v" else "none"
+        command = peer_command(python, "bergson_row.py", args, inputs, optimizer, runnable, out)
+        command += ["--token-batch-size", str(args.bergson_token_batch_size)]
         reason = run_peer(command, device, "bergson ")
         if reason:
             skipped.update({c.name: reason for c in runnable})
@@ -535,30 +525,8 @@ def dattri_rows(args, work: Path, inputs: dict, grad_dim: int, samples: int, dev
     if any(c.batch_size is None for c in configs):
         raise SystemExit("--dattri-configs: dattri-llm batches as its caller does: give a batch size, not 'tokens'")
     out = work / "dattri"
-    command = [
-        str(python),
-        str(REPO / "benchmarks" / "dattri_row.py"),
-        "--adapter",
-        str(inputs["adapter"]),
-        "--examples",
-        str(inputs["examples"]),
-        "--optimizer-state",
-        str(inputs["optimizer"]),
-        "--configs",
-        ",".join(f"{c.target}:{c.batching}" for c in configs),
-        "--proj-dim",
-        str(args.proj_dim),
-        "--repeats",
-        str(args.repeats),
-        "--threads",
-        str(args.threads),
-        "--device",
-        str(device),
-        "--out-dir",
-        str(out),
-    ]
-    if inputs["val"]:
-        command += ["--val-examples", str(inputs["val"])]
+    command = peer_command(python, "dattri_row.py", args, inputs, str(inputs["optimizer"]), configs, out)
+    command += ["--device", str(device)]
     if grad_dim <= SMALL_LORA:
         command.append("--check")
     reason = run_peer(command, device, "dattri-llm ")
