@@ -83,8 +83,8 @@ from clusterucb.selection.runs import (
     BUDGETED,
     GUIDANCE_OFF,
     METHODS,
-    SHARED_EPOCH1,
     defaults_from_config,
+    epoch1_runs,
     expand_runs,
 )  # noqa: E402
 from clusterucb.tasks import get_task, resolve_settings, task_names  # noqa: E402
@@ -129,9 +129,12 @@ try:
         SELECTION["methods"],
         SELECTION["sweep"],
         defaults_from_config(SELECTION, config["cluster"]["k"], config["seed"]),
+        config["train"]["seeds"],
     )
 except ValueError as err:
     raise WorkflowError(f"config key 'selection': {err}")
+# The shared epoch-1 runs (full matching at the warmup), one per training seed, with their seeds.
+EPOCH1_RUNS = epoch1_runs(RUNS, config["seed"])
 BUDGETED_RUNS = [name for name, run in RUNS.items() if run.method in BUDGETED]
 QUALITY = config["quality"]
 LESS_CKPTS = [f"less/ckpt-{i}" for i in range(1, config["less"]["warmup_epochs"] + 1)]
@@ -351,13 +354,13 @@ def get_full_scores_inputs(wildcards):
 
 
 def get_top_scores_input(wildcards):
-    """Full matching: the shared epoch 1 at the warmup checkpoint; dynamic at its previous epoch's."""
-    if wildcards.run == SHARED_EPOCH1:
+    """Full matching: a shared epoch 1 at the warmup checkpoint; dynamic at its previous epoch's."""
+    if wildcards.run in EPOCH1_RUNS:
         if int(wildcards.epoch) != 1:
-            raise WorkflowError(f"{SHARED_EPOCH1} has only epoch 1")
+            raise WorkflowError(f"{wildcards.run} has only epoch 1")
         ckpt = "warmup"
     else:
-        ckpt = RUNS["dynamic"].checkpoint(wildcards.task, int(wildcards.epoch) - 1)
+        ckpt = get_run(wildcards).checkpoint(wildcards.task, int(wildcards.epoch) - 1)
     return paths.SCORES.format(ckpt=ckpt, task=wildcards.task)
 
 
@@ -405,8 +408,8 @@ def get_prior_scores_inputs(wildcards):
 
 
 def get_static_input(wildcards):
-    """Static keeps epoch 1's selection: the target's shared full matching."""
-    return paths.SELECTION.format(task=wildcards.task, run=SHARED_EPOCH1, epoch=1)
+    """Static keeps epoch 1's selection: the target's shared full matching (the same for every training seed)."""
+    return paths.SELECTION.format(task=wildcards.task, run=get_run(wildcards).epoch1, epoch=1)
 
 
 def get_run_params(wildcards):
@@ -416,6 +419,13 @@ def get_run_params(wildcards):
 
 def get_random_seed(wildcards):
     return RUNS[wildcards.run].params["seed"] if wildcards.run in RUNS else config["seed"]
+
+
+def get_train_seed(wildcards):
+    """The run's training seed (data order, LoRA init, dropout); a shared epoch 1's is in its name."""
+    if wildcards.run in EPOCH1_RUNS:
+        return EPOCH1_RUNS[wildcards.run]
+    return get_run(wildcards).train_seed
 
 
 def get_less_scores(wildcards):
@@ -469,9 +479,10 @@ def get_grad_params(wildcards=None):
 
 def get_train_params(wildcards=None):
     """Training settings, less micro_batch: the scripts read it from the config (a memory knob:
-    dropout masks are keyed per example, clusterucb/training/dropout.py), so lowering it reruns nothing.
+    dropout masks are keyed per example, clusterucb/training/dropout.py), so lowering it reruns nothing;
+    and less the list of extra training seeds (each run's own seed is its ``seed`` param).
     """
-    train = {k: v for k, v in config["train"].items() if k != "micro_batch"}
+    train = {k: v for k, v in config["train"].items() if k not in ("micro_batch", "seeds")}
     return {**train, "base_dtype": config["precision"]["base_dtype"]}
 
 
@@ -702,7 +713,10 @@ def get_compare_inputs(wildcards=None):
 
 def get_compare_params(wildcards=None):
     return {
-        "runs": {name: {"method": run.method, **run.params} for name, run in RUNS.items()},
+        "runs": {
+            name: {"method": run.method, **run.params, "train_seed": run.train_seed}
+            for name, run in RUNS.items()
+        },
         "selections": {t: {run: selection_files(t, run) for run in RUNS} for t in TASKS},
         "recalls": {t: {run: recall_files(t, run) for run in RUNS} for t in TASKS},
         "metrics": {t: get_task(t).metric for t in TASKS},

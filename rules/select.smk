@@ -13,7 +13,7 @@ rule select_top_scores:
     log:
         "logs/select/{task}/{run}/epoch-{epoch}.log",
     wildcard_constraints:
-        run=runs_pattern(["dynamic"], extra=[SHARED_EPOCH1]),
+        run=runs_pattern(["dynamic"], extra=list(EPOCH1_RUNS)),
     localrule: True
     conda:
         "../envs/cpu.yaml"

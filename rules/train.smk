@@ -87,7 +87,7 @@ rule train_epoch:
         lora=config["lora"],
         train=get_train_params(),
         top_p=config["selection"]["top_p"],
-        seed=config["seed"],
+        seed=get_train_seed,
         scratch=get_scratch,
     script:
         "../workflow_scripts/train_epoch.py"

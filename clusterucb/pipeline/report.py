@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from clusterucb.infra.io import atomic_path, read_parquet_metadata, write_parquet
+from clusterucb.pipeline.downstream import mean_over_tasks, seed_summary
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def compare(*, metrics_paths: list[str], params: dict, table_out: str, markdown_
         run = params["runs"].get(name, {"method": name})
         selections = [read_parquet_metadata(p) for p in params["selections"][task].get(name, [])]
         recalls = [json.loads(Path(p).read_text()) for p in params["recalls"][task].get(name, [])]
-        row = {"task": task, "run": name, "method": run["method"]}
+        row = {"task": task, "run": name, "method": run["method"], "train_seed": run.get("train_seed")}
         row.update({c: run.get(c) for c in RUN_COLUMNS})
         row.update(
             {
@@ -72,14 +73,31 @@ def compare(*, metrics_paths: list[str], params: dict, table_out: str, markdown_
         for column in RECALL_COLUMNS:  # mean over the re-selection epochs measured by the oracle
             row[column] = float(np.mean([r[column] for r in recalls])) if recalls else None
         rows.append(row)
-    frame = pd.DataFrame(rows).astype({"k": "Int64", "seed": "Int64"})
+    frame = pd.DataFrame(rows).astype({"k": "Int64", "seed": "Int64", "train_seed": "Int64"})
     pool = next(
         (read_parquet_metadata(p)["n_pool"] for by_run in params["selections"].values() for paths in by_run.values() for p in paths), None
     )
-    _write_table(frame, table_out, markdown_out, {"config": config, "n_pool": pool})
+    _write_table(frame, table_out, markdown_out, {"config": config, "n_pool": pool}, seeds_appendix(frame))
     with atomic_path(config_out) as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     log.info("comparison (pool %s):\n%s", pool, frame.to_string(index=False))
+
+
+def seeds_appendix(frame: pd.DataFrame) -> str:
+    """Where some run was trained with more than one seed: each method over its seeds (mean, std, paired
+    differences with a bootstrap interval, share of Dynamic's gain), per task and averaged over tasks."""
+    if frame.train_seed.nunique(dropna=True) < 2:
+        return ""
+    summary = seed_summary(frame)
+    return (
+        "\n## Over training seeds\n\n"
+        "Mean and std over each method's training seeds; `vs_random_draw` / `vs_static`: the mean paired difference of "
+        "target loss (same seed) with a 95 % bootstrap interval over seeds (negative favours the row; * the interval "
+        "excludes 0); `of_dynamic_gain`: (base - run) / (base - dynamic) target loss, at the means.\n\n"
+        + markdown_table(summary)
+        + "\n### Averaged over tasks\n\n"
+        + markdown_table(mean_over_tasks(summary))
+    )
 
 
 def quality_table(*, sweep_paths: list[str], cluster_paths: list[str], table_out: str, markdown_out: str, figure_out: str) -> None:

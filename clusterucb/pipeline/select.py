@@ -26,7 +26,7 @@ def select_top_scores(
     ids, scores, meta = read_scores(scores_path)
     n_pool = pool_size(pool_tokens)
     order = top_k(scores, n_selected(n_pool, top_p))
-    method = "full_matching" if run == "full_matching" else "dynamic"
+    method = "full_matching" if epoch == 1 else "dynamic"  # Dynamic's epoch 1 is always a shared full matching
     info = {
         "method": method,
         "task": task,

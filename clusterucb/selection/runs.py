@@ -21,6 +21,11 @@ the epoch-1 full-matching selection and training of every Dynamic-family run.
 Every run exists once per target task (``runs/<task>/<run>/epoch-<e>``), except
 ``random``, whose selection never reads a target: it is trained once
 (``runs/all/random/...``) and evaluated on every target.
+
+Training seeds: every run may be trained again with another seed (``train_seed``: data order, LoRA init,
+dropout), named ``<run>__train_seed-<s>``; a Dynamic-family run with its own training seed starts from an
+epoch 1 trained with that seed (``full_matching__train_seed-<s>``: the same selection, its own training),
+so each seed is a whole independent training run. The master seed's runs keep their plain names.
 """
 
 from __future__ import annotations
@@ -56,6 +61,11 @@ class Run:
     name: str
     method: str
     params: dict = field(hash=False)
+    # The training seed (data order, LoRA init, dropout); kept out of ``params`` so that the selection's
+    # inputs do not change with it.
+    train_seed: int | None = None
+    # The epoch-1 run a Dynamic-family run starts from: the shared full matching trained with its seed.
+    epoch1: str = SHARED_EPOCH1
 
     def checkpoint(self, task: str, epoch: int) -> str:
         """Checkpoint (and selection) directory of ``epoch`` for target ``task``, relative to results/."""
@@ -64,7 +74,7 @@ class Run:
         if self.method in TASK_INDEPENDENT:
             task = ALL_TASKS
         if epoch == 1 and self.method in DYNAMIC_FAMILY:
-            return run_checkpoint(task, SHARED_EPOCH1, 1)
+            return run_checkpoint(task, self.epoch1, 1)
         return run_checkpoint(task, self.name, epoch)
 
 
@@ -94,12 +104,16 @@ def defaults_from_config(selection: dict, cluster_k: int, seed: int) -> dict:
         "order": selection.get("order", GUIDANCE_OFF["order"]),
         "arm_prior": selection.get("arm_prior", GUIDANCE_OFF["arm_prior"]),
         "exhaust": selection.get("exhaust", GUIDANCE_OFF["exhaust"]),
+        "train_seed": seed,
     }
 
 
 def make_run(method: str, overrides: dict, defaults: dict) -> Run:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    overrides = dict(overrides)
+    train_seed = int(overrides.pop("train_seed", defaults["train_seed"]))
+    seeded = {"train_seed": train_seed} if train_seed != defaults["train_seed"] else {}
     unknown = sorted(set(overrides) - set(RUN_KEYS[method]))
     if unknown:
         raise ValueError(f"method {method!r} does not depend on {unknown}; it takes {list(RUN_KEYS[method]) or 'no parameter'}")
@@ -118,19 +132,17 @@ def make_run(method: str, overrides: dict, defaults: dict) -> Run:
         for key, off in GUIDANCE_OFF.items():
             if params[key] == off:
                 params.pop(key)
-    return Run(run_name(method, named), method, params)
+    return Run(run_name(method, {**named, **seeded}), method, params, train_seed, run_name(SHARED_EPOCH1, seeded))
 
 
-def expand_runs(methods: list[str], sweep: list[dict], defaults: dict) -> dict[str, Run]:
-    """The runs of ``methods`` (default parameters) plus every point of every sweep grid.
+def expand_runs(methods: list[str], sweep: list[dict], defaults: dict, train_seeds: list[int] = ()) -> dict[str, Run]:
+    """The runs of ``methods`` (default parameters) plus every point of every sweep grid, each also
+    trained once per seed of ``train_seeds`` (the master seed's runs are always there).
 
     A grid maps ``method`` and parameter names to a value or a list of values;
     its points are the Cartesian product.
     """
-    runs: dict[str, Run] = {}
-    for method in methods:
-        run = make_run(method, {}, defaults)
-        runs[run.name] = run
+    points: list[tuple[str, dict]] = [(method, {}) for method in methods]
     for grid in sweep:
         if "method" not in grid:
             raise ValueError(f"a sweep grid needs a 'method' key: {grid}")
@@ -138,6 +150,20 @@ def expand_runs(methods: list[str], sweep: list[dict], defaults: dict) -> dict[s
         values = [grid[k] if isinstance(grid[k], list) else [grid[k]] for k in keys]
         for combination in itertools.product(*values):
             point = dict(zip(keys, combination))
-            run = make_run(point.pop("method"), point, defaults)
+            points.append((point.pop("method"), point))
+    runs: dict[str, Run] = {}
+    for method, overrides in points:
+        for seed in [None, *train_seeds]:
+            run = make_run(method, overrides if seed is None else {**overrides, "train_seed": seed}, defaults)
             runs[run.name] = run
     return runs
+
+
+def epoch1_runs(runs: dict[str, Run], seed: int) -> dict[str, int]:
+    """The shared epoch-1 runs (full matching at the warmup) the Dynamic-family ``runs`` start from, with their
+    training seeds; the master ``seed``'s (``full_matching``) is always there: the quality replay reads it."""
+    out = {SHARED_EPOCH1: seed}
+    for run in runs.values():
+        if run.method in DYNAMIC_FAMILY and run.epoch1 != SHARED_EPOCH1:
+            out[run.epoch1] = run.train_seed
+    return out

@@ -67,6 +67,7 @@ class TaskSettings:
     max_context_tokens: int | None = None  # passage truncation (tokens)
     sampling: str | tuple[Sampling, ...] | None = None  # "greedy", or sampled passes (pass@k)
     timeout_s: float | None = None  # per generated program (code execution)
+    task_metric: bool | None = None  # False: the target loss only (no generation); None/True: both
 
     def as_dict(self) -> dict[str, Any]:
         out = {}
@@ -79,6 +80,7 @@ class TaskSettings:
 
 
 SETTING_NAMES = tuple(f.name for f in fields(TaskSettings))
+EVERY_TASK = frozenset({"task_metric"})  # settings every task reads (the evaluation stage applies them)
 
 
 def resolve_settings(task, overrides: Mapping[str, Any] | None) -> TaskSettings:
@@ -87,7 +89,7 @@ def resolve_settings(task, overrides: Mapping[str, Any] | None) -> TaskSettings:
     unknown = sorted(set(overrides) - set(SETTING_NAMES))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown} for task {task.name!r} (known: {', '.join(SETTING_NAMES)})")
-    unused = sorted(k for k, v in overrides.items() if k not in task.settings_used and v is not None)
+    unused = sorted(k for k, v in overrides.items() if k not in task.settings_used and k not in EVERY_TASK and v is not None)
     if unused:
         raise ValueError(f"task {task.name!r} does not use {unused}; it reads {sorted(task.settings_used)}")
     values = {k: v for k, v in overrides.items() if v is not None}

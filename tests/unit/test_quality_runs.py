@@ -16,7 +16,7 @@ from clusterucb.selection.quality import (
     recall_metrics,
     simulate,
 )
-from clusterucb.selection.runs import SHARED_EPOCH1, defaults_from_config, expand_runs, make_run
+from clusterucb.selection.runs import SHARED_EPOCH1, defaults_from_config, epoch1_runs, expand_runs, make_run
 
 
 def test_recall_metrics_by_hand():
@@ -111,6 +111,29 @@ def test_runs_are_named_by_what_they_change():
     assert run.checkpoint("mmlu", 1) == f"runs/mmlu/{SHARED_EPOCH1}/epoch-1"  # Dynamic-family runs share epoch 1
     assert run.checkpoint("mmlu", 3) == "runs/mmlu/clusterucb__budget-0.1/epoch-3"
     assert runs["random"].checkpoint("mmlu", 1) == runs["random"].checkpoint("bbh", 1) == "runs/all/random/epoch-1"  # target-independent
+
+
+def test_training_seeds_make_whole_runs_of_their_own_and_leave_the_master_seeds_runs_alone():
+    plain = expand_runs(["clusterucb", "static", "random"], [{"method": "clusterucb", "order": "prior"}], DEFAULTS)
+    runs = expand_runs(["clusterucb", "static", "random"], [{"method": "clusterucb", "order": "prior"}], DEFAULTS, [1, 42])
+    # The master seed (42) is the plain run; seed 1 adds one run per run, named by it.
+    assert sorted(runs) == sorted(
+        [*plain, "clusterucb__train_seed-1", "static__train_seed-1", "random__train_seed-1", "clusterucb__order-prior__train_seed-1"]
+    )
+    for name, run in plain.items():  # nothing the master seed's runs depend on changes
+        assert runs[name] == run and runs[name].params == run.params and run.train_seed == 42
+    seeded = runs["clusterucb__order-prior__train_seed-1"]
+    assert seeded.train_seed == 1 and seeded.params == runs["clusterucb__order-prior"].params  # the selection's inputs
+    # Each seed is a whole run: its own epoch 1 (the same full matching, trained with its seed), then its own epochs.
+    assert seeded.checkpoint("gsm8k", 1) == "runs/gsm8k/full_matching__train_seed-1/epoch-1"
+    assert seeded.checkpoint("gsm8k", 2) == "runs/gsm8k/clusterucb__order-prior__train_seed-1/epoch-2"
+    assert runs["static__train_seed-1"].checkpoint("gsm8k", 1) == "runs/gsm8k/full_matching__train_seed-1/epoch-1"
+    assert runs["random__train_seed-1"].checkpoint("gsm8k", 1) == "runs/all/random__train_seed-1/epoch-1"
+    assert epoch1_runs(runs, 42) == {SHARED_EPOCH1: 42, "full_matching__train_seed-1": 1}
+    assert epoch1_runs(plain, 42) == {SHARED_EPOCH1: 42}
+    # A sweep may name a training seed itself.
+    assert make_run("dynamic", {"train_seed": 3}, DEFAULTS).name == "dynamic__train_seed-3"
+    assert make_run("dynamic", {"train_seed": 42}, DEFAULTS).name == "dynamic"
 
 
 def test_runs_refuse_parameters_their_method_does_not_use():

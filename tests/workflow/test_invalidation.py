@@ -139,6 +139,7 @@ MATRIX: dict[str, tuple[str, set[str]]] = {
         EVAL | SUMMARY,
     ),
     "target.settings.*.timeout_s": ("target={{settings: {{humaneval: {{timeout_s: 2.0}}}}}}", EVAL | SUMMARY),
+    "target.settings.*.task_metric": ("target={{settings: {{bbh: {{task_metric: false}}}}}}", EVAL | SUMMARY),
     "target.eval_batch_size": ("target={{eval_batch_size: 4}}", NOTHING),
     "lora.r": ("lora={{r: 8}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
     "lora.alpha": ("lora={{alpha: 8}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
@@ -152,6 +153,8 @@ MATRIX: dict[str, tuple[str, set[str]]] = {
     "train.effective_batch": ("train={{effective_batch: 8}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
     "train.micro_batch": ("train={{micro_batch: 2}}", NOTHING),
     "train.weight_decay": ("train={{weight_decay: 0.01}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
+    # Every run again with seed 7, each from its own epoch 1: new runs only, nothing done is redone.
+    "train.seeds": ("train={{seeds: [7]}}", (RUN_GRADIENTS | {"select_random", "select_static"}) - QUALITY - {"select_less"}),
     "train.epochs": ("train={{epochs: 3}}", AFTER_TOKENS - {"tokenize_pool", "report_pool"}),
     "precision.base_dtype": ("precision={{base_dtype: bfloat16}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
     "precision.gradient_checkpointing": ("precision={{gradient_checkpointing: true}}", NOTHING),

@@ -432,6 +432,15 @@ OVERLAY_LAYERS = {
         "smollm2-replay.yaml",
         "smollm2-replay-small.yaml",
     ],
+    "smollm2-downstream.yaml": [
+        "demo.yaml",
+        "smollm2.yaml",
+        "smollm2-targets.yaml",
+        "smollm2-quality.yaml",
+        "smollm2-replay.yaml",
+        "smollm2-replay-small.yaml",
+        "smollm2-downstream.yaml",
+    ],
 }
 
 

@@ -1,0 +1,91 @@
+"""The downstream effect over training seeds: each method's target loss as mean and std over its seeds, paired
+differences against uniform draws and the static selection with a bootstrap interval, and the share of
+Dynamic's improvement over the base model it recovers.
+
+A run trained with another seed is named ``<run>__train_seed-<s>`` (clusterucb/selection/runs.py); its
+``variant`` is the name without that part, so the seeds of one method fall in one group.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+SEED_PART = re.compile(r"__train_seed-\d+")
+BASELINES = ("random_draw", "static")  # the paired differences' references, where configured
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def variant_of(run: str) -> str:
+    return SEED_PART.sub("", run)
+
+
+def bootstrap_interval(differences: np.ndarray, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95 % percentile interval of the mean of ``differences`` (one per seed), resampling seeds."""
+    rng = np.random.default_rng(seed)
+    means = rng.choice(differences, size=(BOOTSTRAP_RESAMPLES, len(differences)), replace=True).mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _paired(task_rows: pd.DataFrame, variant: str, baseline: str) -> str:
+    """Mean of (variant - baseline) target loss over the seeds both have, with its bootstrap interval."""
+    mine = task_rows[task_rows.variant == variant].set_index("train_seed").target_loss
+    theirs = task_rows[task_rows.variant == baseline].set_index("train_seed").target_loss
+    common = mine.index.intersection(theirs.index)
+    if variant == baseline or len(common) == 0:
+        return ""
+    differences = (mine[common] - theirs[common]).to_numpy(dtype=float)
+    if len(common) == 1:
+        return f"{differences[0]:+.4f} (1 seed)"
+    low, high = bootstrap_interval(differences)
+    beyond = " *" if high < 0 or low > 0 else ""  # the interval excludes 0
+    return f"{differences.mean():+.4f} [{low:+.4f}, {high:+.4f}]{beyond}"
+
+
+def seed_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per task and method variant, over its training seeds; ``frame`` is the comparison table
+    (columns task, run, method, train_seed, score, target_loss, pool_gradients). Lower target loss is better:
+    a negative paired difference favours the row's method; ``*`` marks an interval that excludes 0."""
+    frame = frame.assign(variant=[variant_of(r) for r in frame.run])
+    rows = []
+    for task, task_rows in frame.groupby("task", sort=False):
+        base = task_rows[task_rows.method == "base"].target_loss
+        dynamic = task_rows[task_rows.variant == "dynamic"].target_loss
+        dynamic_gain = float(base.mean() - dynamic.mean()) if len(base) and len(dynamic) else np.nan
+        for variant, group in task_rows.groupby("variant", sort=False):
+            row = {
+                "task": task,
+                "variant": variant,
+                "method": group.method.iloc[0],
+                "seeds": len(group),
+                "target_loss": float(group.target_loss.mean()),
+                "target_loss_std": float(group.target_loss.std()) if len(group) > 1 else np.nan,
+                "score": float(pd.to_numeric(group.score, errors="coerce").mean()),
+                "score_std": float(pd.to_numeric(group.score, errors="coerce").std()) if len(group) > 1 else np.nan,
+                "pool_gradients": float(group.pool_gradients.mean()),
+                # Share of Dynamic's improvement over the base model (1 = all of it), at the means over seeds.
+                "of_dynamic_gain": float((base.mean() - group.target_loss.mean()) / dynamic_gain)
+                if dynamic_gain == dynamic_gain and dynamic_gain != 0 and len(base)
+                else np.nan,
+            }
+            for baseline in BASELINES:
+                row[f"vs_{baseline}"] = _paired(task_rows, variant, baseline) if variant != "base" else ""
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mean_over_tasks(summary: pd.DataFrame) -> pd.DataFrame:
+    """Each variant's share of Dynamic's gain and target loss averaged over the tasks that have it."""
+    grouped = summary.groupby("variant", sort=False)
+    return pd.DataFrame(
+        {
+            "variant": list(grouped.groups),
+            "tasks": grouped.size().to_numpy(),
+            "of_dynamic_gain": grouped.of_dynamic_gain.mean().to_numpy(),
+            "pool_gradients": grouped.pool_gradients.mean().to_numpy(),
+        }
+    )
