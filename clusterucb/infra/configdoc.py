@@ -379,6 +379,7 @@ def task_settings_table(task_keys: list[str]) -> list[str]:
     sys.path.insert(0, str(REPO))
     try:
         from clusterucb.tasks import get_task, task_names
+        from clusterucb.tasks.base import EVERY_TASK
     finally:
         sys.path.remove(str(REPO))
     names = [k.rsplit(".", 1)[1] for k in task_keys]
@@ -394,7 +395,7 @@ def task_settings_table(task_keys: list[str]) -> list[str]:
         values = task.defaults.as_dict()
         row = []
         for name in names:
-            if name not in task.settings_used:
+            if name not in task.settings_used and name not in EVERY_TASK:
                 row.append("–")
             elif values[name] is None:
                 row.append("all" if name == "max_per_subtask" else "`null`")

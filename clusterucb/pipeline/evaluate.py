@@ -54,7 +54,7 @@ def evaluate(
     examples = pq.read_table(test_path).to_pylist()
     shared = read_parquet_metadata(test_path)["shared"]
     log.info("%s: evaluating %s on %d test examples", task, run, len(examples))
-    if settings.task_metric is False:
+    if not settings.task_metric:
         # The target loss only: generation is most of an evaluation's cost, and where a small model cannot
         # move the metric (few-shot CoT on a 135M model) it buys nothing.
         log.info("%s: task_metric false: target loss only, no %s", task, target.metric)

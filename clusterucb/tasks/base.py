@@ -67,7 +67,7 @@ class TaskSettings:
     max_context_tokens: int | None = None  # passage truncation (tokens)
     sampling: str | tuple[Sampling, ...] | None = None  # "greedy", or sampled passes (pass@k)
     timeout_s: float | None = None  # per generated program (code execution)
-    task_metric: bool | None = None  # False: the target loss only (no generation); None/True: both
+    task_metric: bool = True  # False: the target loss only (no generation)
 
     def as_dict(self) -> dict[str, Any]:
         out = {}

@@ -15,7 +15,8 @@ from clusterucb.tasks import get_task, resolve_settings, task_names
 @pytest.mark.parametrize("name", task_names())
 def test_every_task_takes_task_metric(name):
     assert resolve_settings(get_task(name), {"task_metric": False}).task_metric is False
-    assert resolve_settings(get_task(name), {}).task_metric is None  # the paper's: both
+    assert resolve_settings(get_task(name), {}).task_metric is True  # the paper's: both
+    assert resolve_settings(get_task(name), {"task_metric": None}).task_metric is True
 
 
 def test_loss_only_skips_the_task_metric_and_keeps_the_target_loss(tmp_path, datasets, monkeypatch):
