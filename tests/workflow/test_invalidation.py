@@ -153,8 +153,9 @@ MATRIX: dict[str, tuple[str, set[str]]] = {
     "train.effective_batch": ("train={{effective_batch: 8}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
     "train.micro_batch": ("train={{micro_batch: 2}}", NOTHING),
     "train.weight_decay": ("train={{weight_decay: 0.01}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
-    # Every run again with seed 7, each from its own epoch 1: new runs only, nothing done is redone.
-    "train.seeds": ("train={{seeds: [7]}}", (RUN_GRADIENTS | {"select_random", "select_static"}) - QUALITY - {"select_less"}),
+    # Every run again with seed 8 (the tiny config's master seed is 7), each from its own epoch 1: new runs
+    # only, nothing done is redone.
+    "train.seeds": ("train={{seeds: [8]}}", (RUN_GRADIENTS | {"select_random"}) - QUALITY - {"plot_cluster_influence"}),
     "train.epochs": ("train={{epochs: 3}}", AFTER_TOKENS - {"tokenize_pool", "report_pool"}),
     "precision.base_dtype": ("precision={{base_dtype: bfloat16}}", AFTER_TOKENS - {"tokenize_pool", "select_random", "report_pool"}),
     "precision.gradient_checkpointing": ("precision={{gradient_checkpointing: true}}", NOTHING),
@@ -264,3 +265,13 @@ def test_k_reruns_clusterucb_but_not_random_draw(plans):
     jobs = planned_job_wildcards(plans["cluster.k"])
     assert {w["run"] for rule, w in jobs if rule == "select_budgeted"} == {"clusterucb"}
     assert "random_draw" not in {w.get("run") for rule, w in jobs if rule in ("train_epoch", "evaluate")}
+
+
+def test_training_seeds_plan_only_the_new_seeds_runs(plans):
+    """A training seed adds whole runs of its own (its own epoch 1 included) and redoes nothing of the master seed's."""
+    jobs = planned_job_wildcards(plans["train.seeds"])
+    runs = {w["run"] for rule, w in jobs if rule in ("train_epoch", "select_top_scores", "select_budgeted", "evaluate")}
+    assert "full_matching__train_seed-8" in runs and "clusterucb__train_seed-8" in runs
+    assert all(run.endswith("__train_seed-8") for run in runs), runs
+    checkpoints = {w["ckpt"] for rule, w in jobs if rule == "grads_pool_shard"}
+    assert checkpoints and all("full_matching__train_seed-8/" in c or "dynamic__train_seed-8/" in c for c in checkpoints), checkpoints
