@@ -381,12 +381,14 @@ def get_budgeted_inputs(wildcards):
     }
     if needs_prior(run):
         inputs["prior"] = prior_scores(previous, wildcards.task)
+    if run.method == "prior_knn":  # the warmup features: who is whose neighbour (arms is their manifest)
+        inputs["warmup_shards"] = get_warmup_shards()
     return inputs
 
 
 def needs_prior(run):
-    """prior_rerank, and ClusterUCB with any prior guidance (its params hold only switches that are on)."""
-    return run.method == "prior_rerank" or bool(set(run.params) & set(GUIDANCE_OFF))
+    """prior_rerank, prior_knn, and ClusterUCB with any prior guidance (its params hold only switches that are on)."""
+    return run.method in ("prior_rerank", "prior_knn") or bool(set(run.params) & set(GUIDANCE_OFF))
 
 
 def prior_scores(ckpt, task):
@@ -520,7 +522,12 @@ def quality_ks():
 def quality_needs_prior():
     grid = QUALITY["grid"]
     guided = any(v != GUIDANCE_OFF[key] for key in GUIDANCE_OFF for v in grid.get(key) or [])
-    return "prior_rerank" in grid.get("method", []) or guided
+    return bool({"prior_rerank", "prior_knn"} & set(grid.get("method", []))) or guided
+
+
+def quality_needs_features():
+    """prior_knn reads the warmup features (who is whose neighbour)."""
+    return "prior_knn" in QUALITY["grid"].get("method", [])
 
 
 def get_quality_inputs(wildcards):
@@ -534,6 +541,9 @@ def get_quality_inputs(wildcards):
     }
     if quality_needs_prior():
         inputs["prior"] = prior_scores(ckpt, wildcards.task)
+    if quality_needs_features():
+        inputs["warmup"] = paths.POOL_MANIFEST.format(ckpt="warmup")
+        inputs["warmup_shards"] = get_warmup_shards()
     return inputs
 
 

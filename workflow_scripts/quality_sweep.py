@@ -14,5 +14,6 @@ quality_sweep(
     clusters_out=o.clusters,
     prior_path=i.get("prior"),
     static_path=i.static,
+    warmup_manifest=i.get("warmup"),
 )
 finish()

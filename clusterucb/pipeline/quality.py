@@ -9,11 +9,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clusterucb.features.gradstore import GradientStore
 from clusterucb.infra.io import read_parquet_metadata, write_json, write_parquet
 from clusterucb.infra.logsetup import progress
 from clusterucb.pipeline.tables import read_assignments, read_scores
 from clusterucb.selection.bandit import policy_params
 from clusterucb.selection.quality import (
+    PRIOR_METHODS,
     cluster_concentration,
     expand_grid,
     full_recall,
@@ -73,6 +75,19 @@ def recall(*, selection: str, draws: str, scores_path: str, assignments: str, re
     )
 
 
+def warmup_features(manifest: str, ids: list[str]) -> np.ndarray:
+    """The warmup store's features in the order of ``ids`` (float32); a sample without one (its warmup gradient
+    failed, so it is in no cluster and never drawn) gets zeros."""
+    store_ids, features = GradientStore(manifest, verify=False).load()
+    position = {e: i for i, e in enumerate(store_ids)}
+    out = np.zeros((len(ids), features.shape[1]), dtype=np.float32)
+    found = [(n, position[e]) for n, e in enumerate(ids) if e in position]
+    if found:
+        rows, source = map(list, zip(*found))
+        out[rows] = features[source].float().numpy()
+    return out
+
+
 def aligned_scores(path: str, ids: list[str]) -> np.ndarray:
     """The scores of ``path`` in the order of ``ids`` (NaN for an id it lacks, e.g. a failed warmup gradient)."""
     other_ids, other, _ = read_scores(path)
@@ -91,12 +106,14 @@ def quality_sweep(
     clusters_out: str,
     prior_path: str | None = None,
     static_path: str | None = None,
+    warmup_manifest: str | None = None,
 ) -> None:
     """Replay every grid point on the full-pool scores of one checkpoint; recall and cost per point.
 
     ``prior_path``: the prior scores at this checkpoint (warmup features against its validation gradients), read
     by prior_rerank and ClusterUCB's prior guidance. ``static_path``: the warmup checkpoint's scores, whose top-k
     is epoch 1's full-matching selection: the static method, kept every epoch, is recalled against this checkpoint.
+    ``warmup_manifest``: the warmup gradient store, whose features prior_knn reads (who is whose neighbour).
     Also, per clustering (K): its size distribution and how much of the scores'
     variance it explains (eta2) against random groupings of the same sizes.
     """
@@ -125,8 +142,20 @@ def quality_sweep(
     write_parquet(pa.Table.from_pandas(clusters, preserve_index=False), clusters_out, {"checkpoint": meta["checkpoint"], "top_p": top_p})
     rows = []
     points = list(expand_grid(grid, sorted(labels_by_k)))
+    features = None
+    if any(spec.needs_features for spec, _ in points):
+        if warmup_manifest is None:
+            raise ValueError("the grid replays prior_knn: it needs the warmup gradient store")
+        features = warmup_features(warmup_manifest, ids)
     for spec, k in progress(points, desc="replays"):
-        result = simulate(spec, labels_by_k[k], scores, top_p, prior=prior if spec.needs_prior else None)
+        result = simulate(
+            spec,
+            labels_by_k[k],
+            scores,
+            top_p,
+            prior=prior if spec.needs_prior else None,
+            features=features if spec.needs_features else None,
+        )
         clustered = spec.method == "clusterucb"
         rows.append(
             {
@@ -137,7 +166,7 @@ def quality_sweep(
                 "beta": spec.beta if clustered and "beta" in policy_params(spec.policy) else None,
                 "ucb_p": spec.ucb_p if clustered and "ucb_p" in policy_params(spec.policy) else None,
                 "k": k if clustered else None,
-                "seed": spec.seed if spec.method != "prior_rerank" else None,
+                "seed": spec.seed if spec.method not in PRIOR_METHODS else None,
                 "order": spec.order if clustered else None,
                 "arm_prior": spec.arm_prior if clustered else None,
                 "exhaust": spec.exhaust if clustered else None,

@@ -172,7 +172,7 @@ def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
     checkpoints = list(dict.fromkeys(zip(agg.task, agg.checkpoint)))
     metrics = ("Rs", "Rinf_excess", "Rinf")
     fig, axes = plt.subplots(len(checkpoints), len(metrics), figsize=(16, 3.6 * len(checkpoints)), squeeze=False, constrained_layout=True)
-    budgeted = agg[agg.method.isin(["clusterucb", "random_draw", "prior_rerank"])]
+    budgeted = agg[agg.method.isin(["clusterucb", "random_draw", "prior_rerank", "prior_knn"])]
     for row, (task, checkpoint) in enumerate(checkpoints):
         here = (agg.task == task) & (agg.checkpoint == checkpoint)
         part = budgeted[here[budgeted.index]]
@@ -183,7 +183,7 @@ def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
             for (method, variant, policy), line in part.groupby(["method", "variant", "policy"], sort=False, dropna=False):
                 label = method if method != "clusterucb" else f"clusterucb/{policy}" + ("" if variant == "paper" else f" ({variant})")
                 line = line.groupby("budget")[[metric, f"{metric}_std"]].mean().reset_index()
-                style = "--" if method in ("random_draw", "prior_rerank") else "-"
+                style = "--" if method in ("random_draw", "prior_rerank", "prior_knn") else "-"
                 ax.errorbar(
                     line.budget.astype(float),
                     line[metric],

@@ -17,7 +17,7 @@ from clusterucb.infra.throughput import THROUGHPUT
 from clusterucb.pipeline.data import read_tokens
 from clusterucb.pipeline.files import Checkpoint, Pool, Selecting, Validation
 from clusterucb.pipeline.grads import GradParams, make_featurizer
-from clusterucb.pipeline.quality import aligned_scores
+from clusterucb.pipeline.quality import aligned_scores, warmup_features
 from clusterucb.pipeline.scores import val_features
 from clusterucb.pipeline.tables import draws_schema, read_assignments, write_selection
 from clusterucb.selection.quality import BudgetedSpec, budgeted_selection
@@ -70,6 +70,7 @@ def select_budgeted(
     if (pool_label < 0).any():
         log.warning("%d pool samples are not in any cluster (no warmup gradient) and cannot be drawn", int((pool_label < 0).sum()))
 
+    features = warmup_features(arms, pool_ids) if spec.needs_features else None  # arms: the warmup store's manifest
     featurizer, _ = make_featurizer(model_dir, at.adapter_dir, at.optimizer, checkpoint, "adam", GradParams.from_dict(grad_params))
     val, subtask, _ = val_features(validation.tensors, validation.index, validation.tokens)
 
@@ -99,7 +100,9 @@ def select_budgeted(
             raise ValueError(f"{run}: {spec.method} with {spec.guidance} needs the prior scores at {checkpoint}")
         prior_scores = np.nan_to_num(aligned_scores(prior, pool_ids), nan=-np.inf)
     start = time.perf_counter()
-    result, selected = budgeted_selection(spec, pool_label, top_p, reward_fn, np.random.default_rng([spec.seed, epoch]), prior=prior_scores)
+    result, selected = budgeted_selection(
+        spec, pool_label, top_p, reward_fn, np.random.default_rng([spec.seed, epoch]), prior=prior_scores, features=features
+    )
     seconds = time.perf_counter() - start
     computed = len(result.draws) - (rewards.reused if rewards else 0)
     log.info(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clusterucb.selection.bandit import make_policy, policy_params
+from clusterucb.selection.neighbours import ResidualNeighbours, prior_knn
 from clusterucb.selection.runs import BUDGETED
 from clusterucb.selection.select import (
     ClusterUCB,
@@ -72,12 +73,14 @@ def recall_metrics(
 
 
 RANDOM_DRAW_CALL = 512  # samples per reward call of random_draw (its draws do not depend on rewards)
+PRIOR_METHODS = ("prior_rerank", "prior_knn")  # the prior picks the budget; no clusters, no bandit
 
 
 @dataclass(frozen=True)
 class BudgetedSpec:
     """One budgeted selection: ClusterUCB with a policy (and, beyond the paper, prior guidance), uniform
-    draws (random_draw), or the prior's best candidates re-ranked by fresh gradients (prior_rerank)."""
+    draws (random_draw), the prior's best candidates re-ranked by fresh gradients (prior_rerank), or the same
+    with the prior corrected by the drawn neighbours' residuals as rewards come in (prior_knn)."""
 
     method: str = "clusterucb"
     policy: str = "ucb_beta"
@@ -98,11 +101,22 @@ class BudgetedSpec:
 
     @property
     def needs_prior(self) -> bool:
-        return self.method == "prior_rerank" or (self.method == "clusterucb" and self.guidance.needs_prior)
+        return self.method in PRIOR_METHODS or (self.method == "clusterucb" and self.guidance.needs_prior)
+
+    @property
+    def needs_features(self) -> bool:
+        """prior_knn reads the warmup features (who is whose neighbour)."""
+        return self.method == "prior_knn"
 
 
 def budgeted_selection(
-    spec: BudgetedSpec, labels: np.ndarray, top_p: float, reward_fn, rng: np.random.Generator, prior: np.ndarray | None = None
+    spec: BudgetedSpec,
+    labels: np.ndarray,
+    top_p: float,
+    reward_fn,
+    rng: np.random.Generator,
+    prior: np.ndarray | None = None,
+    features: np.ndarray | None = None,
 ):
     """Run a budgeted method over the pool; returns the ClusterUCB result (draws, arm state) and the selected indices.
 
@@ -113,13 +127,22 @@ def budgeted_selection(
     them in calls of ``RANDOM_DRAW_CALL`` samples: the same draws and selection
     as one at a time, batched. prior_rerank spends the budget (int(N * budget)
     draws) on the clusterable samples of highest ``prior``, in calls of the same
-    size. Either way the selection is the top-k of the rewards drawn.
+    size. prior_knn (``features``: the pool's warmup features, in pool order) draws in calls of ``draw_batch``,
+    each on the best prior corrected by the drawn neighbours' residuals (clusterucb/selection/neighbours.py).
+    Either way the selection is the top-k of the rewards drawn.
     """
     k = n_selected(len(labels), top_p)
     if spec.needs_prior and prior is None:
         raise ValueError(f"{spec.method} with {spec.guidance} needs the prior scores of the pool")
+    if spec.needs_features and features is None:
+        raise ValueError(f"{spec.method} needs the pool's warmup features")
+    clusterable = np.flatnonzero(np.asarray(labels) >= 0)
     if spec.method == "prior_rerank":
-        draws = prior_rerank(np.flatnonzero(np.asarray(labels) >= 0), prior, int(len(labels) * spec.budget), reward_fn, RANDOM_DRAW_CALL)
+        draws = prior_rerank(clusterable, prior, int(len(labels) * spec.budget), reward_fn, RANDOM_DRAW_CALL)
+        result = ClusterUCBResult(draws=draws)
+    elif spec.method == "prior_knn":
+        neighbours = ResidualNeighbours(features)
+        draws = prior_knn(clusterable, prior, int(len(labels) * spec.budget), reward_fn, spec.draw_batch, neighbours)
         result = ClusterUCBResult(draws=draws)
     else:
         if spec.method == "clusterucb":
@@ -147,11 +170,12 @@ def simulate(
     top_p: float,
     rng: np.random.Generator | None = None,
     prior: np.ndarray | None = None,
+    features: np.ndarray | None = None,
 ) -> dict:
     """Replay a budgeted method with rewards looked up in ``scores``; its recall and cost."""
     rng = rng if rng is not None else np.random.default_rng(spec.seed)
     scores = np.asarray(scores, dtype=np.float64)
-    result, selected = budgeted_selection(spec, labels, top_p, lambda idx: scores[idx], rng, prior=prior)
+    result, selected = budgeted_selection(spec, labels, top_p, lambda idx: scores[idx], rng, prior=prior, features=features)
     drawn = np.array([d.index for d in result.draws], dtype=np.int64)
     k = n_selected(len(labels), top_p)
     return {
@@ -189,7 +213,7 @@ def full_recall(scores: np.ndarray, top_p: float) -> dict:
 
 
 def expand_grid(grid: dict, ks: list[int]) -> list[tuple[BudgetedSpec, int]]:
-    """Every (spec, k) of a sweep grid; random_draw and prior_rerank points ignore the clustering parameters
+    """Every (spec, k) of a sweep grid; random_draw, prior_rerank and prior_knn points ignore the clustering parameters
     (deduplicated), and the prior-guidance axes (order, arm_prior, exhaust) apply to clusterucb only."""
 
     def values(key, default):
@@ -199,7 +223,7 @@ def expand_grid(grid: dict, ks: list[int]) -> list[tuple[BudgetedSpec, int]]:
     for method in values("method", ["clusterucb"]):
         if method not in BUDGETED:
             raise ValueError(f"{method!r} is not a budgeted method ({', '.join(BUDGETED)})")
-        if method in ("random_draw", "prior_rerank"):  # no clusters, no cold start, no policy parameters
+        if method in ("random_draw", *PRIOR_METHODS):  # no clusters, no cold start, no policy parameters
             for budget, seed in itertools.product(values("budget", [0.2]), values("seed", [0])):
                 spec = BudgetedSpec(method=method, policy="random_cluster", budget=budget, csp=0.0, seed=seed)
                 points[(spec, ks[0])] = (spec, ks[0])

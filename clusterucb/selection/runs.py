@@ -13,6 +13,8 @@ the epoch-1 full-matching selection and training of every Dynamic-family run.
 | prior_rerank| full matching at the warmup  | the budget * N samples of best prior (warmup    | N + (E-1) * budget * N    |
 |             |                              | features vs the current validation gradients),  |                           |
 |             |                              | re-ranked by fresh gradients                    |                           |
+| prior_knn   | full matching at the warmup  | as prior_rerank, the prior corrected as rewards | N + (E-1) * budget * N    |
+|             |                              | come in by the drawn neighbours' residuals      |                           |
 | static      | full matching at the warmup  | epoch 1's selection again                       | N                         |
 | dynamic     | full matching at the warmup  | full matching at its own epoch e-1 checkpoint   | E * N                     |
 | less        | LESS (warmup checkpoints, LR-weighted), the same selection every epoch | | C * N             |
@@ -36,9 +38,9 @@ from dataclasses import dataclass, field
 from clusterucb.infra.paths import ALL_TASKS, run_checkpoint
 from clusterucb.selection.bandit import policy_params
 
-METHODS = ("clusterucb", "random_draw", "prior_rerank", "static", "dynamic", "less", "random")
-BUDGETED = ("clusterucb", "random_draw", "prior_rerank")
-DYNAMIC_FAMILY = ("clusterucb", "random_draw", "prior_rerank", "static", "dynamic")
+METHODS = ("clusterucb", "random_draw", "prior_rerank", "prior_knn", "static", "dynamic", "less", "random")
+BUDGETED = ("clusterucb", "random_draw", "prior_rerank", "prior_knn")
+DYNAMIC_FAMILY = ("clusterucb", "random_draw", "prior_rerank", "prior_knn", "static", "dynamic")
 # ClusterUCB's prior guidance (beyond the paper; selection.PriorGuidance) and the values that mean "off".
 GUIDANCE_OFF = {"order": "uniform", "arm_prior": False, "exhaust": False}
 SHARED_EPOCH1 = "full_matching"  # the epoch-1 run every Dynamic-family run starts from
@@ -49,6 +51,7 @@ RUN_KEYS = {
     "clusterucb": ("policy", "budget", "csp", "beta", "ucb_p", "draw_batch", "tie_break", "k", "seed", "order", "arm_prior", "exhaust"),
     "random_draw": ("budget", "draw_batch", "seed"),
     "prior_rerank": ("budget",),
+    "prior_knn": ("budget", "draw_batch"),
     "static": (),
     "dynamic": (),
     "less": (),
