@@ -474,3 +474,34 @@ def test_every_config_overlay_validates_and_plans(overlay, datasets, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert planned_jobs(proc.stdout).get("compare_methods") == 1
+
+
+def test_prior_knn_reselects_and_replays_on_the_tiny_run(tiny_run, datasets, tmp_path):
+    """prior_knn end to end: its re-selection at the epoch-1 checkpoint (fresh gradients for its draws only) and
+    its replay on that checkpoint's full scores, both reading the warmup features."""
+    import numpy as np
+
+    from clusterucb.selection.select import n_selected
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(tiny_run, workdir, symlinks=True)
+    change = ("selection={methods: [prior_knn]}", "quality={grid: {method: [prior_knn, prior_rerank]}}")
+    selection = "results/runs/gsm8k/prior_knn/epoch-2/selection.parquet"
+    sweep = "results/quality/gsm8k/runs/full_matching/epoch-1/sweep.parquet"
+    run(workdir, datasets, "--cores", "2", config=change, targets=(selection, sweep))
+    draws = pq.read_table(workdir / "results/runs/gsm8k/prior_knn/epoch-2/draws.parquet").to_pandas()
+    chosen = pq.read_table(workdir / selection).to_pandas()
+    full = pq.read_table(workdir / "results/grads/runs/gsm8k/full_matching/epoch-1/scores/gsm8k.parquet").to_pandas()
+    n_pool, budget, top_p = len(full), 0.3, 0.1  # the tiny config's
+    assert len(draws) == int(n_pool * budget) and draws.example_id.is_unique and set(draws.phase) == {"prior_knn"}
+    # Its rewards are the influence at that checkpoint, as the full pass computes it.
+    fresh = full.set_index("example_id").score
+    np.testing.assert_allclose(draws.score, fresh[draws.example_id].to_numpy(), rtol=1e-3, atol=1e-5)
+    # The selection: the top-k of what it drew.
+    k = len(chosen)
+    assert k == n_selected(n_pool, top_p)
+    assert set(chosen.example_id) == set(draws.nlargest(k, "score").example_id)
+    replay = pq.read_table(workdir / sweep).to_pandas()
+    rows = replay[replay.method == "prior_knn"]
+    assert sorted(rows.budget.unique()) == [0.2, 0.4] and (rows.n_gradients == (rows.budget * n_pool).astype(int)).all()
+    assert rows.seed.isna().all() and rows.Rs.between(0, 1).all()
