@@ -414,6 +414,14 @@ def test_pyproject_declares_every_package_the_code_imports():
     assert third_party_imports() <= declared, third_party_imports() - declared
 
 
+SMALL_REPLAY = [
+    "demo.yaml",
+    "smollm2.yaml",
+    "smollm2-targets.yaml",
+    "smollm2-quality.yaml",
+    "smollm2-replay.yaml",
+    "smollm2-replay-small.yaml",
+]
 # Each overlay with the layers its header names (the demo first where it builds on it).
 OVERLAY_LAYERS = {
     "demo.yaml": ["demo.yaml"],
@@ -424,23 +432,8 @@ OVERLAY_LAYERS = {
     "smollm2-targets.yaml": ["demo.yaml", "smollm2.yaml", "smollm2-targets.yaml"],
     "smollm2-quality.yaml": ["demo.yaml", "smollm2.yaml", "smollm2-targets.yaml", "smollm2-quality.yaml"],
     "smollm2-replay.yaml": ["demo.yaml", "smollm2.yaml", "smollm2-targets.yaml", "smollm2-quality.yaml", "smollm2-replay.yaml"],
-    "smollm2-replay-small.yaml": [
-        "demo.yaml",
-        "smollm2.yaml",
-        "smollm2-targets.yaml",
-        "smollm2-quality.yaml",
-        "smollm2-replay.yaml",
-        "smollm2-replay-small.yaml",
-    ],
-    "smollm2-downstream.yaml": [
-        "demo.yaml",
-        "smollm2.yaml",
-        "smollm2-targets.yaml",
-        "smollm2-quality.yaml",
-        "smollm2-replay.yaml",
-        "smollm2-replay-small.yaml",
-        "smollm2-downstream.yaml",
-    ],
+    "smollm2-replay-small.yaml": SMALL_REPLAY,
+    "smollm2-downstream.yaml": [*SMALL_REPLAY, "smollm2-downstream.yaml"],
 }
 
 
