@@ -381,7 +381,8 @@ def get_budgeted_inputs(wildcards):
     }
     if needs_prior(run):
         inputs["prior"] = prior_scores(previous, wildcards.task)
-    if run.method == "prior_knn":  # the warmup features: who is whose neighbour (arms is their manifest)
+    # prior_knn reads the warmup features (who is whose neighbour); arms is their manifest.
+    if run.method == "prior_knn":
         inputs["warmup_shards"] = get_warmup_shards()
     return inputs
 
