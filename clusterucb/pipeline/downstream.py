@@ -67,10 +67,9 @@ def seed_summary(frame: pd.DataFrame) -> pd.DataFrame:
                 "score": float(pd.to_numeric(group.score, errors="coerce").mean()),
                 "score_std": float(pd.to_numeric(group.score, errors="coerce").std()) if len(group) > 1 else np.nan,
                 "pool_gradients": float(group.pool_gradients.mean()),
-                # Share of Dynamic's improvement over the base model (1 = all of it), at the means over seeds.
-                "of_dynamic_gain": float((base.mean() - group.target_loss.mean()) / dynamic_gain)
-                if dynamic_gain == dynamic_gain and dynamic_gain != 0 and len(base)
-                else np.nan,
+                # Share of Dynamic's improvement over the base model (1 = all of it), at the means over seeds;
+                # undefined where Dynamic does not improve on the base model.
+                "of_dynamic_gain": float((base.mean() - group.target_loss.mean()) / dynamic_gain) if dynamic_gain > 0 else np.nan,
             }
             for baseline in BASELINES:
                 row[f"vs_{baseline}"] = _paired(task_rows, variant, baseline) if variant != "base" else ""

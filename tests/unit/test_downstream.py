@@ -48,6 +48,13 @@ def test_seed_summary_by_hand():
     assert over.set_index("variant").loc["clusterucb", "of_dynamic_gain"] == pytest.approx((0.9 + 1.0) / 2)
 
 
+def test_the_share_of_dynamics_gain_is_undefined_where_dynamic_does_not_improve():
+    worse = seed_summary(comparison({"dynamic": [2.5, 2.5, 2.5], "clusterucb": [1.9, 1.9, 1.9]})).set_index("variant")
+    assert np.isnan(worse.loc["clusterucb", "of_dynamic_gain"])
+    missing = seed_summary(comparison({"clusterucb": [1.9, 1.9, 1.9]})).set_index("variant")
+    assert np.isnan(missing.loc["clusterucb", "of_dynamic_gain"])
+
+
 def test_an_interval_that_straddles_zero_is_not_starred():
     frame = comparison({"random_draw": [1.5, 1.5, 1.5], "clusterucb": [1.3, 1.7, 1.45]})
     text = seed_summary(frame).set_index("variant").loc["clusterucb", "vs_random_draw"]
