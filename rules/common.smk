@@ -81,8 +81,10 @@ from clusterucb.infra.resources import (  # noqa: E402
 from clusterucb.data.tokens import count_rows  # noqa: E402
 from clusterucb.selection.runs import (
     BUDGETED,
+    FEATURE_METHODS,
     GUIDANCE_OFF,
     METHODS,
+    PRIOR_METHODS,
     defaults_from_config,
     epoch1_runs,
     expand_runs,
@@ -382,14 +384,14 @@ def get_budgeted_inputs(wildcards):
     if needs_prior(run):
         inputs["prior"] = prior_scores(previous, wildcards.task)
     # prior_knn reads the warmup features (who is whose neighbour); arms is their manifest.
-    if run.method == "prior_knn":
+    if run.method in FEATURE_METHODS:
         inputs["warmup_shards"] = get_warmup_shards()
     return inputs
 
 
 def needs_prior(run):
     """prior_rerank, prior_knn, and ClusterUCB with any prior guidance (its params hold only switches that are on)."""
-    return run.method in ("prior_rerank", "prior_knn") or bool(set(run.params) & set(GUIDANCE_OFF))
+    return run.method in PRIOR_METHODS or bool(set(run.params) & set(GUIDANCE_OFF))
 
 
 def prior_scores(ckpt, task):
@@ -523,12 +525,12 @@ def quality_ks():
 def quality_needs_prior():
     grid = QUALITY["grid"]
     guided = any(v != GUIDANCE_OFF[key] for key in GUIDANCE_OFF for v in grid.get(key) or [])
-    return bool({"prior_rerank", "prior_knn"} & set(grid.get("method", []))) or guided
+    return bool(set(PRIOR_METHODS) & set(grid.get("method", []))) or guided
 
 
 def quality_needs_features():
     """prior_knn reads the warmup features (who is whose neighbour)."""
-    return "prior_knn" in QUALITY["grid"].get("method", [])
+    return bool(set(FEATURE_METHODS) & set(QUALITY["grid"].get("method", [])))
 
 
 def get_quality_inputs(wildcards):

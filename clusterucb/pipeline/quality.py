@@ -15,7 +15,6 @@ from clusterucb.infra.logsetup import progress
 from clusterucb.pipeline.tables import read_assignments, read_scores
 from clusterucb.selection.bandit import policy_params
 from clusterucb.selection.quality import (
-    PRIOR_METHODS,
     cluster_concentration,
     expand_grid,
     full_recall,
@@ -24,6 +23,7 @@ from clusterucb.selection.quality import (
     simulate,
     static_recall,
 )
+from clusterucb.selection.runs import PRIOR_METHODS
 from clusterucb.selection.select import n_selected, top_k
 
 log = logging.getLogger(__name__)

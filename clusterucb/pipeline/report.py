@@ -14,6 +14,7 @@ import yaml
 
 from clusterucb.infra.io import atomic_path, read_parquet_metadata, write_parquet
 from clusterucb.pipeline.downstream import mean_over_tasks, seed_summary
+from clusterucb.selection.runs import BUDGETED
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
     checkpoints = list(dict.fromkeys(zip(agg.task, agg.checkpoint)))
     metrics = ("Rs", "Rinf_excess", "Rinf")
     fig, axes = plt.subplots(len(checkpoints), len(metrics), figsize=(16, 3.6 * len(checkpoints)), squeeze=False, constrained_layout=True)
-    budgeted = agg[agg.method.isin(["clusterucb", "random_draw", "prior_rerank", "prior_knn"])]
+    budgeted = agg[agg.method.isin(BUDGETED)]
     for row, (task, checkpoint) in enumerate(checkpoints):
         here = (agg.task == task) & (agg.checkpoint == checkpoint)
         part = budgeted[here[budgeted.index]]
@@ -183,7 +184,7 @@ def recall_vs_budget_figure(agg: pd.DataFrame, out: str) -> None:
             for (method, variant, policy), line in part.groupby(["method", "variant", "policy"], sort=False, dropna=False):
                 label = method if method != "clusterucb" else f"clusterucb/{policy}" + ("" if variant == "paper" else f" ({variant})")
                 line = line.groupby("budget")[[metric, f"{metric}_std"]].mean().reset_index()
-                style = "--" if method in ("random_draw", "prior_rerank", "prior_knn") else "-"
+                style = "-" if method == "clusterucb" else "--"  # the baselines dashed
                 ax.errorbar(
                     line.budget.astype(float),
                     line[metric],

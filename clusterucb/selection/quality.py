@@ -16,7 +16,7 @@ import numpy as np
 
 from clusterucb.selection.bandit import make_policy, policy_params
 from clusterucb.selection.neighbours import ResidualNeighbours, prior_knn
-from clusterucb.selection.runs import BUDGETED
+from clusterucb.selection.runs import BUDGETED, FEATURE_METHODS, PRIOR_METHODS
 from clusterucb.selection.select import (
     ClusterUCB,
     ClusterUCBResult,
@@ -73,7 +73,6 @@ def recall_metrics(
 
 
 RANDOM_DRAW_CALL = 512  # samples per reward call of random_draw (its draws do not depend on rewards)
-PRIOR_METHODS = ("prior_rerank", "prior_knn")  # the prior picks the budget; no clusters, no bandit
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,7 @@ class BudgetedSpec:
     @property
     def needs_features(self) -> bool:
         """prior_knn reads the warmup features (who is whose neighbour)."""
-        return self.method == "prior_knn"
+        return self.method in FEATURE_METHODS
 
 
 def budgeted_selection(

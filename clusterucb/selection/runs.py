@@ -41,6 +41,8 @@ from clusterucb.selection.bandit import policy_params
 METHODS = ("clusterucb", "random_draw", "prior_rerank", "prior_knn", "static", "dynamic", "less", "random")
 BUDGETED = ("clusterucb", "random_draw", "prior_rerank", "prior_knn")
 DYNAMIC_FAMILY = ("clusterucb", "random_draw", "prior_rerank", "prior_knn", "static", "dynamic")
+PRIOR_METHODS = ("prior_rerank", "prior_knn")  # the prior picks the budget: no clusters, no bandit, no random choice
+FEATURE_METHODS = ("prior_knn",)  # read the warmup features (who is whose neighbour)
 # ClusterUCB's prior guidance (beyond the paper; selection.PriorGuidance) and the values that mean "off".
 GUIDANCE_OFF = {"order": "uniform", "arm_prior": False, "exhaust": False}
 SHARED_EPOCH1 = "full_matching"  # the epoch-1 run every Dynamic-family run starts from
