@@ -213,7 +213,8 @@ def full_recall(scores: np.ndarray, top_p: float) -> dict:
 
 def expand_grid(grid: dict, ks: list[int]) -> list[tuple[BudgetedSpec, int]]:
     """Every (spec, k) of a sweep grid; random_draw, prior_rerank and prior_knn points ignore the clustering parameters
-    (deduplicated), and the prior-guidance axes (order, arm_prior, exhaust) apply to clusterucb only."""
+    (deduplicated), the prior methods also the seed (replayed once), and the prior-guidance axes (order, arm_prior,
+    exhaust) apply to clusterucb only."""
 
     def values(key, default):
         return list(grid.get(key) or default)
@@ -223,7 +224,8 @@ def expand_grid(grid: dict, ks: list[int]) -> list[tuple[BudgetedSpec, int]]:
         if method not in BUDGETED:
             raise ValueError(f"{method!r} is not a budgeted method ({', '.join(BUDGETED)})")
         if method in ("random_draw", *PRIOR_METHODS):  # no clusters, no cold start, no policy parameters
-            for budget, seed in itertools.product(values("budget", [0.2]), values("seed", [0])):
+            seeds = [0] if method in PRIOR_METHODS else values("seed", [0])  # the prior methods draw no random number
+            for budget, seed in itertools.product(values("budget", [0.2]), seeds):
                 spec = BudgetedSpec(method=method, policy="random_cluster", budget=budget, csp=0.0, seed=seed)
                 points[(spec, ks[0])] = (spec, ks[0])
             continue

@@ -80,6 +80,6 @@ def test_prior_knn_needs_features_and_a_prior_and_replays_once_per_budget():
         budgeted_selection(BudgetedSpec(method="prior_knn"), labels, 0.2, lambda i: i * 1.0, None, prior=np.zeros(10))
     with pytest.raises(ValueError, match="prior"):
         budgeted_selection(BudgetedSpec(method="prior_knn"), labels, 0.2, lambda i: i * 1.0, None, features=np.eye(10))
-    points = expand_grid({"method": ["prior_knn"], "budget": [0.1, 0.2], "policy": ["ucb1"], "k": [5]}, ks=[5])
-    assert sorted(spec.budget for spec, _ in points) == [0.1, 0.2]
+    points = expand_grid({"method": ["prior_knn"], "budget": [0.1, 0.2], "policy": ["ucb1"], "k": [5], "seed": [0, 1, 2]}, ks=[5])
+    assert sorted(spec.budget for spec, _ in points) == [0.1, 0.2]  # once per budget: no random choice, no seed
     assert all(spec.needs_features and spec.needs_prior for spec, _ in points)
