@@ -88,6 +88,7 @@ rule train_epoch:
         train=get_train_params(),
         top_p=config["selection"]["top_p"],
         seed=get_train_seed,
+        lora_init_seed=config["seed"],  # the warmup's: see clusterucb.pipeline.train.train_epoch
         scratch=get_scratch,
     script:
         "../workflow_scripts/train_epoch.py"

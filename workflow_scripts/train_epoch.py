@@ -19,6 +19,7 @@ train_epoch(
     epoch=epoch,
     top_p=p.top_p,
     seed=p.seed,
+    lora_init_seed=p.lora_init_seed,
     scratch=p.scratch,
 )
 finish()

@@ -132,10 +132,16 @@ def train_epoch(
     epoch: int,
     top_p: float,
     seed: int,
+    lora_init_seed: int,
     scratch: str,
 ) -> None:
     """One epoch on the epoch's selection; epoch 1 starts a fresh LoRA on the base model, later epochs resume
-    the ``previous`` epoch's adapter and AdamW state and continue the LR schedule of ``train['epochs']``."""
+    the ``previous`` epoch's adapter and AdamW state and continue the LR schedule of ``train['epochs']``.
+
+    ``seed`` (the run's training seed) orders the data and keys dropout; ``lora_init_seed`` draws the fresh
+    LoRA's A matrices and is the warmup's: LoRA gradients at two checkpoints are in comparable coordinates
+    only if both adapters started from the same A (the gradient of B is taken through A), and the prior
+    methods score warmup features against gradients at this run's checkpoints."""
     epochs = int(train["epochs"])
     pool = read_tokens(pool_tokens)  # memory-mapped: only the selected rows are read
     selected_ids = pq.read_table(selection, columns=["example_id"]).column("example_id").to_pylist()
@@ -153,7 +159,7 @@ def train_epoch(
     per_epoch = steps_per_epoch(n_selected(len(pool), top_p), spec.effective_batch)
     plan = plan_steps((epoch - 1) * per_epoch, per_epoch, epochs * per_epoch, spec.warmup_ratio)
     if epoch == 1:
-        peft_model = attach_lora(model, LoraSpec.from_dict({**lora, "seed": seed}))
+        peft_model = attach_lora(model, LoraSpec.from_dict({**lora, "seed": lora_init_seed}))
         resume = None
     else:
         peft_model = load_lora(model, previous.adapter_dir, trainable=True, device=dev)

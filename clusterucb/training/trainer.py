@@ -161,6 +161,16 @@ class _Scratch:
             self.dir.rmdir()
 
 
+def adapter_fingerprint(peft_model) -> list:
+    """Name, shape and two sums of every trainable tensor: what the adapter starts from, cheaply."""
+    with torch.no_grad():
+        return [
+            [name, list(p.shape), float(p.double().sum()), float(p.double().abs().sum())]
+            for name, p in peft_model.named_parameters()
+            if p.requires_grad
+        ]
+
+
 def train_lora(
     peft_model,
     examples: list[dict],
@@ -194,7 +204,11 @@ def train_lora(
         restore_optimizer(peft_model, optimizer, resume_from)
     dropout_seed = int(np.random.default_rng(data_seed).integers(2**31))
     torch.manual_seed(dropout_seed)  # for anything else that draws from torch's generator; dropout does not
-    scratch = _Scratch(scratch_dir, config_hash([spec.result_fields(), asdict(plan), data_seed, len(examples)]))
+    # The key names the starting adapter too: a scratch state left by a job that started from other weights
+    # (another LoRA initialisation or rank, another previous epoch) is not resumed.
+    scratch = _Scratch(
+        scratch_dir, config_hash([spec.result_fields(), asdict(plan), data_seed, len(examples), adapter_fingerprint(peft_model)])
+    )
     done, steps = scratch.load(peft_model, optimizer)
 
     needed = plan.n_steps * spec.effective_batch

@@ -162,6 +162,33 @@ def test_training_killed_mid_job_resumes_from_scratch_to_the_same_weights(tmp_pa
             assert torch.equal(a, b), name  # dropout masks included: bit for bit
 
 
+def test_a_scratch_state_left_by_another_starting_adapter_is_not_resumed(tmp_path, monkeypatch):
+    """Same training settings and examples, another LoRA initialisation: the killed job's state is not resumed."""
+    examples = ragged_examples(10, seed=6)
+    import clusterucb.training.trainer as training
+
+    original = training.linear_schedule
+
+    def dies_at_step_3(step, total, warmup):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return original(step, total, warmup)
+
+    monkeypatch.setattr(training, "linear_schedule", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_lora_llama(seed=2), examples, 5, scratch=tmp_path / "scratch")
+    monkeypatch.setattr(training, "linear_schedule", original)
+
+    reference = tiny_lora_llama(seed=4)
+    _train(reference, examples, 5)
+    other_start = tiny_lora_llama(seed=4)
+    _, steps = _train(other_start, examples, 5, scratch=tmp_path / "scratch")
+    assert [s["global_step"] for s in steps] == [1, 2, 3, 4, 5]
+    for (name, a), (_, b) in zip(reference.named_parameters(), other_start.named_parameters()):
+        if a.requires_grad:
+            assert torch.equal(a, b), name  # trained from its own start, not from the other job's step 2
+
+
 def test_resuming_the_previous_epoch_continues_adam(tmp_path):
     examples = ragged_examples(8, seed=7)
     model = tiny_lora_llama(seed=3)

@@ -498,3 +498,26 @@ def test_prior_knn_reselects_and_replays_on_the_tiny_run(tiny_run, datasets, tmp
     rows = replay[replay.method == "prior_knn"]
     assert sorted(rows.budget.unique()) == [0.2, 0.4] and (rows.n_gradients == (rows.budget * n_pool).astype(int)).all()
     assert rows.seed.isna().all() and rows.Rs.between(0, 1).all()
+
+
+def test_a_training_seed_keeps_the_warmups_lora_init(tiny_run, datasets, tmp_path):
+    """A training seed changes the data order and dropout, not the LoRA's initial A matrices (the warmup's): the
+    prior methods compare warmup features with gradients at the run's checkpoints, which needs the same A."""
+    import torch
+    from safetensors.torch import load_file
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(tiny_run, workdir, symlinks=True)
+    adapter = "results/runs/gsm8k/{run}/epoch-1/adapter/adapter_model.safetensors"
+    run(workdir, datasets, "--cores", "2", config=("train={seeds: [8]}",), targets=(adapter.format(run="full_matching__train_seed-8"),))
+    master = load_file(workdir / adapter.format(run="full_matching"))
+    seeded = load_file(workdir / adapter.format(run="full_matching__train_seed-8"))
+    cosine = {
+        name: torch.nn.functional.cosine_similarity(master[name].flatten().double(), seeded[name].flatten().double(), dim=0).item()
+        for name in master
+    }
+    a_matrices = [c for name, c in cosine.items() if "lora_A" in name]
+    b_matrices = [c for name, c in cosine.items() if "lora_B" in name]
+    assert a_matrices and min(a_matrices) > 0.99, a_matrices  # the same start, a few steps apart
+    assert any(not torch.equal(master[name], seeded[name]) for name in master)  # yet trained otherwise
+    assert min(b_matrices) < 0.999, b_matrices
