@@ -24,10 +24,11 @@ Every run exists once per target task (``runs/<task>/<run>/epoch-<e>``), except
 ``random``, whose selection never reads a target: it is trained once
 (``runs/all/random/...``) and evaluated on every target.
 
-Training seeds: every run may be trained again with another seed (``train_seed``: data order, LoRA init,
-dropout), named ``<run>__train_seed-<s>``; a Dynamic-family run with its own training seed starts from an
-epoch 1 trained with that seed (``full_matching__train_seed-<s>``: the same selection, its own training),
-so each seed is a whole independent training run. The master seed's runs keep their plain names.
+Training seeds: every run may be trained again with another seed (``train_seed``: data order, dropout, and
+the selection's own random choices where the sweep does not set ``seed``), named ``<run>__train_seed-<s>``; a
+Dynamic-family run with its own training seed starts from an epoch 1 trained with that seed
+(``full_matching__train_seed-<s>``: the same selection, its own training), so each seed is a whole independent
+run. The master seed's runs keep their plain names. The LoRA's initial A matrices stay the warmup's.
 """
 
 from __future__ import annotations
@@ -123,6 +124,10 @@ def make_run(method: str, overrides: dict, defaults: dict) -> Run:
     if unknown:
         raise ValueError(f"method {method!r} does not depend on {unknown}; it takes {list(RUN_KEYS[method]) or 'no parameter'}")
     params = {key: overrides.get(key, defaults[key]) for key in RUN_KEYS[method]}
+    if seeded and "seed" in params and "seed" not in overrides:
+        # Another seed of a run repeats all of its randomness, its uniform draws and random subset included:
+        # the spread over seeds is then the method's, not only its training's.
+        params["seed"] = train_seed
     if method == "clusterucb":
         # A policy's result does not depend on another policy's parameter: leave it out,
         # so changing it reruns nothing here.
