@@ -93,8 +93,8 @@ def seeds_appendix(frame: pd.DataFrame) -> str:
     return (
         "\n## Over training seeds\n\n"
         "Mean and std over each method's training seeds; `vs_random_draw` / `vs_static`: the mean paired difference of "
-        "target loss (same seed) with a 95 % bootstrap interval over seeds (negative favours the row; * the interval "
-        "excludes 0); `of_dynamic_gain`: (base - run) / (base - dynamic) target loss, at the means.\n\n"
+        "target loss (same seed) with a 95 % bootstrap interval over seeds and the exact sign-flip test's p (negative "
+        "favours the row; * the interval excludes 0 and p <= 0.05, which takes at least 6 seeds); `of_dynamic_gain`: (base - run) / (base - dynamic) target loss, at the means.\n\n"
         + markdown_table(summary)
         + "\n### Averaged over tasks\n\n"
         + markdown_table(mean_over_tasks(summary))

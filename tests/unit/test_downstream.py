@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clusterucb.pipeline.downstream import bootstrap_interval, mean_over_tasks, seed_summary, variant_of
+from clusterucb.pipeline.downstream import bootstrap_interval, mean_over_tasks, seed_summary, sign_flip_p, variant_of
 from clusterucb.pipeline.report import seeds_appendix
 
 
@@ -40,8 +40,9 @@ def test_seed_summary_by_hand():
     # Dynamic lowers the loss by 1.0; ClusterUCB by 0.9 of it; random_draw by 0.4.
     assert summary.loc["clusterucb", "of_dynamic_gain"] == pytest.approx(0.9)
     assert summary.loc["random_draw", "of_dynamic_gain"] == pytest.approx(0.4)
-    # Paired against random_draw: -0.5 at every seed, so the interval is a point and excludes 0.
-    assert summary.loc["clusterucb", "vs_random_draw"] == "-0.5000 [-0.5000, -0.5000] *"
+    # Paired against random_draw: -0.5 at every seed, so the interval is a point and excludes 0; yet 3 seeds
+    # are too few for the sign-flip test (p = 2/8), so it is not marked beyond seed noise.
+    assert summary.loc["clusterucb", "vs_random_draw"] == "-0.5000 [-0.5000, -0.5000] p=0.25"
     assert summary.loc["random_draw", "vs_random_draw"] == ""
     assert summary.loc["clusterucb", "vs_static"].startswith("-0.7000 [")
     over = mean_over_tasks(seed_summary(pd.concat([frame, comparison({"dynamic": [1.5] * 3, "clusterucb": [1.5] * 3}, task="mmlu")])))
@@ -73,3 +74,26 @@ def test_the_comparison_has_the_seed_section_only_with_seeds():
     assert seeds_appendix(one_seed) == ""
     text = seeds_appendix(comparison({"dynamic": [1.0, 1.1, 0.9], "random_draw": [1.6, 1.5, 1.7]}))
     assert "## Over training seeds" in text and "| gsm8k | random_draw | random_draw | 3 |" in text
+
+
+def test_six_seeds_of_the_same_sign_are_beyond_seed_noise():
+    assert sign_flip_p(np.array([-0.5, -0.4, -0.6])) == pytest.approx(2 / 8)
+    assert sign_flip_p(np.array([-0.1, 0.1, -0.1, 0.1])) == pytest.approx(1.0)
+    assert sign_flip_p(-np.ones(6)) == pytest.approx(2 / 64)
+    seeds = [42, 1, 2, 3, 4, 5]
+    six = pd.DataFrame(
+        [
+            {
+                "task": "gsm8k",
+                "run": f"{v}__train_seed-{s}",
+                "method": v,
+                "train_seed": s,
+                "score": None,
+                "target_loss": loss,
+                "pool_gradients": 1,
+            }
+            for v, loss in (("random_draw", 1.5), ("clusterucb", 1.0))
+            for s in seeds
+        ]
+    ).astype({"train_seed": "Int64"})
+    assert seed_summary(six).set_index("variant").loc["clusterucb", "vs_random_draw"].endswith("p=0.03 *")
