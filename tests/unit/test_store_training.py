@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tinymodels import ragged_examples, tiny_lora_llama
+from tinymodels import ragged_examples, tiny_lora_llama, train_killed_at_step
 
 from clusterucb.features.gradients import PerSampleLoraGradients
 from clusterucb.features.gradstore import GradientStore, merge_manifest, write_shard
@@ -165,19 +165,8 @@ def test_training_killed_mid_job_resumes_from_scratch_to_the_same_weights(tmp_pa
 def test_a_scratch_state_left_by_another_starting_adapter_is_not_resumed(tmp_path, monkeypatch):
     """Same training settings and examples, another LoRA initialisation: the killed job's state is not resumed."""
     examples = ragged_examples(10, seed=6)
-    import clusterucb.training.trainer as training
-
-    original = training.linear_schedule
-
-    def dies_at_step_3(step, total, warmup):
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return original(step, total, warmup)
-
-    monkeypatch.setattr(training, "linear_schedule", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tiny_lora_llama(seed=2), examples, 5, scratch=tmp_path / "scratch")
-    monkeypatch.setattr(training, "linear_schedule", original)
+    train_killed_at_step(monkeypatch, 3, lambda: _train(tiny_lora_llama(seed=2), examples, 5, scratch=tmp_path / "scratch"))
+    assert (tmp_path / "scratch" / "state.json").exists()
 
     reference = tiny_lora_llama(seed=4)
     _train(reference, examples, 5)

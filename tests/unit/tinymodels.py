@@ -94,3 +94,22 @@ def saved_tiny_llama(directory, seed: int = 0, hidden: int = 64, layers: int = 2
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
     return str(directory)
+
+
+def train_killed_at_step(monkeypatch, step: int, train) -> None:
+    """Call ``train()`` as a job killed at optimizer step ``step`` (the trainer's schedule raises there)."""
+    import pytest
+
+    import clusterucb.training.trainer as training
+
+    original = training.linear_schedule
+
+    def dies(at, total, warmup):
+        if at == step:
+            raise KeyboardInterrupt("killed")
+        return original(at, total, warmup)
+
+    monkeypatch.setattr(training, "linear_schedule", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    monkeypatch.setattr(training, "linear_schedule", original)
