@@ -120,14 +120,14 @@ def make_run(method: str, overrides: dict, defaults: dict) -> Run:
     overrides = dict(overrides)
     train_seed = int(overrides.pop("train_seed", defaults["train_seed"]))
     seeded = {"train_seed": train_seed} if train_seed != defaults["train_seed"] else {}
+    if seeded:
+        # Another seed of a run repeats all of its randomness, its uniform draws and random subset included (the
+        # spread over seeds is then the method's, not only its training's): its selection's seed defaults to it.
+        defaults = {**defaults, "seed": train_seed}
     unknown = sorted(set(overrides) - set(RUN_KEYS[method]))
     if unknown:
         raise ValueError(f"method {method!r} does not depend on {unknown}; it takes {list(RUN_KEYS[method]) or 'no parameter'}")
     params = {key: overrides.get(key, defaults[key]) for key in RUN_KEYS[method]}
-    if seeded and "seed" in params and "seed" not in overrides:
-        # Another seed of a run repeats all of its randomness, its uniform draws and random subset included:
-        # the spread over seeds is then the method's, not only its training's.
-        params["seed"] = train_seed
     if method == "clusterucb":
         # A policy's result does not depend on another policy's parameter: leave it out,
         # so changing it reruns nothing here.

@@ -127,6 +127,9 @@ def test_training_seeds_make_whole_runs_of_their_own_and_leave_the_master_seeds_
     assert seeded.train_seed == 1 and seeded.params == {**runs["clusterucb__order-prior"].params, "seed": 1}
     assert runs["random__train_seed-1"].params == {"seed": 1} and runs["static__train_seed-1"].params == {}
     assert make_run("random_draw", {"train_seed": 3, "seed": 9}, DEFAULTS).params["seed"] == 9  # unless the sweep sets it
+    # ... and a sweep's seed is named whenever it is not the run's own, so it never takes another run's name.
+    explicit = make_run("random_draw", {"train_seed": 3, "seed": 42}, DEFAULTS)
+    assert explicit.params["seed"] == 42 and explicit.name != make_run("random_draw", {"train_seed": 3}, DEFAULTS).name
     # Each seed is a whole run: its own epoch 1 (the same full matching, trained with its seed), then its own epochs.
     assert seeded.checkpoint("gsm8k", 1) == "runs/gsm8k/full_matching__train_seed-1/epoch-1"
     assert seeded.checkpoint("gsm8k", 2) == "runs/gsm8k/clusterucb__order-prior__train_seed-1/epoch-2"
