@@ -17,6 +17,7 @@ SEED_PART = re.compile(r"__train_seed-\d+")
 BASELINES = ("random_draw", "static")  # the paired differences' references, where configured
 BOOTSTRAP_SEED = 0
 BOOTSTRAP_RESAMPLES = 10_000
+SIGN_FLIP_EXACT = 16  # seeds up to which the sign-flip test enumerates every sign pattern
 
 
 def variant_of(run: str) -> str:
@@ -36,9 +37,14 @@ def sign_flip_p(differences: np.ndarray) -> float:
     whose mean is at least as far from 0 as the observed one. With n seeds it cannot go below 2 / 2^n (0.25
     at 3 seeds), so few seeds never show a difference beyond their noise, however consistent."""
     n = len(differences)
-    signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * n)).reshape(n, -1).T
-    means = np.abs((signs * np.abs(differences)).mean(axis=1))
-    return float((means >= abs(differences.mean()) - 1e-12).mean())
+    observed = abs(differences.mean()) - 1e-12
+    if n <= SIGN_FLIP_EXACT:
+        signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * n)).reshape(n, -1).T
+        return float((np.abs((signs * np.abs(differences)).mean(axis=1)) >= observed).mean())
+    # Too many seeds to enumerate 2^n patterns: as many random ones, the observed pattern counted among them.
+    signs = np.random.default_rng(BOOTSTRAP_SEED).choice([-1.0, 1.0], size=(2**SIGN_FLIP_EXACT, n))
+    extreme = int((np.abs((signs * np.abs(differences)).mean(axis=1)) >= observed).sum())
+    return (extreme + 1) / (len(signs) + 1)
 
 
 def _paired(task_rows: pd.DataFrame, variant: str, baseline: str) -> str:

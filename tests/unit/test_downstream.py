@@ -80,6 +80,7 @@ def test_six_seeds_of_the_same_sign_are_beyond_seed_noise():
     assert sign_flip_p(np.array([-0.5, -0.4, -0.6])) == pytest.approx(2 / 8)
     assert sign_flip_p(np.array([-0.1, 0.1, -0.1, 0.1])) == pytest.approx(1.0)
     assert sign_flip_p(-np.ones(6)) == pytest.approx(2 / 64)
+    assert sign_flip_p(-np.ones(40)) < 1e-4 and sign_flip_p(np.tile([-0.1, 0.1], 20)) > 0.9  # sampled, not 2^40 patterns
     seeds = [42, 1, 2, 3, 4, 5]
     six = pd.DataFrame(
         [
