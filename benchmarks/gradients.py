@@ -631,6 +631,12 @@ def main() -> None:
         help="agreement measured by another run (--save-agreement) for rows this run does not score: the like-for-like picks",
     )
     parser.add_argument("--val", type=int, default=16, help="GSM8K validation examples for the agreement")
+    parser.add_argument(
+        "--exact-chunk-gib",
+        type=float,
+        default=2.0,
+        help="exact per-sample gradients held at a time for the agreement (GiB of float32; peak memory is a few times this)",
+    )
     parser.add_argument("--quality", choices=("auto", "yes", "no"), default="auto", help="projector quality table (auto: LoRA dims <= 2M)")
     parser.add_argument(
         "--quality-samples", type=int, default=1000, help="pool samples for the projector quality table (a separate, untimed set)"
@@ -867,12 +873,17 @@ def main() -> None:
         if any(t == "adamw" for t in own_target.values()):
             targets["adamw"] = (lambda g: to_adamw(g.to(device)).cpu(), val_grads)
         peer_targets = [t for t in ("v", "adamw") if t in targets]
+        # (c-dense)'s features are the LESS target through our dense projector (seed 0; exactness against (a) shows
+        # it): where the row itself is not run (a large LoRA regenerates its matrix every batch), its agreement
+        # comes from that projection of the exact gradients, in the same pass as the peers' reference lines
+        dense_by_reference = "c-dense" not in val_features
+        projected_targets = peer_targets + (["less"] if dense_by_reference else [])
         projected = None
-        if peer_targets:  # is a peer's lower agreement its projection's doing, or its target's? our dense projector on it
+        if projected_targets:  # is a peer's lower agreement its projection's doing, or its target's? our dense projector on it
             reference = dense or RademacherProjector(grad_dim, args.proj_dim, seed=0, device=device)
             val_reference = reference.project(val_grads.to(device)).float().cpu()
-            projected = (reference, {"ref " + t: targets[t][0] for t in peer_targets}, val_reference)
-        chunk_rows = max(args.batch_size, (1 << 31) // (4 * grad_dim))  # ~2 GiB of float32 gradients at a time
+            projected = (reference, {"ref " + t: targets[t][0] for t in projected_targets}, val_reference)
+        chunk_rows = max(1, min(len(examples), int(args.exact_chunk_gib * 2**30) // (4 * grad_dim)))
         exact_by = exact_scores(model, examples, pad_id, args.batch_size, device, targets, chunk_rows, projected)
         names = {"less": "LESS Adam", "v": "bergson v-only", "adamw": "dattri AdamW"}
         print(
@@ -902,6 +913,13 @@ def main() -> None:
             overlap, rank = agreement(exact_by[target], exact_by["less"])
             print(
                 f"  {'exact ' + target:<24}  {names[target]:<16}  {overlap:>12.3f}  {rank:>8.4f}   (that target against LESS's, unprojected)"
+            )
+        if dense_by_reference:
+            overlap, rank = agreement(exact_by["ref less"], exact_by["less"])
+            measured["c-dense"] = {"target": "less", "overlap": overlap, "spearman": rank, "overlap_less": overlap, "spearman_less": rank}
+            print(
+                f"  {'(c-dense) by reference':<24}  {names['less']:<16}  {overlap:>12.3f}  {rank:>8.4f}   "
+                "(our dense projector on the LESS target: (c-dense)'s features, the row itself not run)"
             )
     if args.save_agreement:
         by_projection = {}
