@@ -1,6 +1,7 @@
 """benchmarks/peers.py, the pure logic behind benchmarks/gradients.py's peer rows and its like-for-like headlines:
 which peer configuration a ratio is taken against, the fixed cost per batch, bergson's batching, configuration
-parsing and the summary line. No peer is needed (the module is standard library only)."""
+parsing and the summary line. No peer is needed (the module is standard library only); one test runs gradients.py
+on the tiny model."""
 
 from __future__ import annotations
 
@@ -85,3 +86,25 @@ def test_timing_and_ratio_and_the_summary_line():
     assert math.isnan(peers.ratio(3.0, None)) and math.isnan(peers.ratio(3.0, 0.0)) and math.isnan(peers.ratio(math.nan, 1.0))
     line = peers.last_line({"speedup_vs_less": 131.555, "floor_fraction": 0.8374, "cosine_min": 0.9999999, "sparse_vs_sparse": math.nan})
     assert line == "speedup_vs_less=131.56 floor_fraction=0.837 cosine_min=1.000000 sparse_vs_sparse=nan"
+
+
+def test_dense_agreement_by_reference_equals_the_dense_row(datasets, tmp_path):
+    """On a large LoRA (c-dense) is not run (its matrix is regenerated every batch) and its agreement comes from our
+    dense projector applied to the exact LESS-transformed gradients: the same features, so the same agreement as the
+    row itself (a tiny model, 16 samples, both ways)."""
+    import json
+    import subprocess
+
+    def agreement(rows: str) -> dict:
+        out = tmp_path / f"{rows}.json"
+        command = [sys.executable, str(REPO / "benchmarks" / "gradients.py"), "--samples", "16", "--val", "4"]
+        command += ["--rows", rows, "--threads", "1", "--agreement", "yes", "--quality", "no", "--repeats", "1"]
+        command += ["--datasets", str(datasets), "--save-agreement", str(out)]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    by_row, by_reference = agreement("c-dense"), agreement("c")
+    assert set(by_reference) == {"c", "c-dense"}
+    assert by_reference["c-dense"]["spearman"] == pytest.approx(by_row["c-dense"]["spearman"], abs=1e-9)
+    assert by_reference["c-dense"]["overlap"] == by_row["c-dense"]["overlap"]
