@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_architectures import lora_model
 from test_projection_kmeans import separable_sphere
-from tinymodels import TEXTS, VOCAB, ragged_examples, random_adam_state, saved_tiny_llama, tiny_lora_llama
+from tinymodels import TEXTS, VOCAB, ragged_examples, random_adam_state, saved_tiny_llama, tiny_lora_llama, train_killed_at_step
 
 from clusterucb.data.tokenize import IGNORE_INDEX
 from clusterucb.features.gradients import AdamPreconditioner, GradientFeaturizer, PerSampleLoraGradients, pad_batch
@@ -234,7 +234,6 @@ def test_batch_one_with_512_token_sequences_repeats_bit_for_bit():
 
 
 def test_training_killed_mid_job_resumes_bit_for_bit_with_dropout(tmp_path, monkeypatch):
-    import clusterucb.training.trainer as training
 
     examples = ragged_examples(10, seed=34)
     spec = TrainSpec(lr=1e-2, effective_batch=4, micro_batch=2)
@@ -244,17 +243,7 @@ def test_training_killed_mid_job_resumes_bit_for_bit_with_dropout(tmp_path, monk
 
     reference = tiny_lora_llama(seed=2).to(DEVICE)
     run(reference)
-    original = training.linear_schedule
-
-    def dies_at_step_3(step, total, warmup):
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return original(step, total, warmup)
-
-    monkeypatch.setattr(training, "linear_schedule", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_lora_llama(seed=2).to(DEVICE), tmp_path / "scratch")
-    monkeypatch.setattr(training, "linear_schedule", original)
+    train_killed_at_step(monkeypatch, 3, lambda: run(tiny_lora_llama(seed=2).to(DEVICE), tmp_path / "scratch"))
     torch.manual_seed(999)
     if ON_CUDA:
         torch.cuda.manual_seed(999)  # whatever the generators hold in the new process

@@ -128,21 +128,9 @@ def test_training_killed_mid_job_resumes_from_scratch_to_the_same_weights(tmp_pa
 
     import clusterucb.training.trainer as training
 
-    model = tiny_lora_llama(seed=2)
-    calls = {"n": 0}
-    original = training.linear_schedule
-
-    def dies_at_step_3(step, total, warmup):
-        calls["n"] += 1
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return original(step, total, warmup)
-
-    monkeypatch.setattr(training, "linear_schedule", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        _train(model, examples, 5, scratch=tmp_path / "scratch")
+    train_killed_at_step(monkeypatch, 3, lambda: _train(tiny_lora_llama(seed=2), examples, 5, scratch=tmp_path / "scratch"))
     assert (tmp_path / "scratch" / "state.json").exists()
-    monkeypatch.setattr(training, "linear_schedule", original)
+    original = training.linear_schedule
 
     resumed = tiny_lora_llama(seed=2)  # a fresh process: weights come from the scratch state
     torch.manual_seed(12345)  # and whatever the RNGs hold there: the scratch state restores them
