@@ -234,7 +234,6 @@ def test_batch_one_with_512_token_sequences_repeats_bit_for_bit():
 
 
 def test_training_killed_mid_job_resumes_bit_for_bit_with_dropout(tmp_path, monkeypatch):
-
     examples = ragged_examples(10, seed=34)
     spec = TrainSpec(lr=1e-2, effective_batch=4, micro_batch=2)
 
