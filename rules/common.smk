@@ -72,6 +72,8 @@ from clusterucb.infra.resources import (  # noqa: E402
     DTYPE_BYTES,
     RUNTIME_MB,
     ModelShape,
+    evaluate_job_mb,
+    evaluation_batch,
     features_mb,
     format_gpu_plan,
     gpu_plan,
@@ -631,8 +633,29 @@ def mem_mb_grads_small(wildcards, input, attempt):
 
 
 def mem_mb_evaluate(wildcards, input, attempt):
-    tokens = config["target"]["eval_batch_size"] * config["data"]["val_max_length"]
-    return model_mem_mb(tokens, False, 0, attempt)
+    """Evaluation: model + LoRA, no gradients; the task's largest forward (its generation, scoring, target loss)."""
+    shape = model_shape()
+    if shape is None:
+        return PROVISIONAL_MB * attempt
+    settings = TASK_SETTINGS[wildcards.task]
+    sampled = [p.n for p in settings.sampling] if isinstance(settings.sampling, tuple) else []
+    evaluation = evaluation_batch(
+        shape,
+        config["precision"]["base_dtype"],
+        config["target"]["eval_batch_size"],
+        config["data"]["val_max_length"],
+        settings.max_new_tokens or 0,
+        max(sampled, default=None),
+        settings.task_metric,
+    )
+    mb = evaluate_job_mb(
+        shape,
+        config["precision"]["base_dtype"],
+        config["lora"]["r"],
+        evaluation,
+        activations_in_host=not config["precision"]["activations_on_gpu"],
+    )
+    return mb * attempt
 
 
 def mem_mb_kmeans(wildcards, input, attempt):

@@ -193,6 +193,27 @@ def test_job_memory_follows_what_the_job_holds():
     assert kmeans_job_mb(store_mb, "float16", 4096, 16384, 8192) < 5000  # streamed: a few 16k-row blocks
 
 
+def test_evaluation_memory_counts_a_forward_without_gradient():
+    from clusterucb.infra.resources import ModelShape, evaluate_job_mb, evaluation_batch, model_job_mb
+
+    smollm2 = ModelShape(49152, 576, 1536, 30, kv_hidden=192, context=8192)
+    # target loss only, 8 x 2048 tokens on CPU in float32: measured peaks 2.0 GB (median) to 7.1 GB (MMLU, 5-shot)
+    loss_only = evaluation_batch(smollm2, "float32", 8, 2048, 0, task_metric=False)
+    assert loss_only.tokens == 8 * 2048
+    host = evaluate_job_mb(smollm2, "float32", 128, loss_only, activations_in_host=True)
+    assert 7_111 < host < 14_000
+    # the training-shaped estimate kept every layer's activations for a backward that never runs
+    assert model_job_mb(smollm2, "float32", 8 * 2048, 128, False, True) > 4 * host
+    # one prompt longer than LanguageModel's token budget is a batch of its own; shorter ones share the budget
+    assert evaluation_batch(smollm2, "float32", 64, 2048, 0, task_metric=False).tokens == 16384
+    assert evaluation_batch(smollm2, "float32", 1, 20_000, 0, task_metric=False).tokens == 20_000
+    # generation adds its KV cache: pass@k's n sequences of one prompt, prompt + max_new_tokens each
+    sampled = evaluation_batch(smollm2, "float32", 8, 2048, 1024, generation_batch=200)
+    assert sampled.batch_mb > loss_only.batch_mb and sampled.tokens == 16384 + 200 * 1024
+    # on a GPU the batch lives in device memory: the host holds the runtime, weights and LoRA
+    assert evaluate_job_mb(smollm2, "float32", 128, sampled, activations_in_host=False) < host
+
+
 # ------------------------------------------------------------------ GPU memory per job
 
 
