@@ -204,19 +204,20 @@ def evaluation_batch(
     the task metric, a scoring batch (prompts of any length up to LanguageModel's token budget, whole-sequence
     logits) and a generation batch (its KV cache for prompts + ``max_new_tokens``, one step's values).
     Without the task metric (``target.settings.<task>.task_metric: false``) only the target loss runs."""
+    one = min(shape.context, val_max_length + max_new_tokens)
     nll_tokens = min(eval_batch * val_max_length, max(LM_MAX_BATCH_TOKENS, val_max_length))
     tokens, batch_mb = nll_tokens, inference_mb(shape, base_dtype, nll_tokens)
     if task_metric:
         batch = max(eval_batch, generation_batch or 0)
         scoring_tokens = min(eval_batch * shape.context, LM_MAX_BATCH_TOKENS)
-        kv_tokens = min(batch * shape.context, LM_MAX_BATCH_TOKENS + batch * max_new_tokens)
+        # greedy: prompts share the token budget, each grows by max_new_tokens; pass@k: n copies of one prompt
+        kv_tokens = max(min(eval_batch * shape.context, LM_MAX_BATCH_TOKENS + eval_batch * max_new_tokens), (generation_batch or 0) * one)
         tokens = max(tokens, scoring_tokens, kv_tokens)
         batch_mb = max(
             batch_mb,
             inference_mb(shape, base_dtype, scoring_tokens),
             kv_cache_mb(shape, base_dtype, kv_tokens) + inference_mb(shape, base_dtype, batch),
         )
-    one = min(shape.context, val_max_length + max_new_tokens)
     one_mb = kv_cache_mb(shape, base_dtype, one) + inference_mb(shape, base_dtype, one)
     return EvaluationBatch(tokens, one, batch_mb, one_mb)
 

@@ -207,9 +207,12 @@ def test_evaluation_memory_counts_a_forward_without_gradient():
     # one prompt longer than LanguageModel's token budget is a batch of its own; shorter ones share the budget
     assert evaluation_batch(smollm2, "float32", 64, 2048, 0, task_metric=False).tokens == 16384
     assert evaluation_batch(smollm2, "float32", 1, 20_000, 0, task_metric=False).tokens == 20_000
-    # generation adds its KV cache: pass@k's n sequences of one prompt, prompt + max_new_tokens each
+    # generation adds its KV cache: greedy batches share the token budget and grow by max_new_tokens each;
+    # pass@k keeps n copies of one prompt, prompt + max_new_tokens each
+    greedy = evaluation_batch(smollm2, "float32", 8, 2048, 1024)
+    assert greedy.tokens == 16384 + 8 * 1024
     sampled = evaluation_batch(smollm2, "float32", 8, 2048, 1024, generation_batch=200)
-    assert sampled.batch_mb > loss_only.batch_mb and sampled.tokens == 16384 + 200 * 1024
+    assert sampled.batch_mb > loss_only.batch_mb and sampled.tokens == 200 * (2048 + 1024)
     # on a GPU the batch lives in device memory: the host holds the runtime, weights and LoRA
     assert evaluate_job_mb(smollm2, "float32", 128, sampled, activations_in_host=False) < host
 
