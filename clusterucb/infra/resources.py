@@ -171,10 +171,20 @@ def activations_mb(shape: ModelShape, base_dtype: str, tokens: int, checkpointin
     return tokens * (kept + logits) / MB
 
 
-def inference_mb(shape: ModelShape, base_dtype: str, tokens: int) -> float:
-    """A forward without gradient: one layer's transient values and the logits (with their float32 copy)."""
+def layer_values_mb(shape: ModelShape, base_dtype: str, tokens: int) -> float:
+    """One layer's transient values of a forward without gradient (attention and MLP), over ``tokens``."""
+    return tokens * (8 * shape.hidden + 2 * shape.intermediate) * DTYPE_BYTES[base_dtype] / MB
+
+
+def inference_mb(shape: ModelShape, base_dtype: str, tokens: int, loss: bool = False) -> float:
+    """A forward without gradient: one layer's transient values and the logits (with their float32 copy).
+
+    ``loss``: the logits go through a float32 cross-entropy (clusterucb.features.gradients.token_losses): half-
+    precision logits are cast to a float32 copy, and log-softmax writes another float32 tensor beside it.
+    """
     b = DTYPE_BYTES[base_dtype]
-    return tokens * ((8 * shape.hidden + 2 * shape.intermediate) * b + shape.vocab * (b + 4)) / MB
+    float_copies = 8 if loss and b < 4 else 4
+    return layer_values_mb(shape, base_dtype, tokens) + tokens * shape.vocab * (b + float_copies) / MB
 
 
 def kv_cache_mb(shape: ModelShape, base_dtype: str, tokens: int) -> float:
@@ -206,17 +216,21 @@ def evaluation_batch(
     Without the task metric (``target.settings.<task>.task_metric: false``) only the target loss runs."""
     one = min(shape.context, val_max_length + max_new_tokens)
     nll_tokens = min(eval_batch * val_max_length, max(LM_MAX_BATCH_TOKENS, val_max_length))
-    tokens, batch_mb = nll_tokens, inference_mb(shape, base_dtype, nll_tokens)
+    tokens, batch_mb = nll_tokens, inference_mb(shape, base_dtype, nll_tokens, loss=True)
     if task_metric:
         batch = max(eval_batch, generation_batch or 0)
         scoring_tokens = min(eval_batch * shape.context, LM_MAX_BATCH_TOKENS)
         # greedy: prompts share the token budget, each grows by max_new_tokens; pass@k: n copies of one prompt
+        prompt_tokens = max(scoring_tokens, (generation_batch or 0) * min(shape.context, val_max_length))
         kv_tokens = max(min(eval_batch * shape.context, LM_MAX_BATCH_TOKENS + eval_batch * max_new_tokens), (generation_batch or 0) * one)
         tokens = max(tokens, scoring_tokens, kv_tokens)
         batch_mb = max(
             batch_mb,
             inference_mb(shape, base_dtype, scoring_tokens),
-            kv_cache_mb(shape, base_dtype, kv_tokens) + inference_mb(shape, base_dtype, batch),
+            # the prompt pass: one layer's values over every prompt token beside the cache it fills
+            kv_cache_mb(shape, base_dtype, kv_tokens)
+            + layer_values_mb(shape, base_dtype, prompt_tokens)
+            + inference_mb(shape, base_dtype, batch),
         )
     one_mb = kv_cache_mb(shape, base_dtype, one) + inference_mb(shape, base_dtype, one)
     return EvaluationBatch(tokens, one, batch_mb, one_mb)

@@ -194,7 +194,7 @@ def test_job_memory_follows_what_the_job_holds():
 
 
 def test_evaluation_memory_counts_a_forward_without_gradient():
-    from clusterucb.infra.resources import ModelShape, evaluate_job_mb, evaluation_batch, model_job_mb
+    from clusterucb.infra.resources import ModelShape, evaluate_job_mb, evaluation_batch, layer_values_mb, model_job_mb
 
     smollm2 = ModelShape(49152, 576, 1536, 30, kv_hidden=192, context=8192)
     # target loss only, 8 x 2048 tokens on CPU in float32: measured peaks 2.0 GB (median) to 7.1 GB (MMLU, 5-shot)
@@ -204,6 +204,9 @@ def test_evaluation_memory_counts_a_forward_without_gradient():
     assert 7_111 < host < 14_000
     # the training-shaped estimate kept every layer's activations for a backward that never runs
     assert model_job_mb(smollm2, "float32", 8 * 2048, 128, False, True) > 4 * host
+    # bfloat16 logits are cast to float32 for the loss, and log-softmax adds another float32 tensor: 10 bytes a logit, not 8
+    bf16 = evaluation_batch(smollm2, "bfloat16", 8, 2048, 0, task_metric=False)
+    assert bf16.batch_mb == pytest.approx(layer_values_mb(smollm2, "bfloat16", 8 * 2048) + 8 * 2048 * 49152 * 10 / 2**20)
     # one prompt longer than LanguageModel's token budget is a batch of its own; shorter ones share the budget
     assert evaluation_batch(smollm2, "float32", 64, 2048, 0, task_metric=False).tokens == 16384
     assert evaluation_batch(smollm2, "float32", 1, 20_000, 0, task_metric=False).tokens == 20_000
