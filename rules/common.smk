@@ -638,14 +638,13 @@ def mem_mb_evaluate(wildcards, input, attempt):
     if shape is None:
         return PROVISIONAL_MB * attempt
     settings = TASK_SETTINGS[wildcards.task]
-    sampled = [p.n for p in settings.sampling] if isinstance(settings.sampling, tuple) else []
     evaluation = evaluation_batch(
         shape,
         config["precision"]["base_dtype"],
         config["target"]["eval_batch_size"],
         config["data"]["val_max_length"],
         settings.max_new_tokens or 0,
-        max(sampled, default=None),
+        settings.sampled_sequences,
         settings.task_metric,
     )
     mb = evaluate_job_mb(
@@ -706,7 +705,7 @@ def report_gpu_memory():
         return
     settings = list(TASK_SETTINGS.values())
     max_new = max([s.max_new_tokens or 0 for s in settings], default=0)
-    sampled = [p.n for s in settings if isinstance(s.sampling, tuple) for p in s.sampling]
+    sampled = [s.sampled_sequences for s in settings if s.sampled_sequences]
     plans = gpu_plan(config, shape, pool_rows(), max_new, max(sampled, default=None))
     lines, warnings = format_gpu_plan(plans, precision.get("gpu_memory_gb"))
     print("\n".join(lines), file=sys.stderr)

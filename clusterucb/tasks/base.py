@@ -69,6 +69,11 @@ class TaskSettings:
     timeout_s: float | None = None  # per generated program (code execution)
     task_metric: bool = True  # False: the target loss only (no generation)
 
+    @property
+    def sampled_sequences(self) -> int | None:
+        """The most sequences one prompt is sampled into at once (the largest pass@k's n); None without sampling."""
+        return max(p.n for p in self.sampling) if isinstance(self.sampling, tuple) else None
+
     def as_dict(self) -> dict[str, Any]:
         out = {}
         for f in fields(self):

@@ -216,6 +216,12 @@ def test_evaluation_memory_counts_a_forward_without_gradient():
     assert greedy.tokens == 16384 + 8 * 1024
     sampled = evaluation_batch(smollm2, "float32", 8, 2048, 1024, generation_batch=200)
     assert sampled.batch_mb > loss_only.batch_mb and sampled.tokens == 200 * (2048 + 1024)
+    # the workflow reads a task's n from its settings: the largest pass@k's, none when greedy
+    from clusterucb.tasks.base import Sampling, TaskSettings
+
+    passes = (Sampling(n=20, temperature=0.8, top_p=0.95, k=(1, 10)), Sampling(n=200, temperature=0.8, top_p=0.95, k=(100,)))
+    assert TaskSettings(sampling=passes).sampled_sequences == 200
+    assert TaskSettings(sampling="greedy").sampled_sequences is None and TaskSettings().sampled_sequences is None
     # on a GPU the batch lives in device memory: the host holds the runtime, weights and LoRA
     assert evaluate_job_mb(smollm2, "float32", 128, sampled, activations_in_host=False) < host
 
