@@ -186,6 +186,11 @@ def main() -> None:
             assert len(ends) == len(batches), (len(ends), len(batches))
             seconds.append(took)
             batch_seconds.append(np.diff([start, *ends]))
+            # One line a run: a global configuration on a large LoRA takes tens of minutes a run on a CPU.
+            print(
+                f"bergson {target}:{batching} run {len(seconds)}/{args.repeats}: {took:.1f} s, {len(data) / took:.3f} samples/s",
+                flush=True,
+            )
         if val is not None and target not in val_features:
             val_features[target] = build(index_config(target, batching, "none"), val)[0]
         assert features.shape == (len(data), feature_dims[target]), (features.shape, feature_dims[target])
