@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from clusterucb.infra.io import atomic_path, read_parquet_metadata, write_parquet
-from clusterucb.pipeline.downstream import mean_over_tasks, seed_summary
+from clusterucb.pipeline.downstream import GAIN_STANDARD_ERRORS, mean_over_tasks, seed_summary
 from clusterucb.selection.runs import BUDGETED
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,11 @@ def seeds_appendix(frame: pd.DataFrame) -> str:
         "\n## Over training seeds\n\n"
         "Mean and std over each method's training seeds; `vs_random_draw` / `vs_static`: the mean paired difference of "
         "target loss (same seed) with a 95 % bootstrap interval over seeds and the exact sign-flip test's p (negative "
-        "favours the row; * the interval excludes 0 and p <= 0.05, which takes at least 6 seeds); `of_dynamic_gain`: (base - run) / (base - dynamic) target loss, at the means.\n\n"
+        "favours the row; * the interval excludes 0 and p <= 0.05, which takes at least 6 seeds); `of_dynamic_gain`: (base - run) / (base - dynamic) target loss, at the means, "
+        f"where Dynamic's gain over base exceeds {GAIN_STANDARD_ERRORS:g} standard errors of its mean over seeds (any gain at one seed); "
+        "– elsewhere, for a share of a gain inside the seed noise measures nothing.\n\n"
         + markdown_table(summary)
-        + "\n### Averaged over tasks\n\n"
+        + "\n### Averaged over tasks\n\n`of_dynamic_gain` over the tasks where it is defined (`tasks_with_share`); `pool_gradients` over all.\n\n"
         + markdown_table(mean_over_tasks(summary))
     )
 

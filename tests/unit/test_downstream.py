@@ -56,6 +56,30 @@ def test_the_share_of_dynamics_gain_is_undefined_where_dynamic_does_not_improve(
     assert np.isnan(missing.loc["clusterucb", "of_dynamic_gain"])
 
 
+def test_the_share_is_undefined_where_dynamics_gain_is_inside_its_seed_noise():
+    """MMLU of 2026-12-06: Dynamic 0.014 below base with a seed std of 0.013 gave shares of 1.77 and -18.96."""
+    # Dynamic's gain 0.02, its mean's standard error 0.1 / sqrt(3) = 0.058: inside the noise.
+    noisy = comparison({"dynamic": [1.88, 2.08, 1.98], "clusterucb": [1.95, 1.96, 1.97]}, task="mmlu")
+    # Dynamic's gain 1.0 with the same spread: a gain; ClusterUCB keeps 0.9 of it.
+    clear = comparison({"dynamic": [0.9, 1.1, 1.0], "clusterucb": [1.1, 1.1, 1.1]})
+    summary = seed_summary(pd.concat([noisy, clear]))
+    by_task = summary.set_index(["task", "variant"])
+    assert np.isnan(by_task.loc[("mmlu", "clusterucb"), "of_dynamic_gain"])
+    assert np.isnan(by_task.loc[("mmlu", "dynamic"), "of_dynamic_gain"])
+    assert by_task.loc[("gsm8k", "clusterucb"), "of_dynamic_gain"] == pytest.approx(0.9)
+    over = mean_over_tasks(summary).set_index("variant")
+    # The average is over the one task with a gain, and says so; pool gradients over both.
+    assert over.loc["clusterucb", "of_dynamic_gain"] == pytest.approx(0.9)
+    assert (over.loc["clusterucb", "tasks"], over.loc["clusterucb", "tasks_with_share"]) == (2, 1)
+    text = seeds_appendix(pd.concat([noisy, clear]))
+    assert "| clusterucb | 2 | 1 | 0.9000 | 100.0000 |" in text
+
+
+def test_one_dynamic_seed_counts_any_gain():
+    one = comparison({"dynamic": [1.99], "clusterucb": [1.995, 1.995, 1.995]})
+    assert seed_summary(one).set_index("variant").loc["clusterucb", "of_dynamic_gain"] == pytest.approx(0.5)
+
+
 def test_an_interval_that_straddles_zero_is_not_starred():
     frame = comparison({"random_draw": [1.5, 1.5, 1.5], "clusterucb": [1.3, 1.7, 1.45]})
     text = seed_summary(frame).set_index("variant").loc["clusterucb", "vs_random_draw"]
