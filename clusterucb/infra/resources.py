@@ -92,14 +92,23 @@ def model_job_mb(
     (a CPU run; on a GPU they are in device memory); ``held_mb``: what the job keeps
     besides (its features, its rows).
     """
-    weights = 1.5 * shape.n_params * DTYPE_BYTES[base_dtype]
-    lora = lora_params(shape, lora_r) * 4 * (4 if training else 2)
     activations = 0.0
     if activations_in_host:
         per_token = ACTIVATION_FLOATS_PER_HIDDEN * shape.hidden * (1 if checkpointing else shape.layers) * 4
         logits = 3 * shape.vocab * 4  # logits, log-softmax, their gradient (float32)
         activations = batch_tokens * (per_token + logits)
-    return math.ceil(MARGIN * (RUNTIME_MB + (weights + lora + activations) / MB + held_mb))
+    lora_copies = 4 if training else 2  # weights and gradients, + AdamW's m and v when training
+    return host_job_mb((loaded_model_bytes(shape, base_dtype, lora_r, lora_copies) + activations) / MB + held_mb)
+
+
+def loaded_model_bytes(shape: ModelShape, base_dtype: str, lora_r: int, lora_copies: int) -> float:
+    """The base weights, counted 1.5x (a loading copy), and ``lora_copies`` float32 copies of the LoRA weights."""
+    return 1.5 * shape.n_params * DTYPE_BYTES[base_dtype] + lora_params(shape, lora_r) * 4 * lora_copies
+
+
+def host_job_mb(held_mb: float) -> int:
+    """A job's host memory request: the runtime and what it holds, with the margin every estimate takes."""
+    return math.ceil(MARGIN * (RUNTIME_MB + held_mb))
 
 
 def features_mb(rows: int, proj_dim: int) -> float:
@@ -116,7 +125,7 @@ def kmeans_job_mb(store_mb: float, store_dtype: str, cache_mb: float, chunk_rows
     prepared = store_mb * 4 / DTYPE_BYTES[store_dtype]
     held = prepared + store_mb if prepared <= cache_mb else 0
     blocks = 4 * chunk_rows * proj_dim * 4 / MB
-    return math.ceil(MARGIN * (RUNTIME_MB + held + blocks))
+    return host_job_mb(held + blocks)
 
 
 # ---------------------------------------------------------------- GPU memory
@@ -241,10 +250,8 @@ def evaluate_job_mb(shape: ModelShape, base_dtype: str, lora_r: int, evaluation:
     and, on CPU, its largest forward without gradient. No backward runs, so no layer's activations are kept:
     :func:`model_job_mb` would count them (46.8 GB for SmolLM2-135M at 8 x 2048 tokens, against the 7.1 GB
     measured)."""
-    weights = 1.5 * shape.n_params * DTYPE_BYTES[base_dtype] / MB
-    lora = lora_params(shape, lora_r) * 4 / MB
     batch = evaluation.batch_mb if activations_in_host else 0.0
-    return math.ceil(MARGIN * (RUNTIME_MB + weights + lora + batch))
+    return host_job_mb(loaded_model_bytes(shape, base_dtype, lora_r, lora_copies=1) / MB + batch)
 
 
 def gpu_plan(
