@@ -30,8 +30,9 @@ own work:
           default) projection, its token-budget batching (``tokens``, 2048: its default) or a fixed batch size,
           its Adam normaliser loaded from our AdamW ``state_dict()`` (g / (sqrt(v) + 1e-8): no first moment,
           no update by the sample's gradient; not the LESS transform). On the CPU a ``global`` configuration
-          is skipped, with the reason, when its projection matrix, regenerated in every batch (~870 s a batch
-          for SmolLM2 r=128 at d = 8192), is estimated to take longer than ``--bergson-max-seconds`` in all;
+          is skipped, with the reason, when its projection matrix, regenerated in every batch (~870-1,580 s a
+          batch for SmolLM2 r=128 at d = 8192, by machine; the estimate times bergson's generation on this
+          machine first: benchmarks/bergson_rate.py), is estimated to take longer than ``--bergson-max-seconds`` in all;
 (e) STYLE/BATCH: dattri-llm 0.1.0's optimizer-aware capture (``benchmarks/dattri_row.py``, its own venv,
           ``--dattri-python``): ``HookManager(optimizer=AdamW with our state)`` on the LoRA linears, ``dense``
           (materialize, precondition, project per layer with dattri's random_project) or ``mask`` (keep random
@@ -126,9 +127,6 @@ BERGSON_TARGETS = ("global", "per_module")
 DATTRI_STYLES = ("dense", "mask")
 BERGSON_CONFIGS = "global:tokens,global:4,global:8,global:16,per_module:tokens,per_module:4,per_module:8,per_module:16"
 DATTRI_CONFIGS = "dense:4,dense:8,dense:16,mask:8"
-# Entries of its dense global projection bergson generates per second on 2 CPU cores: ~870 s per batch
-# for SmolLM2-135M r=128 (14.7M LoRA parameters) at d = 8192, measured with benchmarks/bergson_row.py.
-BERGSON_CPU_ENTRIES_PER_S = 14.7e6 * 8192 / 870
 BERGSON_EPS = 1e-8  # bergson's AdamNormalizer: g / (sqrt(v) + 1e-8), bergson/gradients.py:496-499
 SMALL_LORA = 2_000_000  # parameters: agreement, quality and the peers' exactness checks run by default up to here
 
@@ -429,14 +427,19 @@ def peer_python(path: str, row: str) -> Path:
     return python
 
 
-def run_peer(command: list[str], device: torch.device, prefix: str) -> str | None:
-    """Run a peer's script in its own venv, echoing its summary lines; the reason when it fails."""
+def peer_env(device: torch.device) -> dict[str, str]:
+    """This process's environment without our venv, so that the peer's python finds only its own packages."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
     env["TQDM_DISABLE"] = "1"
     if device.type == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_peer(command: list[str], device: torch.device, prefix: str) -> str | None:
+    """Run a peer's script in its own venv, echoing its summary lines; the reason when it fails."""
     with tempfile.TemporaryFile("w+") as errors:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, env=peer_env(device))
         lines = []
         for line in proc.stdout:
             lines.append(line.rstrip())
@@ -479,23 +482,45 @@ def peer_command(python: Path, script: str, args, inputs: dict, optimizer: str, 
     return command
 
 
+def bergson_generation_rate(python: Path, proj_dim: int, device: torch.device) -> tuple[float, str | None]:
+    """Entries a second bergson's CPU path generates its dense projection matrix at on this machine
+    (benchmarks/bergson_rate.py, a few seconds); NaN and the reason when it cannot run."""
+    command = [str(python), str(REPO / "benchmarks" / "bergson_rate.py"), "--proj-dim", str(proj_dim)]
+    done = subprocess.run(command, capture_output=True, text=True, env=peer_env(device))
+    values = [line.split("=", 1)[1] for line in done.stdout.splitlines() if line.startswith("bergson_rademacher_entries_per_s=")]
+    if done.returncode != 0 or not values:
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        return math.nan, f"bergson_rate.py exited {done.returncode}: {tail}"
+    return float(values[0]), None
+
+
 def bergson_rows(args, work: Path, inputs: dict, grad_dim: int, lengths: list[int], device: torch.device) -> tuple[dict, list]:
     """Rows (d): benchmarks/bergson_row.py in bergson's venv; global configurations it cannot finish in
-    ``--bergson-max-seconds`` on the CPU are left out with the reason."""
+    ``--bergson-max-seconds`` on the CPU, by this machine's rate of generating bergson's matrix, are left out
+    with the reason."""
     python = peer_python(args.bergson_python, "d")
     configs = peers.parse_configs(args.bergson_configs, BERGSON_TARGETS)
     runnable, skipped = [], {}
     val_batches = math.ceil(args.val / 16) if inputs["val"] else 0
+    rate, rate_error = math.nan, None
+    if device.type == "cpu" and any(config.target == "global" for config in configs):
+        rate, rate_error = bergson_generation_rate(python, args.proj_dim, device)
+        if rate_error is None:
+            print(f"    bergson generates its matrix at {rate:.4g} entries/s here (benchmarks/bergson_rate.py)", flush=True)
     for config in configs:
         budget = args.bergson_token_batch_size if config.batch_size is None else config.batch_size * max(lengths)
         batches = len(peers.token_batches(lengths, budget, config.batch_size))
-        if config.target == "global":
-            estimate = (args.repeats * batches + val_batches) * grad_dim * args.proj_dim / BERGSON_CPU_ENTRIES_PER_S
-            print(f"    (d {config.name}) {batches} batches a run: its projection ~{estimate:.0f} s on 2 CPU cores", flush=True)
-            if device.type == "cpu" and estimate > args.bergson_max_seconds:
+        if config.target == "global" and device.type == "cpu":
+            if rate_error is not None:
+                skipped[config.name] = f"its matrix generation could not be timed: {rate_error}"
+                continue
+            # A lower bound: the products with the gradients come on top of generating the matrix.
+            estimate = (args.repeats * batches + val_batches) * grad_dim * args.proj_dim / rate
+            print(f"    (d {config.name}) {batches} batches a run: its projection >= ~{estimate:.0f} s on this CPU", flush=True)
+            if estimate > args.bergson_max_seconds:
                 skipped[config.name] = (
                     f"its dense global projection ({grad_dim:,} x {args.proj_dim}, regenerated for each of {batches} batches, "
-                    f"{args.repeats} runs) would take ~{estimate:.0f} s on the CPU > --bergson-max-seconds {args.bergson_max_seconds:g}"
+                    f"{args.repeats} runs) would take >= ~{estimate:.0f} s on this CPU > --bergson-max-seconds {args.bergson_max_seconds:g}"
                 )
                 continue
         runnable.append(config)

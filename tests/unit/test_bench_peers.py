@@ -108,3 +108,24 @@ def test_dense_agreement_by_reference_equals_the_dense_row(datasets, tmp_path):
     assert set(by_reference) == {"c", "c-dense"}
     assert by_reference["c-dense"]["spearman"] == pytest.approx(by_row["c-dense"]["spearman"], abs=1e-9)
     assert by_reference["c-dense"]["overlap"] == by_row["c-dense"]["overlap"]
+
+
+def test_bergsons_generation_rate_is_timed_by_its_script_and_a_failure_is_a_reason(tmp_path, monkeypatch):
+    """gradients.py estimates a (d) global row from bergson's matrix generation timed on the machine
+    (benchmarks/bergson_rate.py in bergson's venv): the rate is read from the script's line, and a python that
+    cannot run it gives the reason (the row is then left out with it), never a rate assumed from another machine."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_gradients", REPO / "benchmarks" / "gradients.py")
+    gradients = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gradients)
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'bergson generating'\necho bergson_rademacher_entries_per_s=1.5e+08\n")
+    fake.chmod(0o755)
+    assert gradients.bergson_generation_rate(fake, 8192, torch.device("cpu")) == (1.5e8, None)
+    broken = tmp_path / "broken-python"
+    broken.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'bergson'\" >&2\nexit 1\n")
+    broken.chmod(0o755)
+    rate, reason = gradients.bergson_generation_rate(broken, 8192, torch.device("cpu"))
+    assert math.isnan(rate) and reason == "bergson_rate.py exited 1: ModuleNotFoundError: No module named 'bergson'"
