@@ -1014,8 +1014,8 @@ def main() -> None:
         print("  sparse_vs_sparse=nan: bergson has no sparse projection (its projection_type is normal or rademacher)")
     versus("speedup_vs_dattri", "c", "e ", "dattri-llm")
     versus("dense_vs_dattri_dense", "c-dense", "e dense", "dattri-llm dense")
-    for name, reason in not_run:
-        print(f"  ({name}) left out: {reason}")
+    for name, _ in not_run:
+        print(f"  ({name}) left out of these ratios: not run (its reason is printed with the rows)")
 
     cosine_min = min((c for _, c in exactness), default=nan)
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")  # since (c)
