@@ -69,7 +69,7 @@ def run(
 
 
 # A dry-run worker: imports Snakemake once, then forks a child for each command it reads on stdin (a JSON
-# [argv, stdout path, stderr path] line) and answers with the child's exit status. The child is Snakemake's own
+# [argv, environment, working directory, stdout path, stderr path] line) and answers with the child's exit status. The child is Snakemake's own
 # command line (snakemake.cli.main) in a fresh copy of the process, as `python -m snakemake` would run it.
 DRY_RUN_WORKER = """
 import importlib, json, os, sys
@@ -86,11 +86,14 @@ for name in ("snakemake.report", "snakemake.storage", "snakemake.profiles", "sna
         pass
 
 for line in sys.stdin:
-    argv, out, err = json.loads(line)
+    argv, env, cwd, out, err = json.loads(line)
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
+            os.environ.clear()
+            os.environ.update(env)  # the caller's, as a subprocess would inherit them
+            os.chdir(cwd)
             os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
             os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
             sys.argv = [os.path.join(os.path.dirname(snakemake.cli.__file__), "__main__.py"), *argv]  # as `-m snakemake`
@@ -131,7 +134,7 @@ class DryRuns:
                 )
             with tempfile.TemporaryDirectory(prefix="dry-run-") as tmp:
                 out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-                worker.stdin.write(json.dumps([command[3:], str(out), str(err)]) + "\n")
+                worker.stdin.write(json.dumps([command[3:], dict(os.environ), os.getcwd(), str(out), str(err)]) + "\n")
                 worker.stdin.flush()
                 ready, _, _ = select.select([worker.stdout], [], [], RUN_TIMEOUT_S)
                 if not ready:
