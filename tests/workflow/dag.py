@@ -69,10 +69,11 @@ def run(
 
 
 # A dry-run worker: imports Snakemake once, then forks a child for each command it reads on stdin (a JSON
-# [argv, environment, working directory, stdout path, stderr path] line) and answers with the child's exit status. The child is Snakemake's own
-# command line (snakemake.cli.main) in a fresh copy of the process, as `python -m snakemake` would run it.
+# [argv, environment, working directory, stdout path, stderr path] line) and answers with the child's exit
+# status. The child is Snakemake's own command line (snakemake.cli.main) in a fresh copy of the process, as
+# `python -m snakemake` would run it.
 DRY_RUN_WORKER = """
-import importlib, json, os, sys
+import importlib, json, os, sys, traceback
 import snakemake.cli
 
 # What a dry run imports after its command line is parsed (Snakemake's report, storage and profile code and what
@@ -91,15 +92,17 @@ for line in sys.stdin:
     if pid == 0:
         code = 1
         try:
+            os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
+            os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
             os.environ.clear()
             os.environ.update(env)  # the caller's, as a subprocess would inherit them
             os.chdir(cwd)
-            os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
-            os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
             sys.argv = [os.path.join(os.path.dirname(snakemake.cli.__file__), "__main__.py"), *argv]  # as `-m snakemake`
             snakemake.cli.main(argv)
         except SystemExit as exit:
             code = exit.code if isinstance(exit.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
